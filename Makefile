@@ -1,0 +1,49 @@
+# Every target creates .venv and installs the pinned set (constraints.txt) on first use.
+PYTHON ?= python3.11
+VENV := .venv
+VENV_PYTHON := $(abspath $(VENV))/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_DIR ?= build/demo
+DEMO_ROWS ?= 60000
+
+# Spark workers must run the venv's interpreter and bind to loopback; no test or demo step may call out.
+export PYSPARK_PYTHON := $(VENV_PYTHON)
+export PYSPARK_DRIVER_PYTHON := $(VENV_PYTHON)
+export SPARK_LOCAL_IP := 127.0.0.1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE := 1
+export PYTHONHASHSEED := 0
+
+.PHONY: install demo test test-slow lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
+	$(VENV_PYTHON) -m pip install --quiet --upgrade pip
+	$(VENV_PYTHON) -m pip install --quiet -c constraints.txt -e '.[dev,wordnet]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV_PYTHON) -m curation metadata build --output $(DEMO_DIR)/metadata.json
+	$(VENV_PYTHON) -m curation demo-data --metadata $(DEMO_DIR)/metadata.json --output $(DEMO_DIR)/corpus \
+		--rows $(DEMO_ROWS)
+	$(VENV_PYTHON) -m curation run jobs/configs/demo.yaml --output $(DEMO_DIR)/run
+	$(VENV_PYTHON) -m curation verify $(DEMO_DIR)/run
+
+test: $(STAMP)
+	$(VENV_PYTHON) -m ruff check .
+	$(VENV_PYTHON) -m pytest -q -p no:cacheprovider
+
+test-slow: $(STAMP)
+	$(VENV_PYTHON) -m pytest -q -p no:cacheprovider -m slow
+
+lint: $(STAMP)
+	$(VENV_PYTHON) -m ruff check .
+
+bench: $(STAMP)
+	$(VENV_PYTHON) bench/bench_match.py --out bench/results/match.json
+	$(VENV_PYTHON) bench/bench_spine.py --out bench/results/spine.json
+
+clean:
+	rm -rf build $(VENV)

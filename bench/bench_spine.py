@@ -1,0 +1,117 @@
+"""End-to-end spine benchmark: ingest -> match -> count -> balance on >= 1,000,000 rows with Spark local[2].
+
+Reports rows/s per stage and overall, and the peak resident memory of the whole process tree (driver, JVM and
+Python workers, sampled from /proc every 0.2 s). Run: `python bench/bench_spine.py --out bench/results/spine.json`.
+"""
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+logger = logging.getLogger("bench_spine")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _tree_rss_bytes(root: int) -> int:
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            fields = Path(f"/proc/{pid}/statm").read_text().split()
+            total += int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            continue
+        stack.extend(_children(pid))
+    return total
+
+
+class PeakMemory(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak = 0
+        self.running = True
+
+    def run(self):
+        while self.running:
+            self.peak = max(self.peak, _tree_rss_bytes(os.getpid()))
+            time.sleep(0.2)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--t", type=float, default=2_000)
+    parser.add_argument("--master", default="local[2]")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/spine.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    from curation.demo import generate_demo_corpus
+    from curation.ops.ingest import IngestOptions
+    from curation.ops.metadata import build_metadata, write_metadata
+    from curation.spark import stages
+    from curation.spark.session import get_spark
+
+    work = Path(tempfile.mkdtemp(prefix="bench-spine-"))
+    entries, record = build_metadata()
+    write_metadata(work / "metadata.json", entries)
+    generate_demo_corpus(work / "raw", entries, rows=args.rows, shards=args.shards, seed=0)
+    spark = get_spark(master=args.master, conf={"spark.driver.memory": "4g"})
+    memory = PeakMemory()
+    memory.start()
+    timings = {}
+    started = time.perf_counter()
+    for name, call in (
+        ("ingest", lambda: stages.run_ingest(spark, [str(work / "raw")], work / "ingest", IngestOptions())),
+        ("match", lambda: stages.run_match(spark, work / "ingest", work / "match", work / "metadata.json")),
+        ("count", lambda: stages.run_count(spark, work / "match", work / "count")),
+        ("balance", lambda: stages.run_balance(spark, work / "count", work / "balance", t=args.t)),
+    ):
+        stage_started = time.perf_counter()
+        stage_record = call()
+        seconds = time.perf_counter() - stage_started
+        timings[name] = {"seconds": round(seconds, 2), "rows_in": stage_record["rows_in"],
+                         "rows_out": stage_record["rows_out"],
+                         "rows_per_second": round(stage_record["rows_in"] / seconds)}
+        logger.info("%s: %s", name, timings[name])
+    total = time.perf_counter() - started
+    memory.running = False
+    memory.join()
+    result = {
+        "rows": args.rows,
+        "metadata_entries": len(entries),
+        "master": args.master,
+        "stages": timings,
+        "total_seconds": round(total, 2),
+        "rows_per_second_end_to_end": round(args.rows / total),
+        "peak_rss_process_tree_mib": round(memory.peak / 2**20),
+        "kept": timings["balance"]["rows_out"],
+        "t": args.t,
+        "python": sys.version.split()[0],
+        "spark": spark.version,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+    }
+    spark.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    logger.info("result: %s", json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

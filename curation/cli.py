@@ -1,0 +1,268 @@
+"""`curation ...` (also `python -m curation` and the spark-submit jobs in jobs/): one command per stage, plus
+run, verify, metadata and demo. Stage options are documented in curation.config.STAGE_OPTIONS."""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from curation.config import STAGE_OPTIONS, ConfigError, load_run_config
+
+logger = logging.getLogger("curation")
+
+
+def _help(stage: str, option: str) -> str:
+    default, text = STAGE_OPTIONS[stage][option]
+    return f"{text} (default: {default})" if default not in (None, [], False) else text
+
+
+def _add_spark_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("spark")
+    group.add_argument("--master", help="Spark master for a local session (ignored under spark-submit); "
+                       "default local[*] or $CURATION_SPARK_MASTER")
+    group.add_argument("--spark-conf", action="append", default=[], metavar="KEY=VALUE",
+                       help="extra Spark configuration, repeatable")
+
+
+def _add_partitions(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--partitions", type=int, help="Spark partitions of this stage (default: Spark's parallelism)")
+
+
+def _add_ingest_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url-column", help=_help("ingest", "url_column"))
+    parser.add_argument("--text-column", help=_help("ingest", "text_column"))
+    parser.add_argument("--max-caption-chars", type=int, default=STAGE_OPTIONS["ingest"]["max_caption_chars"][0],
+                        help=_help("ingest", "max_caption_chars"))
+    parser.add_argument("--keep-columns", nargs="*", default=[], help=_help("ingest", "keep_columns"))
+    parser.add_argument("--skip-bad-files", action="store_true", help=_help("ingest", "skip_bad_files"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curation", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ingest = commands.add_parser("ingest", help="raw parquet shards -> uid, url, caption; bad rows to the ledger")
+    ingest.add_argument("--input", nargs="+", required=True, help="parquet files, folders or globs (any pyarrow URI)")
+    ingest.add_argument("--output", required=True, type=Path, help="stage folder to write")
+    _add_ingest_options(ingest)
+    _add_partitions(ingest)
+
+    match = commands.add_parser("match", help="MetaCLIP substring matching; unmatched rows to the ledger")
+    match.add_argument("--metadata", required=True, type=Path, help="metadata.json: a JSON list of entries")
+    match.add_argument("--input", nargs="+", required=True,
+                       help="a stage folder, or raw parquet shards (then ingest runs first, inside the output)")
+    match.add_argument("--output", required=True, type=Path, help="stage folder to write")
+    match.add_argument("--keep-unmatched", action="store_true", help=_help("match", "keep_unmatched"))
+    _add_ingest_options(match)
+    _add_partitions(match)
+
+    count = commands.add_parser("count", help="entry counts c_e over matched rows (artifact; rows pass through)")
+    count.add_argument("--input", required=True, type=Path, help="matched stage folder")
+    count.add_argument("--output", required=True, type=Path, help="stage folder to write")
+
+    balance = commands.add_parser("balance", help="MetaCLIP balancing: keep with 1 - prod(1 - min(1, t/c_e))")
+    balance.add_argument("--input", required=True, type=Path, help="matched (or counted) stage folder")
+    balance.add_argument("--output", required=True, type=Path, help="stage folder to write")
+    choice = balance.add_mutually_exclusive_group()
+    choice.add_argument("--t", type=float, help=_help("balance", "t"))
+    choice.add_argument("--target-size", type=int, help=_help("balance", "target_size"))
+    choice.add_argument("--tail-share", type=float, help=_help("balance", "tail_share"))
+    balance.add_argument("--seed", type=int, default=0, help="seed of the keep draw u(seed, uid) (default: 0)")
+    _add_partitions(balance)
+
+    publish = commands.add_parser("publish", help="uid-range parquet shards, the run's ledger and manifest.json")
+    publish.add_argument("--input", required=True, type=Path, help="last stage folder of the chain")
+    publish.add_argument("--output", required=True, type=Path, help="release folder to write")
+    publish.add_argument("--shard-rows", type=int, default=STAGE_OPTIONS["publish"]["shard_rows"][0],
+                         help=_help("publish", "shard_rows"))
+    publish.add_argument("--name", default="curation-release", help="dataset name in the manifest")
+
+    run = commands.add_parser("run", help="run the stages of a YAML config into RUN_DIR (skips finished stages)")
+    run.add_argument("config", type=Path, help="run configuration (see jobs/configs/demo.yaml)")
+    run.add_argument("--output", required=True, type=Path, help="run folder")
+    run.add_argument("--force", action="store_true", help="redo every stage even if it is up to date")
+
+    verify = commands.add_parser("verify", help="re-check a release: checksums, row counts, ledger invariant")
+    verify.add_argument("path", type=Path, help="manifest.json, a release folder, or a run folder")
+
+    metadata = commands.add_parser("metadata", help="build or check MetaCLIP metadata")
+    metadata_commands = metadata.add_subparsers(dest="metadata_command", required=True)
+    build = metadata_commands.add_parser("build", help="build metadata from WordNet synsets and wordfreq unigrams")
+    build.add_argument("--output", required=True, type=Path, help="metadata.json to write")
+    build.add_argument("--wordnet-dir", type=Path, help="WordNet dict folder (default: NLTK_DATA, then Debian's)")
+    build.add_argument("--wordfreq-top-n", type=int, help="number of wordfreq unigrams (default: 300000)")
+    build.add_argument("--min-zipf", type=float, help="keep only wordfreq words with at least this Zipf frequency")
+    check = metadata_commands.add_parser("check", help="entry count and entries that can never match")
+    check.add_argument("path", type=Path, help="metadata.json")
+
+    demo_data = commands.add_parser("demo-data", help="generate the seeded demo corpus (LAION-like parquet)")
+    demo_data.add_argument("--metadata", required=True, type=Path, help="metadata.json the captions draw from")
+    demo_data.add_argument("--output", required=True, type=Path, help="folder for the parquet shards")
+    demo_data.add_argument("--rows", type=int, default=60_000, help="rows to generate (default: 60000)")
+    demo_data.add_argument("--shards", type=int, default=4, help="parquet files (default: 4)")
+    demo_data.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+
+    for sub in (ingest, match, count, balance, publish, run):
+        _add_spark_options(sub)
+    return parser
+
+
+def _spark(args):
+    from curation.spark.session import get_spark
+
+    conf = {}
+    for item in args.spark_conf:
+        key, separator, value = item.partition("=")
+        if not separator:
+            raise ConfigError(f"--spark-conf expects KEY=VALUE, got {item!r}")
+        conf[key] = value
+    return get_spark(master=args.master, conf=conf)
+
+
+def _ingest_config(args) -> dict:
+    return {
+        "url_column": args.url_column, "text_column": args.text_column,
+        "max_caption_chars": args.max_caption_chars, "keep_columns": list(args.keep_columns),
+        "skip_bad_files": args.skip_bad_files,
+    }
+
+
+def _stage_command(args) -> dict:
+    from curation.io import is_stage_folder
+    from curation.pipeline import ingest_options
+    from curation.spark import publish, stages
+
+    spark = _spark(args)
+    if args.command == "ingest":
+        config = {"stage": "ingest", **_ingest_config(args)}
+        return stages.run_ingest(spark, args.input, args.output, ingest_options(config), args.skip_bad_files,
+                                 args.partitions, config)
+    if args.command == "match":
+        config = {"stage": "match", "metadata": str(args.metadata), "keep_unmatched": args.keep_unmatched}
+        raw_inputs = not (len(args.input) == 1 and is_stage_folder(Path(args.input[0])))
+        ingest = None
+        if raw_inputs:
+            ingest_config = {"stage": "ingest", **_ingest_config(args)}
+            ingest = (args.input, ingest_options(ingest_config), args.skip_bad_files, ingest_config)
+        return stages.run_match(spark, None if raw_inputs else Path(args.input[0]), args.output, args.metadata,
+                                args.keep_unmatched, args.partitions, config, raw_ingest=ingest)
+    if args.command == "count":
+        return stages.run_count(spark, args.input, args.output, {"stage": "count"})
+    if args.command == "balance":
+        config = {"stage": "balance", "t": args.t, "target_size": args.target_size, "tail_share": args.tail_share,
+                  "seed": args.seed}
+        return stages.run_balance(spark, args.input, args.output, args.t, args.seed, args.target_size,
+                                  args.tail_share, args.partitions, config)
+    config = {"stage": "publish", "shard_rows": args.shard_rows, "name": args.name}
+    return publish.run_publish(spark, args.input, args.output, args.shard_rows, args.name, config)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def run_summary(results, run_dir: Path) -> list[str]:
+    """The short summary `curation run` prints: rows per stage, drops by reason, tail share, manifest path."""
+    lines = [f"{'stage':<10} {'rows in':>10} {'rows out':>10}  drops"]
+    for _, record, skipped in results:
+        drops = ", ".join(f"{reason} {count}" for reason, count in record["drops"].items()) or "-"
+        note = " (up to date, skipped)" if skipped else ""
+        lines.append(f"{record['stage']:<10} {record['rows_in']:>10} {record['rows_out']:>10}  {drops}{note}")
+        balancing = record.get("balancing")
+        if balancing:
+            lines.append(
+                f"{'':<10} t = {balancing['t']:.6g} ({balancing['t_from']}); tail share "
+                f"{balancing['tail_share_before']:.3f} before -> {balancing['tail_share_after']:.3f} after"
+            )
+    manifest = run_dir / "publish" / "manifest.json"
+    if manifest.is_file():
+        lines.append(f"manifest: {manifest}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+    )
+    try:
+        return _dispatch(args)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        logger.error("%s", error)
+        return 2
+
+
+def _dispatch(args) -> int:
+    if args.command in ("ingest", "match", "count", "balance", "publish"):
+        record = _stage_command(args)
+        _write(json.dumps({k: record[k] for k in ("stage", "rows_in", "rows_out", "drops")}))
+        return 0
+    if args.command == "run":
+        from curation.pipeline import run_pipeline
+
+        run_config = load_run_config(args.config)
+        spark = _spark_for_run(args, run_config)
+        results = run_pipeline(spark, run_config, args.output, force=args.force)
+        for line in run_summary(results, args.output.resolve()):
+            _write(line)
+        return 0
+    if args.command == "verify":
+        from curation.manifest import locate_manifest, verify_manifest
+
+        problems = verify_manifest(args.path)
+        for problem in problems:
+            logger.error("verify: %s", problem)
+        if problems:
+            return 1
+        _write(f"verified {locate_manifest(args.path)}: checksums, row counts and ledger invariant hold")
+        return 0
+    if args.command == "metadata":
+        return _metadata_command(args)
+    if args.command == "demo-data":
+        from curation.demo import generate_demo_corpus
+        from curation.ops.metadata import load_metadata
+
+        summary = generate_demo_corpus(args.output, load_metadata(args.metadata), args.rows, args.shards, args.seed)
+        _write(json.dumps(summary, indent=2, sort_keys=True))
+        return 0
+    raise AssertionError(args.command)
+
+
+def _spark_for_run(args, run_config):
+    if args.master is None:
+        args.master = run_config.spark_master
+    args.spark_conf = [f"{k}={v}" for k, v in run_config.spark_conf.items()] + list(args.spark_conf)
+    return _spark(args)
+
+
+def _metadata_command(args) -> int:
+    from curation.ops import metadata as metadata_ops
+
+    if args.metadata_command == "build":
+        options = {}
+        if args.wordfreq_top_n is not None:
+            options["wordfreq_top_n"] = args.wordfreq_top_n
+        if args.min_zipf is not None:
+            options["min_zipf"] = args.min_zipf
+        entries, record = metadata_ops.build_metadata(wordnet_dir=args.wordnet_dir, **options)
+        metadata_ops.write_metadata(args.output, entries)
+        record_path = args.output.with_suffix(".record.json")
+        from curation.io import atomic_write_json
+
+        atomic_write_json(record_path, record)
+        _write(f"wrote {len(entries)} entries to {args.output} (sources recorded in {record_path})")
+        return 0
+    from curation.ops.metaclip import Matcher
+
+    entries = metadata_ops.load_metadata(args.path)
+    never = Matcher.from_entries(entries).unmatchable_entry_ids()
+    _write(json.dumps({"entries": len(entries), "sha256": metadata_ops.metadata_sha256(entries),
+                       "never_match": len(never), "never_match_sample": [entries[i] for i in never[:20]]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

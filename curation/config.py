@@ -1,0 +1,137 @@
+"""Run configuration: the YAML given to `curation run`, loaded safely and checked key by key.
+
+Every stage option, its default and its meaning live in STAGE_OPTIONS; the CLI flags and the README's table are
+the same names (with '_' written '-' on the command line).
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from curation.io import sha256_of_json
+from curation.ops.ingest import DEFAULT_MAX_CAPTION_CHARS
+
+STAGE_OPTIONS: dict[str, dict[str, tuple[object, str]]] = {
+    "ingest": {
+        "url_column": (None, "url column of the raw shards (default: detected: url, URL, image_url)"),
+        "text_column": (None, "caption column (default: detected: caption, TEXT, text, txt, alt_text)"),
+        "max_caption_chars": (DEFAULT_MAX_CAPTION_CHARS, "longer captions go to the ledger (caption_too_long)"),
+        "keep_columns": ([], "extra raw columns carried through to the release"),
+        "skip_bad_files": (False, "record unreadable shards in the manifest and go on, instead of failing"),
+        "partitions": (None, "Spark partitions for this stage (default: Spark's parallelism)"),
+    },
+    "match": {
+        "metadata": (None, "MetaCLIP metadata.json (a JSON list of entries); default: the run's `metadata`"),
+        "keep_unmatched": (False, "keep rows matching no entry (with empty entry_ids) instead of dropping them"),
+        "partitions": (None, "Spark partitions for this stage"),
+    },
+    "count": {},
+    "balance": {
+        "t": (None, "MetaCLIP threshold t (default 20000 when neither target_size nor tail_share is given)"),
+        "target_size": (None, "solve t so that the expected number of kept rows is this"),
+        "tail_share": (None, "choose the smallest t whose tail share (matches on entries with c_e < t) >= this"),
+        "seed": (None, "seed of the keep draw u(seed, uid); default: the run's `seed`"),
+        "partitions": (None, "Spark partitions for this stage"),
+    },
+    "publish": {
+        "shard_rows": (100_000, "about this many rows per parquet shard (uid-range shards)"),
+        "name": (None, "dataset name in the manifest; default: the run's `name`"),
+    },
+}
+
+RUN_KEYS = {"name", "input", "metadata", "seed", "spark", "stages"}
+SPARK_KEYS = {"master", "partitions", "conf"}
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names the key."""
+
+
+@dataclass
+class StageConfig:
+    name: str
+    options: dict
+
+    @property
+    def sha256(self) -> str:
+        return sha256_of_json({"stage": self.name, "options": self.options})
+
+
+@dataclass
+class RunConfig:
+    name: str
+    inputs: list[str]
+    seed: int
+    stages: list[StageConfig]
+    spark_master: str | None = None
+    spark_partitions: int | None = None
+    spark_conf: dict = field(default_factory=dict)
+    raw: dict = field(default_factory=dict)
+
+
+def stage_options(stage: str, given: dict | None, defaults_from_run: dict) -> dict:
+    """The full option dict of a stage: defaults, then the run-level values, then what the stage gives."""
+    if stage not in STAGE_OPTIONS:
+        raise ConfigError(f"unknown stage {stage!r}; stages are {sorted(STAGE_OPTIONS)}")
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(STAGE_OPTIONS[stage]))
+    if unknown:
+        raise ConfigError(f"stage {stage}: unknown option(s) {unknown}; options are {sorted(STAGE_OPTIONS[stage])}")
+    options = {key: default for key, (default, _) in STAGE_OPTIONS[stage].items()}
+    for key, value in defaults_from_run.items():
+        if key in options and options[key] is None:
+            options[key] = value
+    options.update({k: v for k, v in given.items() if v is not None})
+    return options
+
+
+def parse_run_config(raw: dict) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("the run configuration must be a mapping")
+    unknown = sorted(set(raw) - RUN_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {unknown}; keys are {sorted(RUN_KEYS)}")
+    if "input" not in raw:
+        raise ConfigError("`input` is required: a path, folder or glob of parquet shards, or a list of them")
+    inputs = raw["input"] if isinstance(raw["input"], list) else [raw["input"]]
+    spark = raw.get("spark") or {}
+    unknown_spark = sorted(set(spark) - SPARK_KEYS)
+    if unknown_spark:
+        raise ConfigError(f"unknown spark key(s) {unknown_spark}; keys are {sorted(SPARK_KEYS)}")
+    name = str(raw.get("name", "curation-release"))
+    seed = int(raw.get("seed", 0))
+    run_defaults = {"metadata": raw.get("metadata"), "seed": seed, "name": name}
+    stages = []
+    for item in raw.get("stages") or []:
+        if isinstance(item, str):
+            stage_name, given = item, {}
+        elif isinstance(item, dict) and len(item) == 1:
+            stage_name, given = next(iter(item.items()))
+        else:
+            raise ConfigError(f"a stage must be a name or a one-key mapping, got {item!r}")
+        if given is not None and not isinstance(given, dict):
+            raise ConfigError(f"options of stage {stage_name} must be a mapping, got {given!r}")
+        stages.append(StageConfig(stage_name, stage_options(stage_name, given, run_defaults)))
+    if not stages:
+        raise ConfigError("`stages` is empty: list the stages to run, e.g. [ingest, match, count, balance, publish]")
+    if stages[0].name != "ingest":
+        raise ConfigError("the first stage must be ingest")
+    for stage in stages:
+        if stage.name == "match" and not stage.options["metadata"]:
+            raise ConfigError("stage match needs `metadata` (in the stage or at the top level)")
+    return RunConfig(
+        name=name, inputs=[str(i) for i in inputs], seed=seed, stages=stages, spark_master=spark.get("master"),
+        spark_partitions=spark.get("partitions"), spark_conf=dict(spark.get("conf") or {}), raw=raw,
+    )
+
+
+def load_run_config(path: Path) -> RunConfig:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read run configuration {path}: {error}") from error
+    try:
+        return parse_run_config(raw)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from error

@@ -1,0 +1,151 @@
+"""Finding and checking the raw input shards before any Spark work is planned.
+
+Inputs are files, folders (searched recursively for parquet files) and glob patterns, on the local file system or
+any URI pyarrow.fs understands (s3://, gs://, hdfs://). Every file's parquet footer is read up front, so an
+unreadable shard fails the run at once with its name, before hours of work, unless the caller chose to skip such
+shards (they are then listed in the stage record and the manifest).
+"""
+
+import fnmatch
+import glob
+import logging
+import os
+from dataclasses import dataclass, field
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from curation.ops.ingest import IngestError, IngestOptions, resolve_columns
+
+logger = logging.getLogger(__name__)
+
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    index: int
+    path: str
+    size: int
+    mtime_ns: int
+    rows: int
+    row_group_rows: tuple[int, ...]
+    url_column: str
+    text_column: str
+
+
+@dataclass
+class InputPlan:
+    files: list[InputFile] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    def units(self) -> list[tuple[int, str, int, int]]:
+        """One work unit per row group: (file index, path, row group, first row of the group in its file)."""
+        units = []
+        for input_file in self.files:
+            first_row = 0
+            for group, group_rows in enumerate(input_file.row_group_rows):
+                units.append((input_file.index, input_file.path, group, first_row))
+                first_row += group_rows
+        return units
+
+
+def _filesystem_and_path(location: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in location and not location.startswith("file://"):
+        return pafs.FileSystem.from_uri(location)
+    local = location.removeprefix("file://")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local))
+
+
+def _is_listed(name: str) -> bool:
+    return not any(part.startswith(("_", ".")) for part in name.split("/") if part)
+
+
+def _as_location(location: str, path: str) -> str:
+    """The path pyarrow.fs returned, as a location `_filesystem_and_path` understands again."""
+    if "://" in location and not location.startswith("file://"):
+        return f"{location.split('://', 1)[0]}://{path}"
+    return path
+
+
+def expand_inputs(locations: list[str]) -> list[tuple[pafs.FileSystem, str]]:
+    """(file system, location) of every input file, sorted by location, each once."""
+    if not locations:
+        raise IngestError("no input given")
+    found: dict[str, pafs.FileSystem] = {}
+    for location in locations:
+        filesystem, path = _filesystem_and_path(str(location))
+        if _GLOB_CHARS & set(path):
+            matches = _glob(filesystem, path)
+            if not matches:
+                raise IngestError(f"input pattern {location!r} matches no file")
+            found.update(dict.fromkeys((_as_location(str(location), m) for m in matches), filesystem))
+            continue
+        info = filesystem.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise IngestError(f"input {location!r} does not exist")
+        if info.type == pafs.FileType.Directory:
+            selector = pafs.FileSelector(path, recursive=True)
+            listed = [
+                i.path
+                for i in filesystem.get_file_info(selector)
+                if i.type == pafs.FileType.File and _is_listed(os.path.relpath(i.path, path))
+            ]
+            if not listed:
+                raise IngestError(f"input folder {location!r} holds no files")
+            found.update(dict.fromkeys((_as_location(str(location), p) for p in listed), filesystem))
+        else:
+            found[_as_location(str(location), path)] = filesystem
+    return [(found[p], p) for p in sorted(found)]
+
+
+def _glob(filesystem: pafs.FileSystem, pattern: str) -> list[str]:
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    base = pattern[: min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)].rsplit("/", 1)[0]
+    infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, pattern))
+
+
+def plan_inputs(locations: list[str], options: IngestOptions, skip_bad_files: bool = False) -> InputPlan:
+    plan = InputPlan()
+    for filesystem, path in expand_inputs(locations):
+        try:
+            info = filesystem.get_file_info(_filesystem_and_path(path)[1])
+            with filesystem.open_input_file(_filesystem_and_path(path)[1]) as handle:
+                metadata = pq.ParquetFile(handle).metadata
+                schema = metadata.schema.to_arrow_schema()
+            url_column, text_column = resolve_columns(schema.names, options, path)
+        except Exception as error:  # noqa: BLE001 - any failure to read a footer means an unusable shard
+            message = f"cannot use input shard {path}: {error}"
+            if not skip_bad_files:
+                raise IngestError(message + " (pass --skip-bad-files to record and skip it)") from error
+            logger.warning("skipping %s", message)
+            plan.skipped.append({"path": path, "error": str(error)})
+            continue
+        plan.files.append(
+            InputFile(
+                index=len(plan.files),
+                path=path,
+                size=info.size,
+                mtime_ns=info.mtime_ns or 0,
+                rows=metadata.num_rows,
+                row_group_rows=tuple(metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)),
+                url_column=url_column,
+                text_column=text_column,
+            )
+        )
+    if not plan.files:
+        raise IngestError(f"no readable parquet shard in {locations}")
+    logger.info("ingest plan: %d shards, %d rows, %d skipped", len(plan.files), plan.rows, len(plan.skipped))
+    return plan
+
+
+def read_row_group(path: str, row_group: int, columns: list[str]):
+    filesystem, fs_path = _filesystem_and_path(path)
+    with filesystem.open_input_file(fs_path) as handle:
+        return pq.ParquetFile(handle).read_row_group(row_group, columns=columns)

@@ -1,0 +1,173 @@
+"""Stage folders, atomic writes and input fingerprints (DESIGN.md section 3).
+
+A stage folder holds its data as parquet parts, `_ledger/` (the rows this stage dropped, LEDGER_SCHEMA),
+`_artifacts/` (small fitted outputs such as entry counts), `_stage.json` (the stage record) and `_SUCCESS`.
+Names starting with '_' or '.' are ignored by Spark and pyarrow readers, so reading the folder reads the data only.
+Everything is written under a hidden temporary sibling folder that is renamed into place; `_SUCCESS` is written
+after the rename, so a folder without `_SUCCESS` (a crash between the two, or a non-atomic object-store rename)
+counts as absent.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+STAGE_RECORD = "_stage.json"
+SUCCESS_MARKER = "_SUCCESS"
+LEDGER_DIR = "_ledger"
+ARTIFACTS_DIR = "_artifacts"
+
+
+class StageFolderError(ValueError):
+    """A stage folder that is missing, incomplete or inconsistent."""
+
+
+def canonical_json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def sha256_of_json(value) -> str:
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+def sha256_of_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def atomic_write_json(path: Path, value) -> None:
+    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+
+
+def is_complete(stage_dir: Path) -> bool:
+    return (Path(stage_dir) / SUCCESS_MARKER).is_file() and (Path(stage_dir) / STAGE_RECORD).is_file()
+
+
+def is_stage_folder(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / STAGE_RECORD).is_file()
+
+
+def read_stage_record(stage_dir: Path) -> dict:
+    stage_dir = Path(stage_dir)
+    if not is_complete(stage_dir):
+        raise StageFolderError(f"{stage_dir} is not a complete stage folder (no {SUCCESS_MARKER} or {STAGE_RECORD})")
+    return json.loads((stage_dir / STAGE_RECORD).read_text())
+
+
+def resolve_data_dir(stage_dir: Path) -> Path:
+    """The folder holding a stage's rows: itself, or for a pass-through stage (count) the folder it points to."""
+    stage_dir = Path(stage_dir)
+    record = read_stage_record(stage_dir)
+    data_from = record.get("data_from")
+    return resolve_data_dir(stage_dir / data_from) if data_from else stage_dir
+
+
+def stage_chain(stage_dir: Path) -> list[tuple[Path, dict]]:
+    """The stage folders from the first (ingest) to `stage_dir`, following each record's input link."""
+    chain = []
+    current: Path | None = Path(stage_dir)
+    while current is not None:
+        record = read_stage_record(current)
+        chain.append((current, record))
+        upstream = record.get("input", {}).get("stage")
+        current = (current / upstream).resolve() if upstream else None
+    return list(reversed(chain))
+
+
+def find_upstream(stage_dir: Path, stage_name: str) -> Path | None:
+    """The nearest stage folder named `stage_name` in the chain ending at `stage_dir`."""
+    for folder, record in reversed(stage_chain(stage_dir)):
+        if record["stage"] == stage_name:
+            return folder
+    return None
+
+
+def list_files(root: Path) -> list[Path]:
+    """Every file below `root`, sorted, skipping hidden and underscore names (what Spark and pyarrow read)."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(("_", ".")))
+        found.extend(Path(dirpath) / f for f in filenames if not f.startswith(("_", ".")))
+    return sorted(found)
+
+
+def fingerprint_files(files: list[Path]) -> str:
+    """Hash of each file's path, size and modification time: cheap, and changes whenever an input is rewritten."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(f).resolve() for f in files):
+        stat = path.stat()
+        digest.update(f"{path}\x00{stat.st_size}\x00{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def relative_link(from_dir: Path, to_dir: Path) -> str:
+    return os.path.relpath(Path(to_dir).resolve(), Path(from_dir).resolve())
+
+
+class StageWriter:
+    """Builds a stage folder in a temporary sibling and renames it into place on `commit`.
+
+    Use as a context manager: leaving the block without `commit` (an exception) removes the temporary folder.
+    """
+
+    def __init__(self, final_dir: Path):
+        self.final_dir = Path(final_dir).resolve()
+        self.final_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.temp_dir = self.final_dir.parent / f".{self.final_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+        self.committed = False
+
+    @property
+    def ledger_dir(self) -> Path:
+        return self.temp_dir / LEDGER_DIR
+
+    @property
+    def artifacts_dir(self) -> Path:
+        path = self.temp_dir / ARTIFACTS_DIR
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def link_to(self, other_dir: Path) -> str:
+        """A path to `other_dir` relative to the final folder, valid after the rename."""
+        return relative_link(self.final_dir, other_dir)
+
+    def commit(self, record: dict) -> None:
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.temp_dir / STAGE_RECORD, record)
+        if self.final_dir.exists():
+            trash = self.final_dir.parent / f".{self.final_dir.name}.old-{uuid.uuid4().hex[:12]}"
+            os.replace(self.final_dir, trash)
+            shutil.rmtree(trash)
+        os.replace(self.temp_dir, self.final_dir)
+        atomic_write_bytes(self.final_dir / SUCCESS_MARKER, b"")
+        self.committed = True
+        logger.info("committed stage folder %s", self.final_dir)
+
+    def __enter__(self) -> "StageWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed and self.temp_dir.exists():
+            shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -1,0 +1,106 @@
+"""`curation run`: chain the configured stages in one run folder, skipping stages that are already done.
+
+RUN_DIR/stages/<nn>_<stage>/ holds each stage, RUN_DIR/publish/ the release. A stage is skipped when its folder is
+complete (`_SUCCESS`) and its record has the same config hash and input fingerprint as now; otherwise it and every
+stage after it are redone.
+"""
+
+import logging
+from pathlib import Path
+
+from curation.config import RunConfig, StageConfig
+from curation.io import fingerprint_files, is_complete, list_files, read_stage_record, resolve_data_dir
+from curation.ops.ingest import IngestOptions
+from curation.ops.metadata import load_metadata, metadata_sha256
+
+logger = logging.getLogger(__name__)
+
+
+def ingest_options(options: dict) -> IngestOptions:
+    return IngestOptions(
+        url_column=options["url_column"],
+        text_column=options["text_column"],
+        max_caption_chars=int(options["max_caption_chars"]),
+        keep_columns=tuple(options["keep_columns"]),
+    )
+
+
+def hashed_config(stage: StageConfig) -> dict:
+    """What a stage's record stores as its config: the options, plus the content hash of files they name."""
+    config = {"stage": stage.name, **stage.options}
+    if stage.name == "match":
+        config["metadata_sha256"] = metadata_sha256(load_metadata(stage.options["metadata"]))
+    return config
+
+
+def run_stage(spark, stage: StageConfig, input_location, output_dir: Path, run_config: RunConfig) -> dict:
+    from curation.spark import publish, stages
+
+    options, config = stage.options, hashed_config(stage)
+    partitions = options.get("partitions") or run_config.spark_partitions
+    if stage.name == "ingest":
+        return stages.run_ingest(
+            spark, input_location, output_dir, ingest_options(options), options["skip_bad_files"], partitions, config
+        )
+    if stage.name == "match":
+        return stages.run_match(
+            spark, input_location, output_dir, Path(options["metadata"]), options["keep_unmatched"], partitions,
+            config,
+        )
+    if stage.name == "count":
+        return stages.run_count(spark, input_location, output_dir, config)
+    if stage.name == "balance":
+        return stages.run_balance(
+            spark, input_location, output_dir, options["t"], int(options["seed"]), options["target_size"],
+            options["tail_share"], partitions, config,
+        )
+    if stage.name == "publish":
+        return publish.run_publish(
+            spark, input_location, output_dir, int(options["shard_rows"]), options["name"], config,
+            run_config=run_config.raw,
+        )
+    raise ValueError(f"stage {stage.name} is not implemented")
+
+
+def current_input_fingerprint(stage: StageConfig, input_location, run_config: RunConfig) -> str:
+    if stage.name == "ingest":
+        from curation.inputs import plan_inputs
+
+        plan = plan_inputs(input_location, ingest_options(stage.options), stage.options["skip_bad_files"])
+        return fingerprint_files([Path(f.path) for f in plan.files if "://" not in f.path])
+    return fingerprint_files(list_files(resolve_data_dir(input_location)))
+
+
+def is_up_to_date(stage: StageConfig, folder: Path, input_location, run_config: RunConfig) -> bool:
+    if not is_complete(folder):
+        return False
+    record = read_stage_record(folder)
+    same_config = record.get("config") == hashed_config(stage)
+    return same_config and record["input"].get("fingerprint") == current_input_fingerprint(
+        stage, input_location, run_config
+    )
+
+
+def stage_folder(run_dir: Path, position: int, stage: StageConfig) -> Path:
+    if stage.name == "publish":
+        return run_dir / "publish"
+    return run_dir / "stages" / f"{position:02d}_{stage.name}"
+
+
+def run_pipeline(spark, run_config: RunConfig, run_dir: Path, force: bool = False) -> list[tuple[Path, dict, bool]]:
+    """Run every configured stage in order; (folder, record, was it skipped) per stage."""
+    run_dir = Path(run_dir).resolve()
+    results = []
+    input_location = run_config.inputs
+    upstream_redone = force
+    for position, stage in enumerate(run_config.stages, start=1):
+        folder = stage_folder(run_dir, position, stage)
+        if not upstream_redone and is_up_to_date(stage, folder, input_location, run_config):
+            logger.info("stage %s is up to date in %s: skipped", stage.name, folder)
+            results.append((folder, read_stage_record(folder), True))
+        else:
+            upstream_redone = True
+            logger.info("stage %s -> %s", stage.name, folder)
+            results.append((folder, run_stage(spark, stage, input_location, folder, run_config), False))
+        input_location = folder
+    return results

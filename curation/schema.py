@@ -1,0 +1,52 @@
+"""Column names, ledger schema and drop reasons shared by every stage (DESIGN.md section 3)."""
+
+import pyarrow as pa
+
+UID = "uid"
+URL = "url"
+CAPTION = "caption"
+ENTRY_IDS = "entry_ids"
+KEEP_PROBABILITY = "keep_probability"
+
+LEDGER_SCHEMA = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("related_uid", pa.string()),
+        pa.field("detail", pa.string()),
+    ]
+)
+
+# Columns a stage's Spark adapter appends to its rows so that kept rows and ledger rows travel in one pass;
+# a row with a null reason is kept.
+TAG_REASON = "_ledger_reason"
+TAG_RELATED_UID = "_ledger_related_uid"
+TAG_DETAIL = "_ledger_detail"
+TAG_STAGE = "_ledger_stage"
+TAG_FIELDS = [
+    pa.field(TAG_STAGE, pa.string()),
+    pa.field(TAG_REASON, pa.string()),
+    pa.field(TAG_RELATED_UID, pa.string()),
+    pa.field(TAG_DETAIL, pa.string()),
+]
+
+
+class Reason:
+    """Ledger reasons. One input row ends in exactly one of: published, or one ledger row with one of these."""
+
+    MISSING_URL = "missing_url"
+    EMPTY_URL = "empty_url"
+    MISSING_CAPTION = "missing_caption"
+    EMPTY_CAPTION = "empty_caption"
+    INVALID_UTF8 = "invalid_utf8"
+    NOT_HTTP_URL = "not_http_url"
+    CAPTION_TOO_LONG = "caption_too_long"
+    DUPLICATE_PAIR = "duplicate_pair"
+    NO_METADATA_MATCH = "no_metadata_match"
+    BALANCE_NOT_DRAWN = "balance_not_drawn"
+
+
+# A duplicate_pair ledger row carries the uid of the published first occurrence by definition (same url and
+# caption), so the "no uid both published and in the ledger" invariant exempts it.
+REASONS_SHARING_KEPT_UID = frozenset({Reason.DUPLICATE_PAIR})

@@ -1,0 +1,185 @@
+"""Publish: the last stage's rows as uid-range parquet shards, the whole run's ledger, and the manifest.
+
+Shard k of S holds the uids whose first 60 bits fall in the k-th of S equal ranges, sorted by uid; S =
+ceil(rows / shard_rows). Because the uid is a uniform hash this gives shards of about `shard_rows` rows whose
+content depends only on the set of rows, never on partitioning, and a takedown changes only the shards it touches.
+"""
+
+import logging
+import math
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.io import (
+    LEDGER_DIR,
+    StageWriter,
+    atomic_write_json,
+    fingerprint_files,
+    list_files,
+    resolve_data_dir,
+    sha256_of_json,
+    stage_chain,
+)
+from curation.manifest import MANIFEST_NAME, build_manifest, file_entry
+from curation.schema import LEDGER_SCHEMA, UID
+from curation.spark.common import StageRun
+
+logger = logging.getLogger(__name__)
+
+PUBLISH_VERSION = 1
+SHARD_ROW_GROUP_ROWS = 65_536
+_UID_PREFIX_SPAN = 1 << 60
+
+
+def shard_of_prefix_expression(shard_count: int) -> str:
+    """Spark SQL giving the shard of a row from its uid (integer arithmetic only, so exact everywhere)."""
+    width = -(-_UID_PREFIX_SPAN // shard_count)
+    return f"cast(div(cast(conv(substring({UID}, 1, 15), 16, 10) as bigint), {width}) as int)"
+
+
+def shard_of_uid(uid: str, shard_count: int) -> int:
+    return int(uid[:15], 16) // -(-_UID_PREFIX_SPAN // shard_count)
+
+
+def _write_shard(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    pq.write_table(table, temporary, compression="zstd", row_group_size=SHARD_ROW_GROUP_ROWS, write_statistics=True)
+    os.replace(temporary, path)
+
+
+def _shard_worker(out_dir: str, prefix: str, schema: pa.Schema):
+    """Writes each shard of a partition (rows arrive sorted by shard, then by the sort columns)."""
+
+    def run(batches):
+        current, pending = None, []
+
+        def flush():
+            table = pa.Table.from_batches(pending).select(schema.names).cast(schema).combine_chunks()
+            path = Path(out_dir) / f"{prefix}-{current:05d}.parquet"
+            _write_shard(table, path)
+            columns = [pa.array([current], pa.int32()), pa.array([str(path)])]
+            return pa.RecordBatch.from_arrays(columns, ["shard", "path"])
+
+        for batch in batches:
+            shards = batch.column("_shard").to_numpy()
+            start = 0
+            while start < len(shards):
+                shard = int(shards[start])
+                end = start
+                while end < len(shards) and shards[end] == shard:
+                    end += 1
+                if current is not None and shard != current:
+                    yield flush()
+                    pending = []
+                current = shard
+                pending.append(batch.slice(start, end - start))
+                start = end
+        if pending:
+            yield flush()
+
+    return run
+
+
+def write_uid_shards(df, rows: int, shard_rows: int, out_dir: Path, prefix: str, schema: pa.Schema,
+                     sort_columns: list[str]) -> list[Path]:
+    from pyspark.sql import functions as F
+
+    shard_count = max(1, math.ceil(rows / shard_rows))
+    sharded = df.withColumn("_shard", F.expr(shard_of_prefix_expression(shard_count)))
+    sharded = sharded.repartition(shard_count, "_shard").sortWithinPartitions("_shard", *sort_columns)
+    written = sharded.mapInArrow(_shard_worker(str(out_dir), prefix, schema), "shard int, path string").collect()
+    return [Path(row["path"]) for row in sorted(written, key=lambda row: row["shard"])]
+
+
+def _arrow_schema_of(df) -> pa.Schema:
+    from pyspark.sql.pandas.types import to_arrow_type
+
+    return pa.schema([pa.field(f.name, to_arrow_type(f.dataType)) for f in df.schema.fields])
+
+
+def _stage_summary(folder: Path, record: dict) -> dict:
+    return {
+        "stage": record["stage"],
+        "folder": folder.name,
+        "version": record["version"],
+        "rows_in": record["rows_in"],
+        "rows_out": record["rows_out"],
+        "drops": record["drops"],
+        "seconds": record["seconds"],
+    }
+
+
+def run_publish(
+    spark, input_dir: Path, output_dir: Path, shard_rows: int = 100_000, name: str = "curation-release",
+    config: dict | None = None, run_config: dict | None = None,
+) -> dict:
+    """Write the release folder: shards/, ledger/, manifest.json (and the stage record, `_SUCCESS` last)."""
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+    run = StageRun("publish", PUBLISH_VERSION, config or {})
+    chain = stage_chain(input_dir)
+    last_folder, last_record = chain[-1]
+    data_dir = resolve_data_dir(input_dir)
+    data_df = spark.read.parquet(str(data_dir))
+    data_schema = _arrow_schema_of(data_df)
+
+    ledger_folders = [str(folder / LEDGER_DIR) for folder, _ in chain if (folder / LEDGER_DIR).is_dir()]
+    ledger_df = spark.read.schema(
+        "uid string, stage string, reason string, related_uid string, detail string"
+    ).parquet(*ledger_folders)
+    ledger_rows = sum(record["rows_in"] - record["rows_out"] for _, record in chain)
+
+    with StageWriter(output_dir) as writer:
+        shard_paths = write_uid_shards(
+            data_df, last_record["rows_out"], shard_rows, writer.temp_dir / "shards", "shard", data_schema, [UID]
+        )
+        ledger_paths = write_uid_shards(
+            ledger_df, ledger_rows, shard_rows, writer.temp_dir / "ledger", "ledger", LEDGER_SCHEMA,
+            ["uid", "stage", "reason", "related_uid", "detail"],
+        )
+        ingest_record = chain[0][1]
+        inputs = [
+            {**f, "fingerprint": ingest_record["input"]["fingerprint"]} for f in ingest_record["input"]["files"]
+        ]
+        metadata = next((r["metadata"] for _, r in reversed(chain) if r["stage"] == "match"), None)
+        balancing = next((r["balancing"] for _, r in reversed(chain) if r["stage"] == "balance"), None)
+        # Spark settings (master, partitions) change how, not what: they are recorded as volatile execution data.
+        execution = {"spark": (run_config or {}).get("spark"), "spark_version": spark.version}
+        config_for_manifest = (
+            {k: v for k, v in run_config.items() if k != "spark"} if run_config is not None
+            else {"publish": config or {}}
+        )
+
+        manifest = build_manifest(
+            name=name,
+            config=config_for_manifest,
+            config_sha256=sha256_of_json(config_for_manifest),
+            inputs=inputs,
+            skipped_inputs=ingest_record["input"].get("skipped_files", []),
+            stages=[_stage_summary(folder, record) for folder, record in chain],
+            shards=[file_entry(writer.temp_dir, p) for p in shard_paths],
+            ledger_files=[file_entry(writer.temp_dir, p) for p in ledger_paths],
+            metadata=metadata and {**metadata, "path": Path(metadata["path"]).name},
+            balancing=balancing,
+            execution=execution,
+        )
+
+        atomic_write_json(writer.temp_dir / MANIFEST_NAME, manifest)
+        totals = manifest["totals"]
+        if totals["rows_in"] != totals["rows_published"] + totals["rows_in_ledger"]:
+            raise RuntimeError(f"ledger invariant broken at publish: {totals}")
+        input_info = {
+            "stage": writer.link_to(last_folder),
+            "fingerprint": fingerprint_files(list_files(data_dir)),
+        }
+        record = run.record(input_info, last_record["rows_out"], totals["rows_published"], {},
+                            manifest=MANIFEST_NAME, shards=len(shard_paths))
+        writer.commit(record)
+    logger.info("published %d rows in %d shards to %s", totals["rows_published"], len(shard_paths), output_dir)
+    return record
+

@@ -1,0 +1,409 @@
+"""Spark adapters of the CPU stages: ingest, match, count, balance.
+
+Each adapter plans on the driver, runs one `mapInArrow` pass whose worker function calls the pure function in
+`curation.ops`, and writes its stage folder through `StageWriter` (data, `_ledger/`, `_artifacts/`, record).
+"""
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation.inputs import plan_inputs, read_row_group
+from curation.io import (
+    ARTIFACTS_DIR,
+    StageWriter,
+    find_upstream,
+    fingerprint_files,
+    list_files,
+    read_stage_record,
+    resolve_data_dir,
+)
+from curation.ops import balance as balance_ops
+from curation.ops.ingest import IngestOptions, normalise_rows
+from curation.ops.metadata import load_metadata, metadata_sha256, write_metadata
+from curation.ops.uid import uniform
+from curation.schema import CAPTION, ENTRY_IDS, KEEP_PROBABILITY, TAG_REASON, UID, URL, Reason
+from curation.spark.common import StageRun, spark_schema, tag_dropped, tag_kept, with_tags, write_tagged
+
+logger = logging.getLogger(__name__)
+
+STAGE_VERSIONS = {"ingest": 1, "match": 1, "count": 1, "balance": 1}
+ENTRY_COUNTS_ARTIFACT = "entry_counts.parquet"
+BALANCED_COUNTS_ARTIFACT = "balanced_counts.parquet"
+METADATA_ARTIFACT = "metadata.json"
+
+
+def _read_stage_data(spark, stage_dir: Path, partitions: int | None):
+    df = spark.read.parquet(str(resolve_data_dir(stage_dir)))
+    return df.repartition(partitions) if partitions else df
+
+
+def _stage_input(stage_dir: Path, writer: StageWriter) -> dict:
+    data_dir = resolve_data_dir(stage_dir)
+    return {"stage": writer.link_to(stage_dir), "fingerprint": fingerprint_files(list_files(data_dir))}
+
+
+# ---------------------------------------------------------------------------------------------------- ingest
+
+
+def _ingest_schema(keep_types: list[pa.Field]) -> pa.Schema:
+    data = pa.schema(
+        [pa.field(UID, pa.string()), pa.field(URL, pa.string()), pa.field(CAPTION, pa.string())]
+        + keep_types
+        + [pa.field("_file_index", pa.int32()), pa.field("_source_file", pa.string()),
+           pa.field("_source_row", pa.int64())]
+    )
+    return with_tags(data)
+
+
+def _ingest_worker(options: IngestOptions, schema: pa.Schema):
+    def run(batches):
+        for batch in batches:
+            for unit in batch.to_pylist():
+                columns = [unit["url_column"], unit["text_column"], *options.keep_columns]
+                table = read_row_group(unit["path"], unit["row_group"], columns)
+                unit_options = replace(options, url_column=unit["url_column"], text_column=unit["text_column"])
+                kept, rejected = normalise_rows(table, unit_options, unit["path"], unit["first_row"])
+                kept = kept.append_column("_file_index", pa.array([unit["file_index"]] * len(kept), pa.int32()))
+                kept = kept.append_column("_source_file", pa.array([unit["path"]] * len(kept), pa.string()))
+                yield tag_kept(kept, schema)
+                yield tag_dropped(rejected[UID], "ingest", rejected["reason"], schema, details=rejected["detail"])
+
+    return run
+
+
+def run_ingest(
+    spark, inputs: list[str], output_dir: Path, options: IngestOptions, skip_bad_files: bool = False,
+    partitions: int | None = None, config: dict | None = None,
+) -> dict:
+    """Raw shards -> stage folder of (uid, url, caption, keep columns); bad rows and repeated uids to the ledger."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    run = StageRun("ingest", STAGE_VERSIONS["ingest"], config or {})
+    plan = plan_inputs(inputs, options, skip_bad_files)
+    keep_fields = []
+    if options.keep_columns:
+        first_schema = pq.read_schema(plan.files[0].path)
+        keep_fields = [first_schema.field(name) for name in options.keep_columns]
+    schema = _ingest_schema(keep_fields)
+    by_index = {f.index: f for f in plan.files}
+    units = [
+        (file_index, path, group, first_row, by_index[file_index].url_column, by_index[file_index].text_column)
+        for file_index, path, group, first_row in plan.units()
+    ]
+    units_df = spark.createDataFrame(
+        units, "file_index int, path string, row_group int, first_row long, url_column string, text_column string"
+    )
+    units_df = units_df.repartition(partitions or max(1, min(len(units), spark.sparkContext.defaultParallelism)))
+    tagged = units_df.mapInArrow(_ingest_worker(options, schema), spark_schema(schema))
+
+    # The first occurrence (by file order, then row) of a repeated uid is kept; later ones are duplicate_pair.
+    order = Window.partitionBy(UID).orderBy("_file_index", "_source_row")
+    kept = tagged.filter(F.col(TAG_REASON).isNull())
+    ranked = (
+        kept.withColumn("_rank", F.row_number().over(order))
+        .withColumn("_first_file", F.first("_source_file").over(order))
+        .withColumn("_first_row", F.first("_source_row").over(order))
+    )
+    duplicate = F.col("_rank") > 1
+    detail = F.to_json(
+        F.struct(
+            F.col("_source_file").alias("file"), F.col("_source_row").alias("row"),
+            F.col("_first_file").alias("first_file"), F.col("_first_row").alias("first_row"),
+        )
+    )
+    ranked = (
+        ranked.withColumn("_ledger_stage", F.when(duplicate, F.lit("ingest")))
+        .withColumn(TAG_REASON, F.when(duplicate, F.lit(Reason.DUPLICATE_PAIR)))
+        .withColumn("_ledger_related_uid", F.when(duplicate, F.col(UID)))
+        .withColumn("_ledger_detail", F.when(duplicate, detail))
+        .drop("_rank", "_first_file", "_first_row")
+    )
+    combined = ranked.unionByName(tagged.filter(F.col(TAG_REASON).isNotNull()))
+
+    data_columns = [UID, URL, CAPTION, *options.keep_columns]
+    with StageWriter(output_dir) as writer:
+        rows_out, drops = write_tagged(combined, data_columns, str(writer.temp_dir), str(writer.ledger_dir))
+        input_info = {
+            "files": [{"path": f.path, "rows": f.rows, "bytes": f.size} for f in plan.files],
+            "skipped_files": plan.skipped,
+            "fingerprint": fingerprint_files([Path(f.path) for f in plan.files if "://" not in f.path]),
+        }
+        record = run.record(input_info, plan.rows, rows_out, drops)
+        writer.commit(record)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------- match
+
+_MATCHER_CACHE: dict = {}
+
+
+def _matcher_for(metadata_sha: str, entries_broadcast):
+    """One Matcher per executor process: built from the broadcast entries on first use, then reused."""
+    from curation.ops.metaclip import Matcher
+
+    if metadata_sha not in _MATCHER_CACHE:
+        _MATCHER_CACHE.clear()
+        _MATCHER_CACHE[metadata_sha] = Matcher.from_entries(entries_broadcast.value)
+    return _MATCHER_CACHE[metadata_sha]
+
+
+def _match_worker(metadata_sha: str, entries_broadcast, keep_unmatched: bool, schema: pa.Schema):
+    def run(batches):
+        matcher = _matcher_for(metadata_sha, entries_broadcast)
+        for batch in batches:
+            table = pa.Table.from_batches([batch])
+            entry_ids = matcher.match(table.column(CAPTION))
+            table = table.append_column(ENTRY_IDS, entry_ids)
+            matched = pc.greater(pc.list_value_length(entry_ids), 0)
+            if keep_unmatched:
+                yield tag_kept(table, schema)
+                continue
+            yield tag_kept(table.filter(matched), schema)
+            unmatched = table.filter(pc.invert(matched))
+            yield tag_dropped(unmatched[UID].combine_chunks(), "match", Reason.NO_METADATA_MATCH, schema)
+
+    return run
+
+
+def run_match(
+    spark, input_dir: Path | None, output_dir: Path, metadata_path: Path, keep_unmatched: bool = False,
+    partitions: int | None = None, config: dict | None = None, raw_ingest: tuple | None = None,
+) -> dict:
+    """Stage folder with an `entry_ids` column (sorted unique MetaCLIP entry ids); unmatched rows to the ledger.
+
+    With `raw_ingest` = (inputs, IngestOptions, skip_bad_files, config) the input is raw shards: ingest runs first
+    into `<output>/_ingest`, a complete stage folder of its own that the match record links to.
+    """
+    run = StageRun("match", STAGE_VERSIONS["match"], config or {})
+    entries = load_metadata(metadata_path)
+    metadata_sha = metadata_sha256(entries)
+    entries_broadcast = spark.sparkContext.broadcast(entries)
+    try:
+        with StageWriter(output_dir) as writer:
+            if raw_ingest is not None:
+                inputs, options, skip_bad_files, ingest_config = raw_ingest
+                input_dir = writer.temp_dir / "_ingest"
+                run_ingest(spark, inputs, input_dir, options, skip_bad_files, partitions, ingest_config)
+            df = _read_stage_data(spark, input_dir, partitions)
+            data_schema = pa.schema([pa.field(f.name, _arrow_type(f.dataType)) for f in df.schema.fields])
+            data_schema = data_schema.append(pa.field(ENTRY_IDS, pa.list_(pa.int32())))
+            schema = with_tags(data_schema)
+            tagged = df.mapInArrow(
+                _match_worker(metadata_sha, entries_broadcast, keep_unmatched, schema), spark_schema(schema)
+            )
+            rows_out, drops = write_tagged(tagged, data_schema.names, str(writer.temp_dir), str(writer.ledger_dir))
+            write_metadata(writer.artifacts_dir / METADATA_ARTIFACT, entries)
+            rows_in = read_stage_record(input_dir)["rows_out"]
+            metadata_info = {"path": str(metadata_path), "entries": len(entries), "sha256": metadata_sha}
+            input_info = _stage_input(input_dir, writer)
+            if raw_ingest is not None:
+                input_info["stage"] = "_ingest"
+            record = run.record(input_info, rows_in, rows_out, drops, metadata=metadata_info)
+            writer.commit(record)
+    finally:
+        entries_broadcast.unpersist()
+    return record
+
+
+def _arrow_type(spark_type):
+    from pyspark.sql.pandas.types import to_arrow_type
+
+    return to_arrow_type(spark_type)
+
+
+# ---------------------------------------------------------------------------------------------------- count
+
+
+def metadata_of(stage_dir: Path) -> list[str]:
+    """The metadata entries the chain ending at `stage_dir` was matched with (copied by the match stage)."""
+    match_dir = find_upstream(stage_dir, "match")
+    if match_dir is None:
+        raise ValueError(f"{stage_dir} has no match stage upstream: balancing needs matched rows")
+    return load_metadata(match_dir / ARTIFACTS_DIR / METADATA_ARTIFACT)
+
+
+def compute_entry_counts(df, entry_count: int) -> np.ndarray:
+    """c_e for every entry id: the number of rows whose entry_ids contain e (a global reduce)."""
+    from pyspark.sql import functions as F
+
+    counts = np.zeros(entry_count, dtype=np.int64)
+    rows = df.select(F.explode(ENTRY_IDS).alias("entry_id")).groupBy("entry_id").count().collect()
+    for entry_id, count in rows:
+        counts[entry_id] = count
+    return counts
+
+
+def _write_counts(path: Path, entries: list[str], counts: np.ndarray) -> None:
+    table = pa.table(
+        {
+            "entry_id": pa.array(np.arange(len(entries), dtype=np.int32)),
+            "entry": pa.array(entries, pa.string()),
+            "count": pa.array(counts, pa.int64()),
+        }
+    )
+    pq.write_table(table, path)
+
+
+def read_counts(path: Path) -> np.ndarray:
+    return pq.read_table(path, columns=["count"]).column("count").to_numpy()
+
+
+def run_count(spark, input_dir: Path, output_dir: Path, config: dict | None = None) -> dict:
+    """Entry counts artifact; the rows pass through untouched (the record points at the input's data)."""
+    run = StageRun("count", STAGE_VERSIONS["count"], config or {})
+    entries = metadata_of(input_dir)
+    data_dir = resolve_data_dir(input_dir)
+    counts = compute_entry_counts(spark.read.parquet(str(data_dir)), len(entries))
+    rows = read_stage_record(input_dir)["rows_out"]
+    with StageWriter(output_dir) as writer:
+        _write_counts(writer.artifacts_dir / ENTRY_COUNTS_ARTIFACT, entries, counts)
+        summary = {
+            "entries_matched": int((counts > 0).sum()),
+            "matches": int(counts.sum()),
+            "top_entries": balance_ops.top_entries(counts, entries, 50),
+        }
+        record = run.record(
+            _stage_input(input_dir, writer), rows, rows, {}, data_from=writer.link_to(data_dir), counts=summary
+        )
+        writer.commit(record)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------- balance
+
+_GRID_POINTS = 64
+
+
+def _expected_kept_worker(counts_broadcast, thresholds: list[float]):
+    def run(batches):
+        grid = np.asarray(thresholds)
+        for batch in batches:
+            offsets, values = balance_ops.list_parts(batch.column(ENTRY_IDS))
+            expected = balance_ops.expected_kept_for_thresholds(offsets, values, counts_broadcast.value, grid)
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(np.arange(len(grid), dtype=np.int32)), pa.array(expected)], names=["point", "expected"]
+            )
+
+    return run
+
+
+def solve_threshold_for_target(spark, df, counts: np.ndarray, target_size: int) -> float:
+    """t such that the expected number of kept rows, sum of P(keep), equals `target_size` (grid refinement)."""
+    from pyspark.sql import functions as F
+
+    if target_size <= 0:
+        raise ValueError(f"target size must be positive, got {target_size}")
+    entry_ids = df.select(ENTRY_IDS).cache()
+    counts_broadcast = spark.sparkContext.broadcast(counts)
+    try:
+        thresholds = balance_ops.initial_threshold_grid(counts, _GRID_POINTS)
+        for _ in range(12):
+            worker = _expected_kept_worker(counts_broadcast, thresholds.tolist())
+            sums = (
+                entry_ids.mapInArrow(worker, "point int, expected double")
+                .groupBy("point").agg(F.sum("expected").alias("expected")).collect()
+            )
+            expected = np.zeros(len(thresholds))
+            for point, value in sums:
+                expected[point] = value
+            thresholds, answer = balance_ops.refine_threshold_bracket(thresholds, expected, target_size, _GRID_POINTS)
+            if answer is not None:
+                return answer
+        return float(thresholds[len(thresholds) // 2])
+    finally:
+        counts_broadcast.unpersist()
+        entry_ids.unpersist()
+
+
+def _balance_worker(counts_broadcast, t: float, seed: int, schema: pa.Schema):
+    def run(batches):
+        counts = counts_broadcast.value
+        for batch in batches:
+            table = pa.Table.from_batches([batch])
+            offsets, values = balance_ops.list_parts(table.column(ENTRY_IDS))
+            probability = balance_ops.keep_probabilities(offsets, values, counts, t)
+            draws = uniform(seed, table.column(UID), balance_ops.BALANCE_PURPOSE)
+            keep = draws < probability
+            kept = table.filter(pa.array(keep)).append_column(KEEP_PROBABILITY, pa.array(probability[keep]))
+            yield tag_kept(kept, schema)
+            dropped_index = np.flatnonzero(~keep)
+            details = pa.array([json.dumps({"p_keep": float(probability[i])}) for i in dropped_index], pa.string())
+            dropped_uids = table.column(UID).take(pa.array(dropped_index, pa.int64())).combine_chunks()
+            yield tag_dropped(dropped_uids, "balance", Reason.BALANCE_NOT_DRAWN, schema, details=details)
+
+    return run
+
+
+def choose_threshold(spark, df, counts: np.ndarray, t, target_size, tail_share) -> tuple[float, str]:
+    given = [name for name, value in (("t", t), ("target_size", target_size), ("tail_share", tail_share)) if value]
+    if len(given) > 1:
+        raise ValueError(f"give only one of t, target_size, tail_share (got {given})")
+    if target_size:
+        return solve_threshold_for_target(spark, df, counts, int(target_size)), "target_size"
+    if tail_share:
+        return float(balance_ops.threshold_for_tail_share(counts, float(tail_share))), "tail_share"
+    if t is not None and float(t) <= 0:
+        raise ValueError(f"t must be positive, got {t}")
+    return float(t if t is not None else balance_ops.METACLIP_T), "t"
+
+
+def run_balance(
+    spark, input_dir: Path, output_dir: Path, t: float | None = None, seed: int = 0, target_size: int | None = None,
+    tail_share: float | None = None, partitions: int | None = None, config: dict | None = None,
+) -> dict:
+    """Keep each row with P = 1 - prod(1 - min(1, t / c_e)); not drawn rows to the ledger with their P."""
+    run = StageRun("balance", STAGE_VERSIONS["balance"], config or {})
+    entries = metadata_of(input_dir)
+    df = _read_stage_data(spark, input_dir, partitions)
+    count_dir = find_upstream(input_dir, "count")
+    if count_dir is not None:
+        counts = read_counts(count_dir / ARTIFACTS_DIR / ENTRY_COUNTS_ARTIFACT)
+    else:
+        counts = compute_entry_counts(df, len(entries))
+    threshold, threshold_source = choose_threshold(spark, df, counts, t, target_size, tail_share)
+    logger.info("balancing with t = %.6g (from %s)", threshold, threshold_source)
+
+    data_schema = pa.schema([pa.field(f.name, _arrow_type(f.dataType)) for f in df.schema.fields])
+    data_schema = data_schema.append(pa.field(KEEP_PROBABILITY, pa.float64()))
+    schema = with_tags(data_schema)
+    counts_broadcast = spark.sparkContext.broadcast(counts)
+    try:
+        tagged = df.mapInArrow(_balance_worker(counts_broadcast, threshold, seed, schema), spark_schema(schema))
+        with StageWriter(output_dir) as writer:
+            rows_out, drops = write_tagged(tagged, data_schema.names, str(writer.temp_dir), str(writer.ledger_dir))
+            counts_after = compute_entry_counts(spark.read.parquet(str(writer.temp_dir)), len(entries))
+            if count_dir is None:
+                _write_counts(writer.artifacts_dir / ENTRY_COUNTS_ARTIFACT, entries, counts)
+            pq.write_table(
+                pa.table({
+                    "entry_id": pa.array(np.arange(len(entries), dtype=np.int32)),
+                    "entry": pa.array(entries, pa.string()),
+                    "count_before": pa.array(counts, pa.int64()),
+                    "count_after": pa.array(counts_after, pa.int64()),
+                }),
+                writer.artifacts_dir / BALANCED_COUNTS_ARTIFACT,
+            )
+            rows_in = read_stage_record(input_dir)["rows_out"]
+            summary = {
+                "t": threshold,
+                "t_from": threshold_source,
+                "seed": seed,
+                "tail_share_before": balance_ops.tail_share(counts, threshold),
+                "tail_share_after": balance_ops.tail_share(counts_after, threshold),
+                "top_entries_before": balance_ops.top_entries(counts, entries, 50),
+                "top_entries_after": balance_ops.top_entries(counts_after, entries, 50),
+            }
+            record = run.record(_stage_input(input_dir, writer), rows_in, rows_out, drops, balancing=summary)
+            writer.commit(record)
+    finally:
+        counts_broadcast.unpersist()
+    return record

@@ -1,0 +1,16 @@
+import os
+import sys
+
+import pytest
+
+from curation.spark.session import get_spark
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One local[2] session for the whole test run (start-up costs ~8 s)."""
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
+    session = get_spark(master="local[2]", conf={"spark.sql.shuffle.partitions": "4", "spark.driver.memory": "2g"})
+    yield session
+    session.stop()
