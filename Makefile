@@ -43,7 +43,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV_PYTHON) bench/bench_match.py --out bench/results/match.json
+	$(VENV_PYTHON) bench/bench_minhash.py --out bench/results/minhash.json
 	$(VENV_PYTHON) bench/bench_spine.py --out bench/results/spine.json
+	$(VENV_PYTHON) bench/bench_dedup_text.py --out bench/results/dedup_text.json
 
 clean:
 	rm -rf build $(VENV)

@@ -11,43 +11,12 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from memory import PeakMemory
+
 logger = logging.getLogger("bench_spine")
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def _tree_rss_bytes(root: int) -> int:
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        try:
-            fields = Path(f"/proc/{pid}/statm").read_text().split()
-            total += int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            continue
-        stack.extend(_children(pid))
-    return total
-
-
-class PeakMemory(threading.Thread):
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.peak = 0
-        self.running = True
-
-    def run(self):
-        while self.running:
-            self.peak = max(self.peak, _tree_rss_bytes(os.getpid()))
-            time.sleep(0.2)
 
 
 def main() -> int:
@@ -89,8 +58,7 @@ def main() -> int:
                          "rows_per_second": round(stage_record["rows_in"] / seconds)}
         logger.info("%s: %s", name, timings[name])
     total = time.perf_counter() - started
-    memory.running = False
-    memory.join()
+    memory.stop()
     result = {
         "rows": args.rows,
         "metadata_entries": len(entries),

@@ -58,6 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest_options(match)
     _add_partitions(match)
 
+    dedup_exact = commands.add_parser("dedup-exact", help="one row per normalised url (optionally per caption)")
+    dedup_exact.add_argument("--input", nargs="+", required=True,
+                             help="a stage folder, or raw parquet shards (then ingest runs first, inside the output)")
+    dedup_exact.add_argument("--output", required=True, type=Path, help="stage folder to write")
+    dedup_exact.add_argument("--by-caption", action="store_true", help=_help("dedup_exact", "by_caption"))
+    _add_ingest_options(dedup_exact)
+    _add_partitions(dedup_exact)
+
+    dedup_text = commands.add_parser("dedup-text", help="MinHash-LSH near-duplicate captions, exact-Jaccard verified")
+    dedup_text.add_argument("--input", nargs="+", required=True,
+                            help="a stage folder, or raw parquet shards (then ingest runs first, inside the output)")
+    dedup_text.add_argument("--output", required=True, type=Path, help="stage folder to write")
+    for option, kind in (("threshold", float), ("shingles", str), ("policy", str), ("num_perm", int),
+                         ("max_anchors", int), ("full_pairs_limit", int)):
+        dedup_text.add_argument(f"--{option.replace('_', '-')}", type=kind,
+                                default=STAGE_OPTIONS["dedup_text"][option][0], help=_help("dedup_text", option))
+    dedup_text.add_argument("--seed", type=int, default=0, help="seed of the permutations and keep draw (default: 0)")
+    _add_ingest_options(dedup_text)
+    _add_partitions(dedup_text)
+
     count = commands.add_parser("count", help="entry counts c_e over matched rows (artifact; rows pass through)")
     count.add_argument("--input", required=True, type=Path, help="matched stage folder")
     count.add_argument("--output", required=True, type=Path, help="stage folder to write")
@@ -104,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--shards", type=int, default=4, help="parquet files (default: 4)")
     demo_data.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
 
-    for sub in (ingest, match, count, balance, publish, run):
+    for sub in (ingest, dedup_exact, dedup_text, match, count, balance, publish, run):
         _add_spark_options(sub)
     return parser
 
@@ -132,22 +152,33 @@ def _ingest_config(args) -> dict:
 def _stage_command(args) -> dict:
     from curation.io import is_stage_folder
     from curation.pipeline import ingest_options
-    from curation.spark import publish, stages
+    from curation.spark import dedup, publish, stages
 
     spark = _spark(args)
+    input_dir, raw_ingest = None, None
+    if args.command in ("match", "dedup-exact", "dedup-text"):
+        if len(args.input) == 1 and is_stage_folder(Path(args.input[0])):
+            input_dir = Path(args.input[0])
+        else:
+            ingest_config = {"stage": "ingest", **_ingest_config(args)}
+            raw_ingest = (args.input, ingest_options(ingest_config), args.skip_bad_files, ingest_config)
     if args.command == "ingest":
         config = {"stage": "ingest", **_ingest_config(args)}
         return stages.run_ingest(spark, args.input, args.output, ingest_options(config), args.skip_bad_files,
                                  args.partitions, config)
     if args.command == "match":
         config = {"stage": "match", "metadata": str(args.metadata), "keep_unmatched": args.keep_unmatched}
-        raw_inputs = not (len(args.input) == 1 and is_stage_folder(Path(args.input[0])))
-        ingest = None
-        if raw_inputs:
-            ingest_config = {"stage": "ingest", **_ingest_config(args)}
-            ingest = (args.input, ingest_options(ingest_config), args.skip_bad_files, ingest_config)
-        return stages.run_match(spark, None if raw_inputs else Path(args.input[0]), args.output, args.metadata,
-                                args.keep_unmatched, args.partitions, config, raw_ingest=ingest)
+        return stages.run_match(spark, input_dir, args.output, args.metadata, args.keep_unmatched, args.partitions,
+                                config, raw_ingest=raw_ingest)
+    if args.command == "dedup-exact":
+        config = {"stage": "dedup_exact", "by_caption": args.by_caption}
+        return dedup.run_dedup_exact(spark, input_dir, args.output, args.by_caption, args.partitions, config,
+                                     raw_ingest=raw_ingest)
+    if args.command == "dedup-text":
+        options = {k: getattr(args, k) for k in ("threshold", "shingles", "policy", "num_perm", "seed", "max_anchors",
+                                                 "full_pairs_limit")}
+        return dedup.run_dedup_text(spark, input_dir, args.output, partitions=args.partitions,
+                                    config={"stage": "dedup_text", **options}, raw_ingest=raw_ingest, **options)
     if args.command == "count":
         return stages.run_count(spark, args.input, args.output, {"stage": "count"})
     if args.command == "balance":
@@ -196,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    if args.command in ("ingest", "match", "count", "balance", "publish"):
+    if args.command in ("ingest", "dedup-exact", "dedup-text", "match", "count", "balance", "publish"):
         record = _stage_command(args)
         _write(json.dumps({k: record[k] for k in ("stage", "rows_in", "rows_out", "drops")}))
         return 0

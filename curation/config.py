@@ -21,6 +21,20 @@ STAGE_OPTIONS: dict[str, dict[str, tuple[object, str]]] = {
         "skip_bad_files": (False, "record unreadable shards in the manifest and go on, instead of failing"),
         "partitions": (None, "Spark partitions for this stage (default: Spark's parallelism)"),
     },
+    "dedup_exact": {
+        "by_caption": (False, "also keep one row per exact caption (duplicate_caption)"),
+        "partitions": (None, "Spark partitions for this stage"),
+    },
+    "dedup_text": {
+        "threshold": (0.8, "exact shingle Jaccard at or above which two captions are near duplicates"),
+        "shingles": ("char:5", "shingles: char:N (character N-grams) or word:N (word N-grams)"),
+        "policy": ("cap:10", "per group: cap:K keeps the K members with the smallest u(seed, uid); keep_one; tag"),
+        "num_perm": (128, "MinHash permutations (bands x rows chosen so P(candidate | J = threshold) >= 0.98)"),
+        "seed": (None, "seed of the MinHash permutations and of the keep draw; default: the run's `seed`"),
+        "max_anchors": (8, "in an LSH bucket larger than full_pairs_limit, members are paired with this many anchors"),
+        "full_pairs_limit": (64, "LSH buckets up to this size are verified pair by pair"),
+        "partitions": (None, "Spark partitions for this stage"),
+    },
     "match": {
         "metadata": (None, "MetaCLIP metadata.json (a JSON list of entries); default: the run's `metadata`"),
         "keep_unmatched": (False, "keep rows matching no entry (with empty entry_ids) instead of dropping them"),

@@ -30,6 +30,13 @@ FUNCTION_WORDS_SKIPPED = 300
 CONCEPT_BAND = 4
 ZIPF_EXPONENT = 1.1
 DUPLICATE_SHARE = 0.02
+# Templated near-duplicate captions ("<listing text> | shopNN.example") in families of 2 to 24 members, and rows
+# whose URL repeats another row's with a differently cased host and a fragment (same image, other caption).
+NEAR_DUPLICATE_SHARE = 0.02
+URL_DUPLICATE_SHARE = 0.005
+LISTING_TEMPLATE = (
+    "Buy {concept} online at the best price with free shipping and easy returns | shop{shop:02d}.example"
+)
 # A few dozen of each defect in the default 60,000 rows; at least one in any corpus.
 DEFECT_SHARE = 0.0005
 LONG_TEXT_MIN_CHARS = 5_001
@@ -179,7 +186,18 @@ def generate_demo_corpus(
             planted[kind] = remaining[cursor : cursor + defects_per_kind]
             cursor += defects_per_kind
     duplicate_rows = remaining[cursor : cursor + duplicate_count]
-    source_pool = remaining[cursor + duplicate_count :]
+    cursor += duplicate_count
+    near_duplicate_rows = remaining[cursor : cursor + round(rows * NEAR_DUPLICATE_SHARE)]
+    cursor += near_duplicate_rows.size
+    url_duplicate_rows = remaining[cursor : cursor + round(rows * URL_DUPLICATE_SHARE)]
+    cursor += url_duplicate_rows.size
+    source_pool = remaining[cursor:]
+
+    families = _near_duplicate_families(rng, near_duplicate_rows)
+    for family in families:
+        concept = concepts[int(rng.integers(len(concepts)))]
+        for shop, row in enumerate(family.tolist()):
+            texts[row] = captions[row] = LISTING_TEMPLATE.format(concept=concept, shop=shop)
 
     for row in planted["null_text"].tolist():
         texts[row] = None
@@ -211,6 +229,12 @@ def generate_demo_corpus(
         urls[target], texts[target] = urls[source], texts[source]
         widths[target], heights[target], similarity[target] = widths[source], heights[source], similarity[source]
 
+    url_sources = rng.choice(source_pool, size=url_duplicate_rows.size, replace=False)
+    for target, source in zip(url_duplicate_rows.tolist(), url_sources.tolist(), strict=True):
+        scheme, _, rest = urls[source].partition("://")
+        host, _, path = rest.partition("/")
+        urls[target] = f"{scheme}://{host.upper()}/{path}#from-{target}"
+
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for shard in range(shards):
@@ -241,13 +265,31 @@ def generate_demo_corpus(
         "seed": seed,
         "binary_text_shard": f"part-{binary_shard:05d}.parquet",
         "planted": {"duplicate_pair": int(duplicate_rows.size)}
-        | {kind: int(planted[kind].size) for kind in DEFECT_KINDS},
+        | {kind: int(planted[kind].size) for kind in DEFECT_KINDS}
+        | {
+            "near_duplicate_rows": int(near_duplicate_rows.size),
+            "near_duplicate_families": len(families),
+            "url_duplicate": int(url_duplicate_rows.size),
+        },
+        "near_duplicate_family_sizes": sorted(int(family.size) for family in families),
         "concepts": len(concepts),
         "top_concepts": [[concept, count] for concept, count in concept_texts.most_common(10)],
         "median_concept_captions": float(np.median(counts_including_unmatched)),
     }
     logger.info("demo corpus: %d rows in %d shards at %s; planted %s", rows, shards, output_dir, summary["planted"])
     return summary
+
+
+def _near_duplicate_families(rng: np.random.Generator, rows: np.ndarray) -> list[np.ndarray]:
+    """Split the planted rows into families of 2 to 24 members (a single leftover joins the last family)."""
+    families, start = [], 0
+    while rows.size - start >= 2:
+        size = int(min(rng.integers(2, 25), rows.size - start))
+        if rows.size - start - size == 1:
+            size += 1
+        families.append(rows[start : start + size])
+        start += size
+    return families
 
 
 def _caption_concepts(caption: str) -> set[str]:

@@ -34,13 +34,21 @@ def hashed_config(stage: StageConfig) -> dict:
 
 
 def run_stage(spark, stage: StageConfig, input_location, output_dir: Path, run_config: RunConfig) -> dict:
-    from curation.spark import publish, stages
+    from curation.spark import dedup, publish, stages
 
     options, config = stage.options, hashed_config(stage)
     partitions = options.get("partitions") or run_config.spark_partitions
     if stage.name == "ingest":
         return stages.run_ingest(
             spark, input_location, output_dir, ingest_options(options), options["skip_bad_files"], partitions, config
+        )
+    if stage.name == "dedup_exact":
+        return dedup.run_dedup_exact(spark, input_location, output_dir, options["by_caption"], partitions, config)
+    if stage.name == "dedup_text":
+        return dedup.run_dedup_text(
+            spark, input_location, output_dir, float(options["threshold"]), options["shingles"], options["policy"],
+            int(options["num_perm"]), int(options["seed"]), int(options["max_anchors"]),
+            int(options["full_pairs_limit"]), partitions, config,
         )
     if stage.name == "match":
         return stages.run_match(

@@ -43,6 +43,9 @@ class Reason:
     NOT_HTTP_URL = "not_http_url"
     CAPTION_TOO_LONG = "caption_too_long"
     DUPLICATE_PAIR = "duplicate_pair"
+    DUPLICATE_URL = "duplicate_url"
+    DUPLICATE_CAPTION = "duplicate_caption"
+    NEAR_DUPLICATE_CAPTION = "near_duplicate_caption"
     NO_METADATA_MATCH = "no_metadata_match"
     BALANCE_NOT_DRAWN = "balance_not_drawn"
 

@@ -44,7 +44,11 @@ def get_spark(master: str | None = None, conf: dict | None = None, app_name: str
     launched_by_spark_submit = "PYSPARK_GATEWAY_PORT" in os.environ
     if not launched_by_spark_submit:
         builder = builder.master(master or os.environ.get("CURATION_SPARK_MASTER", DEFAULT_MASTER))
-    for key, value in {**_DEFAULT_CONF, **(conf or {})}.items():
+    defaults = dict(_DEFAULT_CONF)
+    if not launched_by_spark_submit:
+        # Spark's 200 shuffle partitions cost a Python worker hand-off each; a local session has a few cores.
+        defaults["spark.sql.shuffle.partitions"] = str(max(4, 2 * (os.cpu_count() or 2)))
+    for key, value in {**defaults, **(conf or {})}.items():
         builder = builder.config(key, str(value))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("CURATION_SPARK_LOG_LEVEL", "ERROR"))

@@ -37,16 +37,30 @@ STAGE_VERSIONS = {"ingest": 1, "match": 1, "count": 1, "balance": 1}
 ENTRY_COUNTS_ARTIFACT = "entry_counts.parquet"
 BALANCED_COUNTS_ARTIFACT = "balanced_counts.parquet"
 METADATA_ARTIFACT = "metadata.json"
+NESTED_INGEST = "_ingest"
 
 
-def _read_stage_data(spark, stage_dir: Path, partitions: int | None):
+def read_stage_data(spark, stage_dir: Path, partitions: int | None):
     df = spark.read.parquet(str(resolve_data_dir(stage_dir)))
     return df.repartition(partitions) if partitions else df
 
 
-def _stage_input(stage_dir: Path, writer: StageWriter) -> dict:
+def stage_input(stage_dir: Path, writer: StageWriter, raw_ingest: tuple | None = None) -> dict:
+    """The input link of a stage record: the upstream folder relative to this one, and its data fingerprint."""
     data_dir = resolve_data_dir(stage_dir)
-    return {"stage": writer.link_to(stage_dir), "fingerprint": fingerprint_files(list_files(data_dir))}
+    link = NESTED_INGEST if raw_ingest is not None else writer.link_to(stage_dir)
+    return {"stage": link, "fingerprint": fingerprint_files(list_files(data_dir))}
+
+
+def prepared_input(spark, writer: StageWriter, input_dir: Path | None, raw_ingest: tuple | None, partitions):
+    """The stage folder a stage reads: `input_dir`, or, given raw shards as `raw_ingest` = (inputs, IngestOptions,
+    skip_bad_files, config), a complete ingest stage folder written first at `<output>/_ingest`."""
+    if raw_ingest is None:
+        return input_dir
+    inputs, options, skip_bad_files, ingest_config = raw_ingest
+    nested = writer.temp_dir / NESTED_INGEST
+    run_ingest(spark, inputs, nested, options, skip_bad_files, partitions, ingest_config)
+    return nested
 
 
 # ---------------------------------------------------------------------------------------------------- ingest
@@ -189,11 +203,8 @@ def run_match(
     entries_broadcast = spark.sparkContext.broadcast(entries)
     try:
         with StageWriter(output_dir) as writer:
-            if raw_ingest is not None:
-                inputs, options, skip_bad_files, ingest_config = raw_ingest
-                input_dir = writer.temp_dir / "_ingest"
-                run_ingest(spark, inputs, input_dir, options, skip_bad_files, partitions, ingest_config)
-            df = _read_stage_data(spark, input_dir, partitions)
+            input_dir = prepared_input(spark, writer, input_dir, raw_ingest, partitions)
+            df = read_stage_data(spark, input_dir, partitions)
             data_schema = pa.schema([pa.field(f.name, _arrow_type(f.dataType)) for f in df.schema.fields])
             data_schema = data_schema.append(pa.field(ENTRY_IDS, pa.list_(pa.int32())))
             schema = with_tags(data_schema)
@@ -203,15 +214,24 @@ def run_match(
             rows_out, drops = write_tagged(tagged, data_schema.names, str(writer.temp_dir), str(writer.ledger_dir))
             write_metadata(writer.artifacts_dir / METADATA_ARTIFACT, entries)
             rows_in = read_stage_record(input_dir)["rows_out"]
-            metadata_info = {"path": str(metadata_path), "entries": len(entries), "sha256": metadata_sha}
-            input_info = _stage_input(input_dir, writer)
-            if raw_ingest is not None:
-                input_info["stage"] = "_ingest"
+            metadata_info = {"path": str(metadata_path), "entries": len(entries), "sha256": metadata_sha,
+                             **_never_matching(entries)}
+            input_info = stage_input(input_dir, writer, raw_ingest)
             record = run.record(input_info, rows_in, rows_out, drops, metadata=metadata_info)
             writer.commit(record)
     finally:
         entries_broadcast.unpersist()
     return record
+
+
+def _never_matching(entries: list[str]) -> dict:
+    """Entries that MetaCLIP's spacing makes impossible to match (reported, never silently dropped)."""
+    from curation.ops.metaclip import Matcher
+
+    never = Matcher.from_entries(entries).unmatchable_entry_ids()
+    if never:
+        logger.warning("%d metadata entries can never match (e.g. %s)", len(never), [entries[i] for i in never[:5]])
+    return {"never_match_entries": len(never), "never_match_sample": [entries[i] for i in never[:20]]}
 
 
 def _arrow_type(spark_type):
@@ -272,7 +292,7 @@ def run_count(spark, input_dir: Path, output_dir: Path, config: dict | None = No
             "top_entries": balance_ops.top_entries(counts, entries, 50),
         }
         record = run.record(
-            _stage_input(input_dir, writer), rows, rows, {}, data_from=writer.link_to(data_dir), counts=summary
+            stage_input(input_dir, writer), rows, rows, {}, data_from=writer.link_to(data_dir), counts=summary
         )
         writer.commit(record)
     return record
@@ -363,7 +383,7 @@ def run_balance(
     """Keep each row with P = 1 - prod(1 - min(1, t / c_e)); not drawn rows to the ledger with their P."""
     run = StageRun("balance", STAGE_VERSIONS["balance"], config or {})
     entries = metadata_of(input_dir)
-    df = _read_stage_data(spark, input_dir, partitions)
+    df = read_stage_data(spark, input_dir, partitions)
     count_dir = find_upstream(input_dir, "count")
     if count_dir is not None:
         counts = read_counts(count_dir / ARTIFACTS_DIR / ENTRY_COUNTS_ARTIFACT)
@@ -402,7 +422,7 @@ def run_balance(
                 "top_entries_before": balance_ops.top_entries(counts, entries, 50),
                 "top_entries_after": balance_ops.top_entries(counts_after, entries, 50),
             }
-            record = run.record(_stage_input(input_dir, writer), rows_in, rows_out, drops, balancing=summary)
+            record = run.record(stage_input(input_dir, writer), rows_in, rows_out, drops, balancing=summary)
             writer.commit(record)
     finally:
         counts_broadcast.unpersist()

@@ -45,7 +45,10 @@ def _config(corpus, partitions: int, t: float = 40, **publish) -> dict:
         "metadata": str(corpus["metadata"]),
         "seed": 1,
         "spark": {"partitions": partitions},
-        "stages": ["ingest", "match", "count", {"balance": {"t": t}}, {"publish": {"shard_rows": 700, **publish}}],
+        "stages": [
+            "ingest", "dedup_exact", {"dedup_text": {"policy": "cap:3"}}, "match", "count", {"balance": {"t": t}},
+            {"publish": {"shard_rows": 700, **publish}},
+        ],
     }
 
 
@@ -86,10 +89,13 @@ def test_every_bad_row_reason_is_in_the_ledger(runs, corpus):
     assert drops[Reason.INVALID_UTF8] == planted["invalid_utf8"]
     assert drops[Reason.DUPLICATE_PAIR] == planted["duplicate_pair"]
     assert drops[Reason.NO_METADATA_MATCH] == planted["no_match"]
+    assert drops[Reason.DUPLICATE_URL] == planted["url_duplicate"]
+    planted_near_duplicate_drops = sum(max(0, size - 3) for size in corpus["summary"]["near_duplicate_family_sizes"])
+    assert drops[Reason.NEAR_DUPLICATE_CAPTION] >= planted_near_duplicate_drops > 0
     assert drops[Reason.BALANCE_NOT_DRAWN] > 0
     ledger = pa.concat_tables(pq.read_table(run_dir / "publish" / f["path"]) for f in manifest["ledger"]["files"])
     assert ledger.num_rows == sum(drops.values())
-    assert set(ledger["stage"].to_pylist()) == {"ingest", "match", "balance"}
+    assert set(ledger["stage"].to_pylist()) == {"ingest", "dedup_exact", "dedup_text", "match", "balance"}
 
 
 def test_ledger_invariant_and_verify(runs):
@@ -118,8 +124,8 @@ def test_a_flipped_byte_in_a_shard_fails_verify(runs, tmp_path):
 def test_spark_keep_decisions_are_the_pure_formula(runs):
     run_dir = runs[1][0]
     stages = run_dir / "stages"
-    matched = pq.read_table(stages / "02_match", columns=["uid", "entry_ids"])
-    counts = pq.read_table(stages / "03_count" / "_artifacts" / "entry_counts.parquet")["count"].to_numpy()
+    matched = pq.read_table(stages / "04_match", columns=["uid", "entry_ids"])
+    counts = pq.read_table(stages / "05_count" / "_artifacts" / "entry_counts.parquet")["count"].to_numpy()
     offsets, values = balance_ops.list_parts(matched["entry_ids"])
     probability = balance_ops.keep_probabilities(offsets, values, counts, 40)
     expected_kept = set(np.asarray(matched["uid"].to_pylist())[uniform(1, matched["uid"], "balance") < probability])
@@ -135,10 +141,10 @@ def test_rerun_skips_finished_stages_and_redoes_changed_ones(spark, runs, corpus
     run_dir = runs[4][0]
     before = (run_dir / "publish" / "manifest.json").read_bytes()
     results = run_pipeline(spark, parse_run_config(_config(corpus, 4)), run_dir)
-    assert [skipped for _, _, skipped in results] == [True] * 5
+    assert [skipped for _, _, skipped in results] == [True] * 7
     assert (run_dir / "publish" / "manifest.json").read_bytes() == before
     results = run_pipeline(spark, parse_run_config(_config(corpus, 4, t=80)), run_dir)
-    assert [skipped for _, _, skipped in results] == [True, True, True, False, False]
+    assert [skipped for _, _, skipped in results] == [True] * 5 + [False, False]
     assert verify_manifest(run_dir) == []
 
 

@@ -79,6 +79,10 @@ def test_each_planted_kind_is_present_in_the_stated_numbers(corpus, entries):
     assert urls.count("") == planted["empty_url"]
     assert sum(bool(url) and not url.startswith("https://") for url in urls) == planted["non_http_url"]
     assert sum(text is not None and len(text) >= LONG_TEXT_MIN_CHARS for text in texts) == planted["text_too_long"]
+    decoded = [t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in texts]
+    listings = [t for t in decoded if t and "| shop" in t and len(t) < LONG_TEXT_MIN_CHARS]
+    assert len(listings) == planted["near_duplicate_rows"] == sum(summary["near_duplicate_family_sizes"])
+    assert sum(bool(url) and "#from-" in url for url in urls) == planted["url_duplicate"]
 
     invalid = []
     for text in texts:

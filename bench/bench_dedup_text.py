@@ -1,0 +1,66 @@
+"""dedup_text end to end on >= 1,000,000 rows with Spark local[2]: rows/s and peak memory of the process tree.
+
+The rows are the demo corpus (Zipf concept captions with planted templated near-duplicate families), ingested
+first; only the dedup_text stage is timed. Run: `python bench/bench_dedup_text.py --out bench/results/dedup_text.json`.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from memory import PeakMemory
+
+logger = logging.getLogger("bench_dedup_text")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--master", default="local[2]")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/dedup_text.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    from curation.demo import generate_demo_corpus
+    from curation.ops.ingest import IngestOptions
+    from curation.ops.metadata import build_metadata
+    from curation.spark import dedup, stages
+    from curation.spark.session import get_spark
+
+    work = Path(tempfile.mkdtemp(prefix="bench-dedup-"))
+    entries, _ = build_metadata(wordnet_dir=None)
+    generate_demo_corpus(work / "raw", entries, rows=args.rows, shards=8, seed=0)
+    spark = get_spark(master=args.master, conf={"spark.driver.memory": "4g"})
+    stages.run_ingest(spark, [str(work / "raw")], work / "ingest", IngestOptions())
+    memory = PeakMemory()
+    memory.start()
+    started = time.perf_counter()
+    record = dedup.run_dedup_text(spark, work / "ingest", work / "dedup_text")
+    seconds = time.perf_counter() - started
+    peak = memory.stop()
+    result = {
+        "rows_in": record["rows_in"],
+        "rows_out": record["rows_out"],
+        "drops": record["drops"],
+        "dedup": record["dedup"],
+        "seconds": round(seconds, 2),
+        "rows_per_second": round(record["rows_in"] / seconds),
+        "peak_rss_process_tree_mib": round(peak / 2**20),
+        "master": args.master,
+        "cores": os.cpu_count(),
+        "spark": spark.version,
+    }
+    spark.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    logger.info("result: %s", json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

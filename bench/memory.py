@@ -1,0 +1,45 @@
+"""Peak resident memory of this process and everything it started (Spark's JVM and Python workers)."""
+
+import os
+import threading
+import time
+from pathlib import Path
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def tree_rss_bytes(root: int) -> int:
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            fields = Path(f"/proc/{pid}/statm").read_text().split()
+            total += int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            continue
+        stack.extend(_children(pid))
+    return total
+
+
+class PeakMemory(threading.Thread):
+    """Samples the process tree's RSS every 0.2 s until `stop()`; `peak` is the largest sum seen, in bytes."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak = 0
+        self._running = True
+
+    def run(self):
+        while self._running:
+            self.peak = max(self.peak, tree_rss_bytes(os.getpid()))
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        self._running = False
+        self.join()
+        return self.peak

@@ -1,0 +1,268 @@
+"""Spark adapters of the caption-side dedup stages: dedup_exact (same normalised url, optionally same caption)
+and dedup_text (MinHash-LSH near-duplicate captions, verified by exact Jaccard, grouped by connected components).
+"""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from curation.io import StageWriter, read_stage_record
+from curation.ops.minhash import (
+    EMPTY_HASH_VALUE,
+    MinHasher,
+    anchor_edges,
+    band_hashes,
+    choose_bands,
+    exact_jaccard_pairs,
+    parse_policy,
+    parse_shingle_spec,
+)
+from curation.ops.uid import uniform
+from curation.ops.urls import normalise_urls
+from curation.schema import CAPTION, TAG_DETAIL, TAG_REASON, TAG_RELATED_UID, TAG_STAGE, UID, URL, Reason
+from curation.spark.common import StageRun, write_tagged
+from curation.spark.components import connected_components
+from curation.spark.stages import prepared_input, read_stage_data, stage_input
+
+logger = logging.getLogger(__name__)
+
+STAGE_VERSIONS = {"dedup_exact": 1, "dedup_text": 1}
+TEXT_DEDUP_PURPOSE = "dedup_text"
+GROUP_COLUMN = "text_dup_group"
+GROUP_SIZE_COLUMN = "text_dup_group_size"
+
+
+def _untagged(df):
+    from pyspark.sql import functions as F
+
+    return (
+        df.withColumn(TAG_STAGE, F.lit(None).cast("string"))
+        .withColumn(TAG_REASON, F.lit(None).cast("string"))
+        .withColumn(TAG_RELATED_UID, F.lit(None).cast("string"))
+        .withColumn(TAG_DETAIL, F.lit(None).cast("string"))
+    )
+
+
+def _drop_where(df, condition, stage: str, reason: str, related, detail):
+    from pyspark.sql import functions as F
+
+    return (
+        df.withColumn(TAG_STAGE, F.when(condition, F.lit(stage)).otherwise(F.col(TAG_STAGE)))
+        .withColumn(TAG_RELATED_UID, F.when(condition, related).otherwise(F.col(TAG_RELATED_UID)))
+        .withColumn(TAG_DETAIL, F.when(condition, detail).otherwise(F.col(TAG_DETAIL)))
+        .withColumn(TAG_REASON, F.when(condition, F.lit(reason)).otherwise(F.col(TAG_REASON)))
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- exact
+
+
+def _url_key_worker(batches):
+    for batch in batches:
+        table = pa.Table.from_batches([batch])
+        yield pa.RecordBatch.from_arrays(
+            [table.column(UID).combine_chunks(), normalise_urls(table.column(URL).combine_chunks())],
+            names=[UID, "_url_key"],
+        )
+
+
+def run_dedup_exact(
+    spark, input_dir: Path | None, output_dir: Path, by_caption: bool = False, partitions: int | None = None,
+    config: dict | None = None, raw_ingest: tuple | None = None,
+) -> dict:
+    """One row per normalised url (and, with `by_caption`, per exact caption); the survivor is the smallest uid.
+
+    Losers go to the ledger as `duplicate_url` / `duplicate_caption` with the uid they lost to.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    run = StageRun("dedup_exact", STAGE_VERSIONS["dedup_exact"], config or {})
+    with StageWriter(output_dir) as writer:
+        input_dir = prepared_input(spark, writer, input_dir, raw_ingest, partitions)
+        df = read_stage_data(spark, input_dir, partitions)
+        data_columns = df.columns
+        keys = df.select(UID, URL).mapInArrow(_url_key_worker, f"{UID} string, _url_key string")
+        tagged = _untagged(df.join(keys, UID))
+
+        by_url = Window.partitionBy("_url_key").orderBy(UID)
+        tagged = tagged.withColumn("_rank", F.row_number().over(by_url)).withColumn(
+            "_winner", F.first(UID).over(by_url)
+        )
+        tagged = _drop_where(
+            tagged, F.col("_rank") > 1, "dedup_exact", Reason.DUPLICATE_URL, F.col("_winner"),
+            F.to_json(F.struct(F.col("_url_key").alias("normalised_url"))),
+        ).drop("_rank", "_winner")
+        if by_caption:
+            survivors = tagged.filter(F.col(TAG_REASON).isNull())
+            by_text = Window.partitionBy(CAPTION).orderBy(UID)
+            survivors = survivors.withColumn("_rank", F.row_number().over(by_text)).withColumn(
+                "_winner", F.first(UID).over(by_text)
+            )
+            survivors = _drop_where(
+                survivors, F.col("_rank") > 1, "dedup_exact", Reason.DUPLICATE_CAPTION, F.col("_winner"),
+                F.lit(None).cast("string"),
+            ).drop("_rank", "_winner")
+            tagged = survivors.unionByName(tagged.filter(F.col(TAG_REASON).isNotNull()))
+        rows_out, drops = write_tagged(tagged, data_columns, str(writer.temp_dir), str(writer.ledger_dir))
+        rows_in = read_stage_record(input_dir)["rows_out"]
+        record = run.record(stage_input(input_dir, writer, raw_ingest), rows_in, rows_out, drops)
+        writer.commit(record)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------- near
+
+
+def _band_worker(num_perm: int, seed: int, kind: str, size: int, bands: int, rows: int):
+    def run(batches):
+        hasher = MinHasher(num_perm, seed, kind=kind, size=size)
+        for batch in batches:
+            signatures = hasher.signatures(batch.column(1))
+            # A text without shingles has the empty signature; it would share every bucket and match nothing.
+            has_shingles = ~np.all(signatures == EMPTY_HASH_VALUE, axis=1)
+            uids = batch.column(0).filter(pa.array(has_shingles))
+            keys = band_hashes(signatures[has_shingles], bands, rows).view(np.int64)
+            count = len(uids)
+            yield pa.RecordBatch.from_arrays(
+                [
+                    pa.array(np.repeat(np.asarray(uids.to_pylist(), dtype=object), bands), pa.string()),
+                    pa.array(np.tile(np.arange(bands, dtype=np.int32), count)),
+                    pa.array(keys.reshape(-1)),
+                ],
+                names=[UID, "band", "key"],
+            )
+
+    return run
+
+
+def _pair_worker(max_anchors: int, full_pairs_limit: int):
+    def run(batches):
+        for batch in batches:
+            left, right = [], []
+            for members in batch.column(0).to_pylist():
+                anchors = len(members) - 1 if len(members) <= full_pairs_limit else max_anchors
+                a, b = anchor_edges(np.asarray(members, dtype=object), anchors)
+                left.extend(a.tolist())
+                right.extend(b.tolist())
+            yield pa.RecordBatch.from_arrays([pa.array(left, pa.string()), pa.array(right, pa.string())], ["a", "b"])
+
+    return run
+
+
+def _verify_worker(kind: str, size: int, threshold: float):
+    def run(batches):
+        for batch in batches:
+            table = pa.Table.from_batches([batch])
+            similarity = exact_jaccard_pairs(table.column("text_a"), table.column("text_b"), kind, size)
+            keep = similarity >= threshold
+            yield pa.RecordBatch.from_arrays(
+                [
+                    table.column("a").combine_chunks().filter(pa.array(keep)),
+                    table.column("b").combine_chunks().filter(pa.array(keep)),
+                    pa.array(similarity[keep]),
+                ],
+                names=["a", "b", "similarity"],
+            )
+
+    return run
+
+
+def _uniform_worker(seed: int):
+    def run(batches):
+        for batch in batches:
+            draws = uniform(seed, batch.column(0), TEXT_DEDUP_PURPOSE)
+            yield pa.RecordBatch.from_arrays([batch.column(0), batch.column(1), pa.array(draws)], [UID, "root", "u"])
+
+    return run
+
+
+def near_duplicate_edges(spark, texts, threshold: float, shingles: str, num_perm: int, seed: int,
+                         max_anchors: int, full_pairs_limit: int):
+    """DataFrame (a, b, similarity) of caption pairs whose exact shingle Jaccard is >= threshold (a < b)."""
+    from pyspark.sql import functions as F
+
+    kind, size = parse_shingle_spec(shingles)
+    bands, rows = choose_bands(num_perm, threshold)
+    logger.info("MinHash-LSH: %d permutations, %d bands x %d rows, shingles %s", num_perm, bands, rows, shingles)
+    keys = texts.mapInArrow(
+        _band_worker(num_perm, seed, kind, size, bands, rows), f"{UID} string, band int, key long"
+    )
+    buckets = (
+        keys.groupBy("band", "key").agg(F.sort_array(F.collect_list(UID)).alias("members"))
+        .filter(F.size("members") > 1).select("members")
+    )
+    pairs = buckets.mapInArrow(_pair_worker(max_anchors, full_pairs_limit), "a string, b string").distinct()
+    text_a = texts.select(F.col(UID).alias("a"), F.col(CAPTION).alias("text_a"))
+    text_b = texts.select(F.col(UID).alias("b"), F.col(CAPTION).alias("text_b"))
+    candidates = pairs.join(text_a, "a").join(text_b, "b").select("a", "b", "text_a", "text_b")
+    return candidates.mapInArrow(_verify_worker(kind, size, threshold), "a string, b string, similarity double")
+
+
+def run_dedup_text(
+    spark, input_dir: Path | None, output_dir: Path, threshold: float = 0.8, shingles: str = "char:5",
+    policy: str = "cap:10", num_perm: int = 128, seed: int = 0, max_anchors: int = 8, full_pairs_limit: int = 64,
+    partitions: int | None = None, config: dict | None = None, raw_ingest: tuple | None = None,
+) -> dict:
+    """Near-duplicate caption groups; per group the policy keeps `cap` members (smallest u(seed, uid)).
+
+    Every row in a group gets `text_dup_group` (the group's smallest uid) and `text_dup_group_size`; dropped rows go
+    to the ledger as `near_duplicate_caption` with the group's first survivor as related uid.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    keep_policy = parse_policy(policy)
+    run = StageRun("dedup_text", STAGE_VERSIONS["dedup_text"], config or {})
+    with StageWriter(output_dir) as writer:
+        input_dir = prepared_input(spark, writer, input_dir, raw_ingest, partitions)
+        df = read_stage_data(spark, input_dir, partitions)
+        data_columns = [c for c in df.columns if c not in (GROUP_COLUMN, GROUP_SIZE_COLUMN)]
+        df = df.select(*data_columns)
+        edges = near_duplicate_edges(
+            spark, df.select(UID, CAPTION), threshold, shingles, num_perm, seed, max_anchors, full_pairs_limit
+        ).localCheckpoint()
+        components = connected_components(edges)
+        sizes = components.groupBy("root").agg(F.count("*").alias(GROUP_SIZE_COLUMN))
+        members = components.select(F.col("node").alias(UID), "root").mapInArrow(
+            _uniform_worker(seed), f"{UID} string, root string, u double"
+        )
+        order = Window.partitionBy("root").orderBy("u", UID)
+        members = (
+            members.join(sizes, "root")
+            .withColumn("_rank", F.row_number().over(order))
+            .withColumn("_survivor", F.first(UID).over(order))
+            .select(UID, F.col("root").alias(GROUP_COLUMN), GROUP_SIZE_COLUMN, "_rank", "_survivor")
+        )
+        tagged = _untagged(df.join(members, UID, "left"))
+        if keep_policy.cap is not None:
+            dropped = F.col("_rank") > keep_policy.cap
+            detail = F.to_json(F.struct(
+                F.col(GROUP_COLUMN).alias("group"), F.col(GROUP_SIZE_COLUMN).alias("group_size"),
+                F.col("_rank").alias("rank"), F.lit(str(keep_policy)).alias("policy"),
+            ))
+            tagged = _drop_where(tagged, dropped, "dedup_text", Reason.NEAR_DUPLICATE_CAPTION, F.col("_survivor"),
+                                 detail)
+        tagged = tagged.drop("_rank", "_survivor")
+        output_columns = [*data_columns, GROUP_COLUMN, GROUP_SIZE_COLUMN]
+        rows_out, drops = write_tagged(tagged, output_columns, str(writer.temp_dir), str(writer.ledger_dir))
+        summary = edges.agg(F.count("*").alias("edges")).first()
+        group_stats = sizes.agg(F.count("*").alias("groups"), F.sum(GROUP_SIZE_COLUMN).alias("rows_in_groups"),
+                                F.max(GROUP_SIZE_COLUMN).alias("largest_group")).first()
+        bands, rows = choose_bands(num_perm, threshold)
+        dedup_info = {
+            "threshold": threshold, "shingles": shingles, "policy": str(keep_policy), "num_perm": num_perm,
+            "bands": bands, "rows_per_band": rows, "verified_edges": summary["edges"],
+            "groups": group_stats["groups"], "rows_in_groups": group_stats["rows_in_groups"] or 0,
+            "largest_group": group_stats["largest_group"] or 0,
+        }
+        rows_in = read_stage_record(input_dir)["rows_out"]
+        record = run.record(stage_input(input_dir, writer, raw_ingest), rows_in, rows_out, drops,
+                            dedup=dedup_info)
+        writer.commit(record)
+    return record
+
