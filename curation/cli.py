@@ -38,6 +38,12 @@ def _add_ingest_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad-files", action="store_true", help=_help("ingest", "skip_bad_files"))
 
 
+def _add_raw_or_stage_input(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="a stage folder, or raw parquet shards (then ingest runs first, inside the output)")
+    parser.add_argument("--output", required=True, type=Path, help="stage folder to write")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curation", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -51,25 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     match = commands.add_parser("match", help="MetaCLIP substring matching; unmatched rows to the ledger")
     match.add_argument("--metadata", required=True, type=Path, help="metadata.json: a JSON list of entries")
-    match.add_argument("--input", nargs="+", required=True,
-                       help="a stage folder, or raw parquet shards (then ingest runs first, inside the output)")
-    match.add_argument("--output", required=True, type=Path, help="stage folder to write")
+    _add_raw_or_stage_input(match)
     match.add_argument("--keep-unmatched", action="store_true", help=_help("match", "keep_unmatched"))
     _add_ingest_options(match)
     _add_partitions(match)
 
     dedup_exact = commands.add_parser("dedup-exact", help="one row per normalised url (optionally per caption)")
-    dedup_exact.add_argument("--input", nargs="+", required=True,
-                             help="a stage folder, or raw parquet shards (then ingest runs first, inside the output)")
-    dedup_exact.add_argument("--output", required=True, type=Path, help="stage folder to write")
+    _add_raw_or_stage_input(dedup_exact)
     dedup_exact.add_argument("--by-caption", action="store_true", help=_help("dedup_exact", "by_caption"))
     _add_ingest_options(dedup_exact)
     _add_partitions(dedup_exact)
 
     dedup_text = commands.add_parser("dedup-text", help="MinHash-LSH near-duplicate captions, exact-Jaccard verified")
-    dedup_text.add_argument("--input", nargs="+", required=True,
-                            help="a stage folder, or raw parquet shards (then ingest runs first, inside the output)")
-    dedup_text.add_argument("--output", required=True, type=Path, help="stage folder to write")
+    _add_raw_or_stage_input(dedup_text)
     for option, kind in (("threshold", float), ("shingles", str), ("policy", str), ("num_perm", int),
                          ("max_anchors", int), ("full_pairs_limit", int)):
         dedup_text.add_argument(f"--{option.replace('_', '-')}", type=kind,

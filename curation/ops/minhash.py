@@ -669,7 +669,9 @@ def exact_jaccard_pairs(
         return np.zeros(0, dtype=np.float64)
     shingles = _text_shingle_occurrences(left + right, kind, size)
     text_of_occurrence = np.repeat(np.arange(2 * pair_count, dtype=np.uint64), shingles.counts)
-    distinct = np.unique((text_of_occurrence << np.uint64(32)) | shingles.ids.astype(np.uint64))
+    # Sort-based distinct: numpy's hash-based np.unique is ~100x slower on these uint64 keys.
+    distinct = np.sort((text_of_occurrence << np.uint64(32)) | shingles.ids.astype(np.uint64))
+    distinct = distinct[np.concatenate(([True], distinct[1:] != distinct[:-1]))]
     text_index = (distinct >> np.uint64(32)).astype(np.int64)
     set_sizes = np.bincount(text_index, minlength=2 * pair_count)
     pair_keys = ((text_index % pair_count).astype(np.uint64) << np.uint64(32)) | (distinct & _MAX_HASH_32)
@@ -768,3 +770,4 @@ def select_survivors(group_ids: np.ndarray, uniform_keys: np.ndarray, policy: Ke
     keep = np.zeros(len(group_ids), dtype=bool)
     keep[order] = rank < policy.cap
     return keep
+

@@ -16,6 +16,7 @@ from curation.ops.minhash import (
     band_hashes,
     choose_bands,
     exact_jaccard_pairs,
+    normalise_texts,
     parse_policy,
     parse_shingle_spec,
 )
@@ -125,11 +126,10 @@ def _band_worker(num_perm: int, seed: int, kind: str, size: int, bands: int, row
             has_shingles = ~np.all(signatures == EMPTY_HASH_VALUE, axis=1)
             uids = batch.column(0).filter(pa.array(has_shingles))
             keys = band_hashes(signatures[has_shingles], bands, rows).view(np.int64)
-            count = len(uids)
             yield pa.RecordBatch.from_arrays(
                 [
                     pa.array(np.repeat(np.asarray(uids.to_pylist(), dtype=object), bands), pa.string()),
-                    pa.array(np.tile(np.arange(bands, dtype=np.int32), count)),
+                    pa.array(np.tile(np.arange(bands, dtype=np.int32), len(uids))),
                     pa.array(keys.reshape(-1)),
                 ],
                 names=[UID, "band", "key"],
@@ -179,6 +179,37 @@ def _uniform_worker(seed: int):
     return run
 
 
+def _normalised_worker(batches):
+    for batch in batches:
+        yield pa.RecordBatch.from_arrays(
+            [batch.column(0), pa.array(normalise_texts(batch.column(1)), pa.string())], [UID, "_normal"]
+        )
+
+
+def caption_similarity_edges(spark, texts, threshold: float, shingles: str, num_perm: int, seed: int,
+                             max_anchors: int, full_pairs_limit: int):
+    """Edges (a, b, similarity) of every near-duplicate caption pair, for connected components.
+
+    Captions that are equal after normalisation (lowercase, whitespace collapsed) have identical shingle sets:
+    they are linked to their smallest uid with similarity 1 directly, and only one of them per text enters
+    MinHash-LSH. Web and template corpora repeat texts thousands of times; this keeps LSH buckets and candidate
+    pairs proportional to the distinct texts.
+    """
+    from pyspark.sql import functions as F
+
+    normal = texts.mapInArrow(_normalised_worker, f"{UID} string, _normal string")
+    representatives = normal.groupBy("_normal").agg(F.min(UID).alias("_representative"))
+    same_text = (
+        normal.join(representatives, "_normal")
+        .filter(F.col(UID) != F.col("_representative"))
+        .select(F.col("_representative").alias("a"), F.col(UID).alias("b"), F.lit(1.0).alias("similarity"))
+    )
+    distinct_texts = texts.join(representatives.select(F.col("_representative").alias(UID)), UID)
+    near = near_duplicate_edges(spark, distinct_texts, threshold, shingles, num_perm, seed, max_anchors,
+                                full_pairs_limit)
+    return near.unionByName(same_text)
+
+
 def near_duplicate_edges(spark, texts, threshold: float, shingles: str, num_perm: int, seed: int,
                          max_anchors: int, full_pairs_limit: int):
     """DataFrame (a, b, similarity) of caption pairs whose exact shingle Jaccard is >= threshold (a < b)."""
@@ -223,7 +254,7 @@ def run_dedup_text(
         df = read_stage_data(spark, input_dir, partitions)
         data_columns = [c for c in df.columns if c not in (GROUP_COLUMN, GROUP_SIZE_COLUMN)]
         df = df.select(*data_columns)
-        edges = near_duplicate_edges(
+        edges = caption_similarity_edges(
             spark, df.select(UID, CAPTION), threshold, shingles, num_perm, seed, max_anchors, full_pairs_limit
         ).localCheckpoint()
         components = connected_components(edges)
