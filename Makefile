@@ -5,6 +5,8 @@ VENV_PYTHON := $(abspath $(VENV))/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= build/demo
 DEMO_ROWS ?= 60000
+# faiss-cpu by default; `make FAISS_EXTRA=gpu test` installs faiss-gpu instead on a CUDA machine.
+FAISS_EXTRA ?= cpu
 
 # Spark workers must run the venv's interpreter and bind to loopback; no test or demo step may call out.
 export PYSPARK_PYTHON := $(VENV_PYTHON)
@@ -21,7 +23,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
 	$(VENV_PYTHON) -m pip install --quiet --upgrade pip
-	$(VENV_PYTHON) -m pip install --quiet -c constraints.txt -e '.[dev,wordnet]'
+	$(VENV_PYTHON) -m pip install --quiet -c constraints.txt -e '.[dev,wordnet,$(FAISS_EXTRA)]'
 	touch $(STAMP)
 
 demo: $(STAMP)
