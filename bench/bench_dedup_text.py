@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from memory import PeakMemory
+from benchkit import PeakMemory
 
 logger = logging.getLogger("bench_dedup_text")
 

@@ -34,6 +34,7 @@ import datasketch
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from benchkit import cpu_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Runnable from a checkout without installing the package.
@@ -110,16 +111,6 @@ def bench_scheme(scheme: str, captions: list, shingle_bytes: list, shingle_strin
         }
         for name, elapsed in seconds.items()
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def write_markdown(report: dict, path: Path) -> None:

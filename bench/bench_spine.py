@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from memory import PeakMemory
+from benchkit import PeakMemory
 
 logger = logging.getLogger("bench_spine")
 

@@ -1,9 +1,21 @@
-"""Peak resident memory of this process and everything it started (Spark's JVM and Python workers)."""
+"""Shared by the benchmark scripts: the CPU model, and the peak resident memory of this process and everything it
+started (Spark's JVM and Python workers)."""
 
 import os
+import platform
 import threading
 import time
 from pathlib import Path
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _children(pid: int) -> list[int]:
