@@ -1,0 +1,340 @@
+"""Model-free image dedup primitives: sha256 of the bytes, safe decoding, DCT pHash, pigeonhole keys.
+
+DESIGN.md section 4 "Image dedup": exact duplicates share the sha256 of their image bytes; near
+duplicates have 64-bit perceptual hashes within Hamming distance d, and candidate pairs come from a
+pigeonhole split of the hash into d + 1 chunks. This module is the pure layer (numpy / Pillow, no
+Spark): the Spark adapter shuffles on `chunk_keys`, verifies candidates with `hamming_distances` and
+groups them.
+
+Perceptual hash: the DCT pHash of Zauner (2010) / hackerfactor "Looks Like It" (2011), exactly as
+``imagehash.phash`` (ImageHash 4.3) computes it:
+
+1. grayscale with Pillow's ``convert("L")`` (ITU-R 601-2 luma, after `decode_image`'s mode
+   normalisation; see `to_hashable`);
+2. resize to 32x32 with ``Image.Resampling.LANCZOS`` (imagehash's ``ANTIALIAS``);
+3. 2-D DCT-II, unnormalised like ``scipy.fftpack.dct`` (``y[k] = 2 * sum_n x[n] cos(pi k (2n + 1) / 64)``),
+   computed as ``C @ X @ C.T`` with a precomputed 32x32 matrix ``C``;
+4. keep the top-left 8x8 block (lowest frequencies, DC term included);
+5. bit = coefficient > median of all 64 coefficients of that block (DC included, nothing excluded;
+   the median of an even count is the mean of the two middle values, as ``np.median``);
+6. bits in row-major order of the block, coefficient (0, 0) as the most significant bit, so that the
+   integer equals ``int(str(imagehash.phash(image)), 16)``.
+
+One deliberate difference: coefficients are rounded to 6 decimals before the median comparison.
+Coefficients that are mathematically equal (all AC terms of a flat image are exactly 0) otherwise
+differ by floating-point noise (~1e-12) that depends on summation order (BLAS kernel, FMA, FFT),
+which would make such hashes random and machine-dependent; one grey level at one pixel moves a
+coefficient by up to 4, so the rounding changes nothing else. A flat image hashes to ``1 << 63``
+(only the DC bit set) or 0 (black).
+"""
+
+import hashlib
+import io
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "DECODABLE_FORMATS",
+    "HASH_BITS",
+    "MAX_DISTANCE_LIMIT",
+    "PIL_DEFAULT_MAX_PIXELS",
+    "DecodeFailure",
+    "DecodedImage",
+    "chunk_keys",
+    "decode_image",
+    "hamming_distances",
+    "image_sha256",
+    "perceptual_hash",
+    "perceptual_hashes",
+    "pigeonhole_chunks",
+    "to_hashable",
+]
+
+logger = logging.getLogger(__name__)
+
+HASH_BITS = 64
+PIL_DEFAULT_MAX_PIXELS = 89_478_485
+"""Pillow's own default ``Image.MAX_IMAGE_PIXELS`` (about 0.25 GiB of 24-bit pixels)."""
+
+DECODABLE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "ICO")
+"""Formats `decode_image` lets Pillow try: the web's image formats. Others are refused on purpose:
+EPS is rendered by running Ghostscript on the untrusted bytes, and the scientific/legacy formats
+(FITS, PSD, SPIDER, ...) are attack surface no web image needs. Pillow skips names it lacks (AVIF)."""
+
+_THUMBNAIL_SIDE = 32
+_BLOCK_SIDE = 8
+_RESIZE_FILTER = Image.Resampling.LANCZOS
+_COEFFICIENT_DECIMALS = 6
+_WHITE = (255, 255, 255, 255)
+# 16-bit samples map to 8 bits by value / 257 (65535 -> 255), the inverse of the usual 8-to-16-bit
+# widening v * 257, so a 16-bit copy of an 8-bit image hashes like the original. "I" is included
+# because that is how older Pillow versions and some TIFF files present 16-bit grayscale.
+_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+# key = (chunk index << _CHUNK_INDEX_SHIFT) | chunk value; see `chunk_keys`.
+_CHUNK_INDEX_SHIFT = 58
+MAX_DISTANCE_LIMIT = 31
+"""Largest supported Hamming distance for pigeonhole keys: 32 chunk indexes keep keys non-negative int64."""
+
+
+def _dct_matrix(size: int) -> np.ndarray:
+    """Unnormalised DCT-II matrix: ``C[k, n] = 2 cos(pi k (2n + 1) / (2 size))`` (scipy.fftpack's type 2)."""
+    frequencies = np.arange(size, dtype=np.float64)[:, None]
+    samples = np.arange(size, dtype=np.float64)[None, :]
+    return 2.0 * np.cos(np.pi * frequencies * (2.0 * samples + 1.0) / (2.0 * size))
+
+
+_DCT = _dct_matrix(_THUMBNAIL_SIDE)
+# Only the 8 lowest frequencies are kept, so only those rows of C are needed:
+# (C @ X @ C.T)[:8, :8] == C[:8] @ X @ C[:8].T.
+_DCT_LOW = np.ascontiguousarray(_DCT[:_BLOCK_SIDE])
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact hash and decoding
+
+
+def image_sha256(data: bytes) -> str:
+    """Lowercase hex sha256 of the image bytes exactly as downloaded (the exact-duplicate key)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded image: its first frame, upright (EXIF orientation applied), mode "L" or "RGB".
+
+    ``width`` and ``height`` are those of ``image``; ``format`` is Pillow's name for the encoding
+    (``"JPEG"``, ``"PNG"``, ...) and ``source_mode`` the mode it was decoded in (``"CMYK"``, ``"P"``, ...).
+    """
+
+    image: Image.Image
+    width: int
+    height: int
+    format: str
+    source_mode: str
+
+
+@dataclass(frozen=True)
+class DecodeFailure:
+    """Why bytes gave no image. ``reason`` is a stable code for ledgers, ``detail`` is for people.
+
+    Reasons: ``missing`` (null), ``empty`` (zero bytes), ``not_an_image`` (no supported format
+    recognised it, or its header could not be parsed), ``decompression_bomb`` (more pixels than
+    allowed, refused before decoding), ``corrupt`` (the decoder failed: truncated or malformed data).
+    """
+
+    reason: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
+def decode_image(data: bytes | None, max_pixels: int = PIL_DEFAULT_MAX_PIXELS) -> DecodedImage | DecodeFailure:
+    """Decode untrusted bytes into a `DecodedImage`, or say why not; never raises for bad data.
+
+    The pixel limit is ``min(max_pixels, Image.MAX_IMAGE_PIXELS)`` (Pillow's limit always holds) and is
+    checked on the header's size before any pixel is decoded, so a bomb costs no memory (Pillow still
+    emits its ``DecompressionBombWarning`` when opening one of 1-2x its limit and refuses larger ones
+    itself). Only the first frame of an animated image is decoded. Truncated data is refused (Pillow's
+    ``LOAD_TRUNCATED_IMAGES`` is not touched). Modes are normalised by `to_hashable`.
+    """
+    if data is None:
+        return DecodeFailure("missing", "no image bytes (null)")
+    if len(data) == 0:
+        return DecodeFailure("empty", "zero bytes")
+    pixel_limit = max_pixels if Image.MAX_IMAGE_PIXELS is None else min(max_pixels, Image.MAX_IMAGE_PIXELS)
+    try:
+        with Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS) as opened:
+            width, height = opened.size
+            if width * height > pixel_limit:
+                return DecodeFailure(
+                    "decompression_bomb", f"{width}x{height} = {width * height} pixels > limit {pixel_limit}"
+                )
+            source_format, source_mode = opened.format or "unknown", opened.mode
+            # Opening leaves the reader on frame 0; loading it is what decodes pixels.
+            opened.load()
+            # Both steps return new images, so closing `opened` does not invalidate the result.
+            image = to_hashable(ImageOps.exif_transpose(opened))
+    except UnidentifiedImageError:
+        return DecodeFailure("not_an_image", f"no supported format recognised {len(data)} bytes")
+    except Image.DecompressionBombError as error:
+        return DecodeFailure("decompression_bomb", str(error))
+    # Decoders of third-party formats raise whatever their parser hits on malformed input
+    # (OSError for truncation, SyntaxError, ValueError, struct.error, EOFError, MemoryError, ...);
+    # any of them means these bytes are not a usable image, never a reason to fail the batch.
+    except Exception as error:
+        return DecodeFailure("corrupt", f"{type(error).__name__}: {error}")
+    return DecodedImage(image, image.width, image.height, source_format, source_mode)
+
+
+def to_hashable(image: Image.Image) -> Image.Image:
+    """The image as mode "L" or "RGB", so that Pillow's ``convert("L")`` gives a faithful grayscale.
+
+    - transparency (RGBA, LA, PA, and P or L/RGB with a ``transparency`` key) is composited over
+      white: the colour under fully transparent pixels is arbitrary, and a logo saved with alpha
+      should hash like the same logo flattened onto a white page;
+    - 16-bit grayscale (``I;16*``, ``I``) is scaled by 1/257, because Pillow's own conversion
+      clips every value above 255 to white;
+    - "1" and "L" become "L"; every other mode (P, CMYK, YCbCr, LAB, HSV, RGBX, F) becomes "RGB"
+      through Pillow's conversion (CMYK without an ICC profile, as Pillow does it).
+    """
+    mode = image.mode
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+    if mode in _SIXTEEN_BIT_MODES:
+        samples = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.rint(np.clip(samples, 0, 65535) / 257.0).astype(np.uint8), mode="L")
+    if mode == "L":
+        return image
+    if mode == "1":
+        return image.convert("L")
+    if mode == "RGB":
+        return image
+    return image.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------------
+# Perceptual hash
+
+
+def _grayscale_thumbnail(image: Image.Image) -> np.ndarray:
+    """Steps 1-2 of the module docstring: 32x32 float64 luma pixels."""
+    small = image.convert("L").resize((_THUMBNAIL_SIDE, _THUMBNAIL_SIDE), _RESIZE_FILTER)
+    return np.asarray(small, dtype=np.float64)
+
+
+def _hash_thumbnails(thumbnails: np.ndarray) -> np.ndarray:
+    """Steps 3-6 of the module docstring for a stack of shape (n, 32, 32); returns uint64 (n,)."""
+    coefficients = np.round(_DCT_LOW @ thumbnails @ _DCT_LOW.T, _COEFFICIENT_DECIMALS)
+    flat = coefficients.reshape(len(thumbnails), _BLOCK_SIDE * _BLOCK_SIDE)
+    bits = flat > np.median(flat, axis=1, keepdims=True)
+    # packbits is big-endian within each byte and the bytes are read as a big-endian uint64, so
+    # bit 0 of the row-major block (the DC coefficient) becomes the most significant bit.
+    return np.packbits(bits, axis=1).view(">u8").reshape(-1).astype(np.uint64)
+
+
+def perceptual_hash(image: Image.Image) -> int:
+    """The 64-bit DCT pHash (module docstring) of a Pillow image, as an unsigned int in [0, 2**64).
+
+    The image is first normalised by `to_hashable` (a no-op for "L" and "RGB"; `decode_image`
+    output already is), so for opaque 8-bit images this equals ``imagehash.phash``.
+    """
+    thumbnail = _grayscale_thumbnail(to_hashable(image))
+    return int(_hash_thumbnails(thumbnail[None])[0])
+
+
+def perceptual_hashes(
+    images: Iterable[bytes | None], max_pixels: int = PIL_DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, list[DecodeFailure | None]]:
+    """pHash a batch of encoded images, e.g. an Arrow binary column's ``to_pylist()`` (bytes or None).
+
+    Returns ``(hashes, failures)``: ``hashes`` is uint64 of the batch's length; ``failures[i]`` is
+    None when image i was hashed, else its `DecodeFailure` (``.reason`` for the ledger) and
+    ``hashes[i]`` is 0, which is also a valid hash: always check ``failures``.
+    """
+    failures: list[DecodeFailure | None] = []
+    thumbnails: list[np.ndarray] = []
+    for data in images:
+        decoded = decode_image(data, max_pixels=max_pixels)
+        if isinstance(decoded, DecodeFailure):
+            failures.append(decoded)
+            thumbnails.append(np.zeros((_THUMBNAIL_SIDE, _THUMBNAIL_SIDE)))
+        else:
+            failures.append(None)
+            thumbnails.append(_grayscale_thumbnail(decoded.image))
+    if not thumbnails:
+        return np.zeros(0, dtype=np.uint64), failures
+    hashes = _hash_thumbnails(np.stack(thumbnails))
+    failed = np.fromiter((failure is not None for failure in failures), dtype=bool, count=len(failures))
+    hashes[failed] = 0
+    if failed.any():
+        logger.debug("perceptual_hashes: %d of %d images not decoded", int(failed.sum()), len(failures))
+    return hashes, failures
+
+
+# --------------------------------------------------------------------------------------------------
+# Hamming distance
+
+
+_BYTE_POPCOUNT = np.array([bin(value).count("1") for value in range(256)], dtype=np.uint8)
+
+
+def _popcount_by_bytes(values: np.ndarray) -> np.ndarray:
+    """Bits set in each uint64, by a 256-entry byte table (numpy < 2.0 has no bitwise_count)."""
+    as_bytes = np.ascontiguousarray(values, dtype=np.uint64).view(np.uint8).reshape(*values.shape, 8)
+    return _BYTE_POPCOUNT[as_bytes].sum(axis=-1, dtype=np.uint8)
+
+
+_popcount = getattr(np, "bitwise_count", _popcount_by_bytes)
+
+
+def hamming_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bitwise Hamming distance between uint64 hashes, element-wise with numpy broadcasting.
+
+    ``hamming_distances(x, y)`` compares pairs; ``hamming_distances(x[:, None], y[None, :])`` gives the
+    full matrix. Returns uint8 values in 0..64.
+    """
+    return _popcount(np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Pigeonhole candidates
+
+
+def _check_max_distance(max_distance: int) -> None:
+    if not 0 <= max_distance <= MAX_DISTANCE_LIMIT:
+        raise ValueError(f"max_distance must be in 0..{MAX_DISTANCE_LIMIT}, got {max_distance}")
+
+
+def pigeonhole_chunks(max_distance: int) -> list[tuple[int, int]]:
+    """Split the 64 hash bits into ``max_distance + 1`` contiguous chunks, as ``(bit_offset, width)``.
+
+    Chunk i holds bits ``bit_offset .. bit_offset + width - 1`` counted from the least significant bit,
+    i.e. its value is ``(hash >> bit_offset) & (2**width - 1)``; chunk 0 starts at bit 0. Widths differ
+    by at most one (the first ``64 % (d + 1)`` chunks are one bit wider).
+
+    Pigeonhole guarantee: two hashes within Hamming distance d differ in at most d bits, and those
+    bits fall into at most d of the d + 1 chunks, so at least one chunk is identical in both.
+    """
+    _check_max_distance(max_distance)
+    chunk_count = max_distance + 1
+    narrow_width, wider_count = divmod(HASH_BITS, chunk_count)
+    chunks = []
+    offset = 0
+    for index in range(chunk_count):
+        width = narrow_width + (index < wider_count)
+        chunks.append((offset, width))
+        offset += width
+    return chunks
+
+
+def chunk_keys(hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """Pigeonhole shuffle keys: int64 of shape (n, max_distance + 1), one key per chunk of each hash.
+
+    Encoding: ``key = (chunk_index << 58) | chunk_value`` for d >= 1, where every chunk is at most
+    32 bits wide (the widest is ``ceil(64 / (d + 1))``), so the value never reaches bit 58 and the
+    chunk index (< 32) sits in bits 58..62: keys of different chunk indexes never collide and are
+    non-negative. For d = 0 there is one chunk, the whole hash, and its key is the hash's 64 bits
+    reinterpreted as int64 (there is no other chunk index to collide with).
+
+    Guarantee (see `pigeonhole_chunks`): if ``hamming_distances(x, y) <= d`` then x and y share at least
+    one key in the same column, so shuffling rows by each key and comparing hashes inside each key
+    group finds every pair within distance d. Pairs sharing a key may still be farther apart: verify
+    them with `hamming_distances`.
+    """
+    _check_max_distance(max_distance)
+    values = np.asarray(hashes, dtype=np.uint64).reshape(-1)
+    if max_distance == 0:
+        return values.view(np.int64).reshape(-1, 1).copy()
+    keys = np.empty((len(values), max_distance + 1), dtype=np.int64)
+    for index, (offset, width) in enumerate(pigeonhole_chunks(max_distance)):
+        chunk_values = (values >> np.uint64(offset)) & np.uint64((1 << width) - 1)
+        keys[:, index] = (np.uint64(index) << np.uint64(_CHUNK_INDEX_SHIFT) | chunk_values).view(np.int64)
+    return keys
