@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(VENV_PYTHON) bench/bench_minhash.py --out bench/results/minhash.json
 	$(VENV_PYTHON) bench/bench_spine.py --out bench/results/spine.json
 	$(VENV_PYTHON) bench/bench_dedup_text.py --out bench/results/dedup_text.json
+	$(VENV_PYTHON) bench/bench_embed.py batch
 
 clean:
 	rm -rf build $(VENV)
