@@ -78,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest_options(dedup_text)
     _add_partitions(dedup_text)
 
+    dedup_image = commands.add_parser("dedup-image", help="exact (sha256) and perceptual-hash image duplicates")
+    dedup_image.add_argument("--input", required=True, type=Path, help="stage folder whose rows carry image bytes")
+    dedup_image.add_argument("--output", required=True, type=Path, help="stage folder to write")
+    for option, kind in (("image_column", str), ("max_distance", int), ("max_anchors", int),
+                         ("full_pairs_limit", int)):
+        dedup_image.add_argument(f"--{option.replace('_', '-')}", type=kind,
+                                 default=STAGE_OPTIONS["dedup_image"][option][0], help=_help("dedup_image", option))
+    _add_partitions(dedup_image)
+
     count = commands.add_parser("count", help="entry counts c_e over matched rows (artifact; rows pass through)")
     count.add_argument("--input", required=True, type=Path, help="matched stage folder")
     count.add_argument("--output", required=True, type=Path, help="stage folder to write")
@@ -124,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--shards", type=int, default=4, help="parquet files (default: 4)")
     demo_data.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
 
-    for sub in (ingest, dedup_exact, dedup_text, match, count, balance, publish, run):
+    for sub in (ingest, dedup_exact, dedup_text, dedup_image, match, count, balance, publish, run):
         _add_spark_options(sub)
     return parser
 
@@ -152,7 +161,7 @@ def _ingest_config(args) -> dict:
 def _stage_command(args) -> dict:
     from curation.io import is_stage_folder
     from curation.pipeline import ingest_options
-    from curation.spark import dedup, publish, stages
+    from curation.spark import dedup, image_dedup, publish, stages
 
     spark = _spark(args)
     input_dir, raw_ingest = None, None
@@ -174,6 +183,10 @@ def _stage_command(args) -> dict:
         config = {"stage": "dedup_exact", "by_caption": args.by_caption}
         return dedup.run_dedup_exact(spark, input_dir, args.output, args.by_caption, args.partitions, config,
                                      raw_ingest=raw_ingest)
+    if args.command == "dedup-image":
+        options = {k: getattr(args, k) for k in ("image_column", "max_distance", "max_anchors", "full_pairs_limit")}
+        return image_dedup.run_dedup_image(spark, args.input, args.output, partitions=args.partitions,
+                                           config={"stage": "dedup_image", **options}, **options)
     if args.command == "dedup-text":
         options = {k: getattr(args, k) for k in ("threshold", "shingles", "policy", "num_perm", "seed", "max_anchors",
                                                  "full_pairs_limit")}
@@ -227,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    if args.command in ("ingest", "dedup-exact", "dedup-text", "match", "count", "balance", "publish"):
+    if args.command in ("ingest", "dedup-exact", "dedup-text", "dedup-image", "match", "count", "balance", "publish"):
         record = _stage_command(args)
         _write(json.dumps({k: record[k] for k in ("stage", "rows_in", "rows_out", "drops")}))
         return 0

@@ -35,6 +35,13 @@ STAGE_OPTIONS: dict[str, dict[str, tuple[object, str]]] = {
         "full_pairs_limit": (64, "LSH buckets up to this size are verified pair by pair"),
         "partitions": (None, "Spark partitions for this stage"),
     },
+    "dedup_image": {
+        "image_column": ("jpg", "column of encoded image bytes (img2dataset's parquet output calls it jpg)"),
+        "max_distance": (4, "perceptual hashes within this Hamming distance are near duplicates"),
+        "max_anchors": (8, "in a hash-chunk bucket larger than full_pairs_limit, members pair with this many anchors"),
+        "full_pairs_limit": (64, "hash-chunk buckets up to this size are compared pair by pair"),
+        "partitions": (None, "Spark partitions for this stage"),
+    },
     "match": {
         "metadata": (None, "MetaCLIP metadata.json (a JSON list of entries); default: the run's `metadata`"),
         "keep_unmatched": (False, "keep rows matching no entry (with empty entry_ids) instead of dropping them"),

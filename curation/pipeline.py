@@ -34,7 +34,7 @@ def hashed_config(stage: StageConfig) -> dict:
 
 
 def run_stage(spark, stage: StageConfig, input_location, output_dir: Path, run_config: RunConfig) -> dict:
-    from curation.spark import dedup, publish, stages
+    from curation.spark import dedup, image_dedup, publish, stages
 
     options, config = stage.options, hashed_config(stage)
     partitions = options.get("partitions") or run_config.spark_partitions
@@ -49,6 +49,11 @@ def run_stage(spark, stage: StageConfig, input_location, output_dir: Path, run_c
             spark, input_location, output_dir, float(options["threshold"]), options["shingles"], options["policy"],
             int(options["num_perm"]), int(options["seed"]), int(options["max_anchors"]),
             int(options["full_pairs_limit"]), partitions, config,
+        )
+    if stage.name == "dedup_image":
+        return image_dedup.run_dedup_image(
+            spark, input_location, output_dir, options["image_column"], int(options["max_distance"]),
+            int(options["max_anchors"]), int(options["full_pairs_limit"]), partitions, config,
         )
     if stage.name == "match":
         return stages.run_match(

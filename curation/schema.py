@@ -46,6 +46,9 @@ class Reason:
     DUPLICATE_URL = "duplicate_url"
     DUPLICATE_CAPTION = "duplicate_caption"
     NEAR_DUPLICATE_CAPTION = "near_duplicate_caption"
+    UNDECODABLE_IMAGE = "undecodable_image"
+    DUPLICATE_IMAGE_BYTES = "duplicate_image_bytes"
+    NEAR_DUPLICATE_IMAGE = "near_duplicate_image"
     NO_METADATA_MATCH = "no_metadata_match"
     BALANCE_NOT_DRAWN = "balance_not_drawn"
 

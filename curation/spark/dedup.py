@@ -35,7 +35,7 @@ GROUP_COLUMN = "text_dup_group"
 GROUP_SIZE_COLUMN = "text_dup_group_size"
 
 
-def _untagged(df):
+def untagged(df):
     from pyspark.sql import functions as F
 
     return (
@@ -46,7 +46,7 @@ def _untagged(df):
     )
 
 
-def _drop_where(df, condition, stage: str, reason: str, related, detail):
+def drop_where(df, condition, stage: str, reason: str, related, detail):
     from pyspark.sql import functions as F
 
     return (
@@ -86,13 +86,13 @@ def run_dedup_exact(
         df = read_stage_data(spark, input_dir, partitions)
         data_columns = df.columns
         keys = df.select(UID, URL).mapInArrow(_url_key_worker, f"{UID} string, _url_key string")
-        tagged = _untagged(df.join(keys, UID))
+        tagged = untagged(df.join(keys, UID))
 
         by_url = Window.partitionBy("_url_key").orderBy(UID)
         tagged = tagged.withColumn("_rank", F.row_number().over(by_url)).withColumn(
             "_winner", F.first(UID).over(by_url)
         )
-        tagged = _drop_where(
+        tagged = drop_where(
             tagged, F.col("_rank") > 1, "dedup_exact", Reason.DUPLICATE_URL, F.col("_winner"),
             F.to_json(F.struct(F.col("_url_key").alias("normalised_url"))),
         ).drop("_rank", "_winner")
@@ -102,7 +102,7 @@ def run_dedup_exact(
             survivors = survivors.withColumn("_rank", F.row_number().over(by_text)).withColumn(
                 "_winner", F.first(UID).over(by_text)
             )
-            survivors = _drop_where(
+            survivors = drop_where(
                 survivors, F.col("_rank") > 1, "dedup_exact", Reason.DUPLICATE_CAPTION, F.col("_winner"),
                 F.lit(None).cast("string"),
             ).drop("_rank", "_winner")
@@ -138,7 +138,7 @@ def _band_worker(num_perm: int, seed: int, kind: str, size: int, bands: int, row
     return run
 
 
-def _pair_worker(max_anchors: int, full_pairs_limit: int):
+def pair_worker(max_anchors: int, full_pairs_limit: int):
     def run(batches):
         for batch in batches:
             left, right = [], []
@@ -225,7 +225,7 @@ def near_duplicate_edges(spark, texts, threshold: float, shingles: str, num_perm
         keys.groupBy("band", "key").agg(F.sort_array(F.collect_list(UID)).alias("members"))
         .filter(F.size("members") > 1).select("members")
     )
-    pairs = buckets.mapInArrow(_pair_worker(max_anchors, full_pairs_limit), "a string, b string").distinct()
+    pairs = buckets.mapInArrow(pair_worker(max_anchors, full_pairs_limit), "a string, b string").distinct()
     text_a = texts.select(F.col(UID).alias("a"), F.col(CAPTION).alias("text_a"))
     text_b = texts.select(F.col(UID).alias("b"), F.col(CAPTION).alias("text_b"))
     candidates = pairs.join(text_a, "a").join(text_b, "b").select("a", "b", "text_a", "text_b")
@@ -269,14 +269,14 @@ def run_dedup_text(
             .withColumn("_survivor", F.first(UID).over(order))
             .select(UID, F.col("root").alias(GROUP_COLUMN), GROUP_SIZE_COLUMN, "_rank", "_survivor")
         )
-        tagged = _untagged(df.join(members, UID, "left"))
+        tagged = untagged(df.join(members, UID, "left"))
         if keep_policy.cap is not None:
             dropped = F.col("_rank") > keep_policy.cap
             detail = F.to_json(F.struct(
                 F.col(GROUP_COLUMN).alias("group"), F.col(GROUP_SIZE_COLUMN).alias("group_size"),
                 F.col("_rank").alias("rank"), F.lit(str(keep_policy)).alias("policy"),
             ))
-            tagged = _drop_where(tagged, dropped, "dedup_text", Reason.NEAR_DUPLICATE_CAPTION, F.col("_survivor"),
+            tagged = drop_where(tagged, dropped, "dedup_text", Reason.NEAR_DUPLICATE_CAPTION, F.col("_survivor"),
                                  detail)
         tagged = tagged.drop("_rank", "_survivor")
         output_columns = [*data_columns, GROUP_COLUMN, GROUP_SIZE_COLUMN]

@@ -1,0 +1,159 @@
+"""Spark adapter of dedup_image, the model-free part: exact duplicates by sha256 of the image bytes, then near
+duplicates by a 64-bit perceptual hash within Hamming distance d (candidates by pigeonhole on d + 1 hash chunks in
+a Spark shuffle, groups by distributed connected components). The survivor of a group is the largest image
+(width x height), ties by the smallest uid.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from curation.io import StageWriter, read_stage_record
+from curation.ops.imagehash import (
+    DecodeFailure,
+    chunk_keys,
+    decode_image,
+    hamming_distances,
+    image_sha256,
+    perceptual_hash,
+)
+from curation.schema import TAG_REASON, UID, Reason
+from curation.spark.common import StageRun, write_tagged
+from curation.spark.components import connected_components
+from curation.spark.dedup import drop_where, pair_worker, untagged
+from curation.spark.stages import read_stage_data, stage_input
+
+logger = logging.getLogger(__name__)
+
+STAGE_VERSION = 1
+IMAGE_COLUMNS = ["image_sha256", "image_phash", "image_width", "image_height", "image_dup_group"]
+
+
+def _fingerprint_worker(batches):
+    for batch in batches:
+        digests, hashes, widths, heights, failures = [], [], [], [], []
+        for data in batch.column(1).to_pylist():
+            decoded = decode_image(data)
+            if isinstance(decoded, DecodeFailure):
+                digests.append(None)
+                hashes.append(None)
+                widths.append(None)
+                heights.append(None)
+                failures.append(json.dumps({"reason": decoded.reason, "detail": decoded.detail}))
+                continue
+            digests.append(image_sha256(data))
+            # The 64-bit hash travels as a signed long (Spark has no unsigned type); the bits are unchanged.
+            hashes.append(int(np.uint64(perceptual_hash(decoded.image)).view(np.int64)))
+            widths.append(decoded.width)
+            heights.append(decoded.height)
+            failures.append(None)
+        yield pa.RecordBatch.from_arrays(
+            [batch.column(0), pa.array(digests, pa.string()), pa.array(hashes, pa.int64()),
+             pa.array(widths, pa.int32()), pa.array(heights, pa.int32()), pa.array(failures, pa.string())],
+            names=[UID, "image_sha256", "image_phash", "image_width", "image_height", "_decode_failure"],
+        )
+
+
+def _chunk_key_worker(max_distance: int):
+    def run(batches):
+        for batch in batches:
+            hashes = batch.column(1).to_numpy().view(np.uint64)
+            keys = chunk_keys(hashes, max_distance)
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(np.repeat(np.asarray(batch.column(0).to_pylist(), dtype=object), keys.shape[1]),
+                          pa.string()), pa.array(keys.reshape(-1))],
+                names=[UID, "key"],
+            )
+
+    return run
+
+
+def _hamming_worker(max_distance: int):
+    def run(batches):
+        for batch in batches:
+            distances = hamming_distances(
+                batch.column(2).to_numpy().view(np.uint64), batch.column(3).to_numpy().view(np.uint64)
+            ).astype(np.int32)
+            keep = pa.array(distances <= max_distance)
+            yield pa.RecordBatch.from_arrays(
+                [batch.column(0).filter(keep), batch.column(1).filter(keep), pa.array(distances).filter(keep)],
+                names=["a", "b", "distance"],
+            )
+
+    return run
+
+
+def run_dedup_image(
+    spark, input_dir: Path, output_dir: Path, image_column: str = "jpg", max_distance: int = 4,
+    max_anchors: int = 8, full_pairs_limit: int = 64, partitions: int | None = None, config: dict | None = None,
+) -> dict:
+    """Drop exact (`duplicate_image_bytes`) and perceptual (`near_duplicate_image`) image duplicates and images
+    that do not decode (`undecodable_image`); keep one per group, the largest. Adds IMAGE_COLUMNS."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    if not 0 <= max_distance <= 31:
+        raise ValueError(f"max_distance must be in 0..31, got {max_distance}")
+    run = StageRun("dedup_image", STAGE_VERSION, config or {})
+    df = read_stage_data(spark, input_dir, partitions)
+    if image_column not in df.columns:
+        raise ValueError(f"{input_dir} has no image column {image_column!r}; columns are {df.columns}")
+    data_columns = [c for c in df.columns if c not in IMAGE_COLUMNS]
+    fingerprints = df.select(UID, image_column).mapInArrow(
+        _fingerprint_worker,
+        f"{UID} string, image_sha256 string, image_phash long, image_width int, image_height int, "
+        "_decode_failure string",
+    ).localCheckpoint()
+    tagged = untagged(df.select(*data_columns).join(fingerprints, UID))
+    tagged = drop_where(tagged, F.col("_decode_failure").isNotNull(), "dedup_image", Reason.UNDECODABLE_IMAGE,
+                        F.lit(None).cast("string"), F.col("_decode_failure"))
+
+    largest_first = Window.partitionBy("image_sha256").orderBy(
+        (F.col("image_width") * F.col("image_height")).desc(), UID
+    )
+    decoded = tagged.filter(F.col(TAG_REASON).isNull())
+    decoded = decoded.withColumn("_rank", F.row_number().over(largest_first)).withColumn(
+        "_winner", F.first(UID).over(largest_first)
+    )
+    decoded = drop_where(decoded, F.col("_rank") > 1, "dedup_image", Reason.DUPLICATE_IMAGE_BYTES, F.col("_winner"),
+                         F.to_json(F.struct(F.col("image_sha256").alias("sha256")))).drop("_rank", "_winner")
+    tagged = decoded.unionByName(tagged.filter(F.col(TAG_REASON).isNotNull())).localCheckpoint()
+
+    survivors = tagged.filter(F.col(TAG_REASON).isNull()).select(UID, "image_phash", "image_width", "image_height")
+    keys = survivors.select(UID, "image_phash").mapInArrow(_chunk_key_worker(max_distance), f"{UID} string, key long")
+    buckets = (
+        keys.groupBy("key").agg(F.sort_array(F.collect_list(UID)).alias("members"))
+        .filter(F.size("members") > 1).select("members")
+    )
+    pairs = buckets.mapInArrow(pair_worker(max_anchors, full_pairs_limit), "a string, b string").distinct()
+    hash_a = survivors.select(F.col(UID).alias("a"), F.col("image_phash").alias("hash_a"))
+    hash_b = survivors.select(F.col(UID).alias("b"), F.col("image_phash").alias("hash_b"))
+    edges = (
+        pairs.join(hash_a, "a").join(hash_b, "b").select("a", "b", "hash_a", "hash_b")
+        .mapInArrow(_hamming_worker(max_distance), "a string, b string, distance int").localCheckpoint()
+    )
+    groups = connected_components(edges).select(F.col("node").alias(UID), F.col("root").alias("_group"))
+    members = survivors.join(groups, UID)
+    largest = Window.partitionBy("_group").orderBy((F.col("image_width") * F.col("image_height")).desc(), UID)
+    members = (
+        members.withColumn("_rank", F.row_number().over(largest))
+        .withColumn("_survivor", F.first(UID).over(largest))
+        .select(UID, F.col("_group").alias("image_dup_group"), "_rank", "_survivor")
+    )
+    tagged = tagged.join(members, UID, "left")
+    detail = F.to_json(F.struct(F.col("image_dup_group").alias("group"), F.col("_rank").alias("rank")))
+    tagged = drop_where(tagged, F.col(TAG_REASON).isNull() & (F.col("_rank") > 1), "dedup_image",
+                        Reason.NEAR_DUPLICATE_IMAGE, F.col("_survivor"), detail)
+
+    with StageWriter(output_dir) as writer:
+        rows_out, drops = write_tagged(tagged, [*data_columns, *IMAGE_COLUMNS], str(writer.temp_dir),
+                                       str(writer.ledger_dir))
+        rows_in = read_stage_record(input_dir)["rows_out"]
+        record = run.record(stage_input(input_dir, writer), rows_in, rows_out, drops,
+                            dedup_image={"max_distance": max_distance, "image_column": image_column,
+                                         "edges": edges.count()})
+        writer.commit(record)
+    return record
