@@ -9,11 +9,10 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchkit import PeakMemory
+from benchkit import PeakMemory, demo_corpus_and_spark
 
 logger = logging.getLogger("bench_dedup_text")
 
@@ -28,16 +27,10 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from curation.demo import generate_demo_corpus
     from curation.ops.ingest import IngestOptions
-    from curation.ops.metadata import build_metadata
     from curation.spark import dedup, stages
-    from curation.spark.session import get_spark
 
-    work = Path(tempfile.mkdtemp(prefix="bench-dedup-"))
-    entries, _ = build_metadata(wordnet_dir=None)
-    generate_demo_corpus(work / "raw", entries, rows=args.rows, shards=8, seed=0)
-    spark = get_spark(master=args.master, conf={"spark.driver.memory": "4g"})
+    work, spark = demo_corpus_and_spark("bench-dedup-", args.rows, 8, args.master)
     stages.run_ingest(spark, [str(work / "raw")], work / "ingest", IngestOptions())
     memory = PeakMemory()
     memory.start()

@@ -116,12 +116,7 @@ def bench_batch(args) -> None:
 
     images = args.batch_size * args.batches
     report = {
-        "benchmark": "embed_batch",
-        "model": MODEL_NAME,
-        "pretrained": None,
-        "device": model.record["device"],
-        "precision": model.record["precision"],
-        "image_side": IMAGE_SIDE,
+        **_report_header("embed_batch", model),
         "batch_size": args.batch_size,
         "timed_batches": args.batches,
         "images": images,
@@ -172,6 +167,17 @@ def make_shards(args) -> None:
     )
 
 
+def _report_header(benchmark: str, model) -> dict:
+    return {
+        "benchmark": benchmark,
+        "model": MODEL_NAME,
+        "pretrained": None,
+        "device": model.record["device"],
+        "precision": model.record["precision"],
+        "image_side": IMAGE_SIDE,
+    }
+
+
 def bench_shards(args) -> None:
     shards = sorted(str(path) for path in args.dir.glob("*.tar"))
     if not shards:
@@ -186,12 +192,7 @@ def bench_shards(args) -> None:
 
     images = sum(pq.read_metadata(path).num_rows for path in outputs)
     report = {
-        "benchmark": "embed_shards",
-        "model": MODEL_NAME,
-        "pretrained": None,
-        "device": model.record["device"],
-        "precision": model.record["precision"],
-        "image_side": IMAGE_SIDE,
+        **_report_header("embed_shards", model),
         "shards": len(shards),
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,

@@ -10,11 +10,10 @@ import logging
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchkit import PeakMemory
+from benchkit import PeakMemory, demo_corpus_and_spark
 
 logger = logging.getLogger("bench_spine")
 
@@ -29,17 +28,12 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from curation.demo import generate_demo_corpus
     from curation.ops.ingest import IngestOptions
-    from curation.ops.metadata import build_metadata, write_metadata
+    from curation.ops.metadata import load_metadata
     from curation.spark import stages
-    from curation.spark.session import get_spark
 
-    work = Path(tempfile.mkdtemp(prefix="bench-spine-"))
-    entries, record = build_metadata()
-    write_metadata(work / "metadata.json", entries)
-    generate_demo_corpus(work / "raw", entries, rows=args.rows, shards=args.shards, seed=0)
-    spark = get_spark(master=args.master, conf={"spark.driver.memory": "4g"})
+    work, spark = demo_corpus_and_spark("bench-spine-", args.rows, args.shards, args.master)
+    entries = load_metadata(work / "metadata.json")
     memory = PeakMemory()
     memory.start()
     timings = {}

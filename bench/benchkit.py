@@ -55,3 +55,18 @@ class PeakMemory(threading.Thread):
         self._running = False
         self.join()
         return self.peak
+
+
+def demo_corpus_and_spark(prefix: str, rows: int, shards: int, master: str):
+    """A temporary folder with `metadata.json` and the seeded demo corpus under `raw/`, and a Spark session."""
+    import tempfile
+
+    from curation.demo import generate_demo_corpus
+    from curation.ops.metadata import build_metadata, write_metadata
+    from curation.spark.session import get_spark
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    entries, _ = build_metadata()
+    write_metadata(work / "metadata.json", entries)
+    generate_demo_corpus(work / "raw", entries, rows=rows, shards=shards, seed=0)
+    return work, get_spark(master=master, conf={"spark.driver.memory": "4g"})

@@ -33,10 +33,13 @@ def hashed_config(stage: StageConfig) -> dict:
     return config
 
 
-def run_stage(spark, stage: StageConfig, input_location, output_dir: Path, run_config: RunConfig) -> dict:
+def run_stage(
+    spark, stage: StageConfig, config: dict, input_location, output_dir: Path, run_config: RunConfig
+) -> dict:
+    """Run one stage; `config` is its `hashed_config`, stored in the stage record."""
     from curation.spark import dedup, image_dedup, publish, stages
 
-    options, config = stage.options, hashed_config(stage)
+    options = stage.options
     partitions = options.get("partitions") or run_config.spark_partitions
     if stage.name == "ingest":
         return stages.run_ingest(
@@ -75,7 +78,7 @@ def run_stage(spark, stage: StageConfig, input_location, output_dir: Path, run_c
     raise ValueError(f"stage {stage.name} is not implemented")
 
 
-def current_input_fingerprint(stage: StageConfig, input_location, run_config: RunConfig) -> str:
+def current_input_fingerprint(stage: StageConfig, input_location) -> str:
     if stage.name == "ingest":
         from curation.inputs import plan_inputs
 
@@ -84,13 +87,12 @@ def current_input_fingerprint(stage: StageConfig, input_location, run_config: Ru
     return fingerprint_files(list_files(resolve_data_dir(input_location)))
 
 
-def is_up_to_date(stage: StageConfig, folder: Path, input_location, run_config: RunConfig) -> bool:
+def is_up_to_date(stage: StageConfig, config: dict, folder: Path, input_location) -> bool:
     if not is_complete(folder):
         return False
     record = read_stage_record(folder)
-    same_config = record.get("config") == hashed_config(stage)
-    return same_config and record["input"].get("fingerprint") == current_input_fingerprint(
-        stage, input_location, run_config
+    return record.get("config") == config and record["input"].get("fingerprint") == current_input_fingerprint(
+        stage, input_location
     )
 
 
@@ -108,12 +110,13 @@ def run_pipeline(spark, run_config: RunConfig, run_dir: Path, force: bool = Fals
     upstream_redone = force
     for position, stage in enumerate(run_config.stages, start=1):
         folder = stage_folder(run_dir, position, stage)
-        if not upstream_redone and is_up_to_date(stage, folder, input_location, run_config):
+        config = hashed_config(stage)
+        if not upstream_redone and is_up_to_date(stage, config, folder, input_location):
             logger.info("stage %s is up to date in %s: skipped", stage.name, folder)
             results.append((folder, read_stage_record(folder), True))
         else:
             upstream_redone = True
             logger.info("stage %s -> %s", stage.name, folder)
-            results.append((folder, run_stage(spark, stage, input_location, folder, run_config), False))
+            results.append((folder, run_stage(spark, stage, config, input_location, folder, run_config), False))
         input_location = folder
     return results

@@ -19,6 +19,13 @@ def spark_schema(arrow_schema: pa.Schema):
     return from_arrow_schema(arrow_schema)
 
 
+def arrow_schema_of(df) -> pa.Schema:
+    """The Arrow schema mapInArrow hands a worker for the rows of a Spark DataFrame."""
+    from pyspark.sql.pandas.types import to_arrow_type
+
+    return pa.schema([pa.field(f.name, to_arrow_type(f.dataType)) for f in df.schema.fields])
+
+
 def with_tags(data_schema: pa.Schema) -> pa.Schema:
     return pa.schema(list(data_schema) + TAG_FIELDS)
 

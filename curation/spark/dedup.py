@@ -57,6 +57,22 @@ def drop_where(df, condition, stage: str, reason: str, related, detail):
     )
 
 
+def keep_first_per_key(tagged, key, order: list, stage: str, reason: str, detail):
+    """Among the rows not dropped yet, keep the first of each `key` group in `order` and drop the others with
+    `reason`, the kept row's uid as related uid and `detail`; rows dropped earlier pass through unchanged."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    window = Window.partitionBy(key).orderBy(*order)
+    ranked = (
+        tagged.filter(F.col(TAG_REASON).isNull())
+        .withColumn("_rank", F.row_number().over(window))
+        .withColumn("_winner", F.first(UID).over(window))
+    )
+    ranked = drop_where(ranked, F.col("_rank") > 1, stage, reason, F.col("_winner"), detail)
+    return ranked.drop("_rank", "_winner").unionByName(tagged.filter(F.col(TAG_REASON).isNotNull()))
+
+
 # ---------------------------------------------------------------------------------------------------- exact
 
 
@@ -77,7 +93,6 @@ def run_dedup_exact(
 
     Losers go to the ledger as `duplicate_url` / `duplicate_caption` with the uid they lost to.
     """
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     run = StageRun("dedup_exact", STAGE_VERSIONS["dedup_exact"], config or {})
@@ -86,27 +101,14 @@ def run_dedup_exact(
         df = read_stage_data(spark, input_dir, partitions)
         data_columns = df.columns
         keys = df.select(UID, URL).mapInArrow(_url_key_worker, f"{UID} string, _url_key string")
-        tagged = untagged(df.join(keys, UID))
-
-        by_url = Window.partitionBy("_url_key").orderBy(UID)
-        tagged = tagged.withColumn("_rank", F.row_number().over(by_url)).withColumn(
-            "_winner", F.first(UID).over(by_url)
-        )
-        tagged = drop_where(
-            tagged, F.col("_rank") > 1, "dedup_exact", Reason.DUPLICATE_URL, F.col("_winner"),
+        tagged = keep_first_per_key(
+            untagged(df.join(keys, UID)), "_url_key", [UID], "dedup_exact", Reason.DUPLICATE_URL,
             F.to_json(F.struct(F.col("_url_key").alias("normalised_url"))),
-        ).drop("_rank", "_winner")
+        )
         if by_caption:
-            survivors = tagged.filter(F.col(TAG_REASON).isNull())
-            by_text = Window.partitionBy(CAPTION).orderBy(UID)
-            survivors = survivors.withColumn("_rank", F.row_number().over(by_text)).withColumn(
-                "_winner", F.first(UID).over(by_text)
+            tagged = keep_first_per_key(
+                tagged, CAPTION, [UID], "dedup_exact", Reason.DUPLICATE_CAPTION, F.lit(None).cast("string")
             )
-            survivors = drop_where(
-                survivors, F.col("_rank") > 1, "dedup_exact", Reason.DUPLICATE_CAPTION, F.col("_winner"),
-                F.lit(None).cast("string"),
-            ).drop("_rank", "_winner")
-            tagged = survivors.unionByName(tagged.filter(F.col(TAG_REASON).isNotNull()))
         rows_out, drops = write_tagged(tagged, data_columns, str(writer.temp_dir), str(writer.ledger_dir))
         rows_in = read_stage_record(input_dir)["rows_out"]
         record = run.record(stage_input(input_dir, writer, raw_ingest), rows_in, rows_out, drops)
@@ -186,8 +188,8 @@ def _normalised_worker(batches):
         )
 
 
-def caption_similarity_edges(spark, texts, threshold: float, shingles: str, num_perm: int, seed: int,
-                             max_anchors: int, full_pairs_limit: int):
+def caption_similarity_edges(spark, texts, threshold: float, shingles: str, num_perm: int, bands: int, rows: int,
+                             seed: int, max_anchors: int, full_pairs_limit: int):
     """Edges (a, b, similarity) of every near-duplicate caption pair, for connected components.
 
     Captions that are equal after normalisation (lowercase, whitespace collapsed) have identical shingle sets:
@@ -205,18 +207,17 @@ def caption_similarity_edges(spark, texts, threshold: float, shingles: str, num_
         .select(F.col("_representative").alias("a"), F.col(UID).alias("b"), F.lit(1.0).alias("similarity"))
     )
     distinct_texts = texts.join(representatives.select(F.col("_representative").alias(UID)), UID)
-    near = near_duplicate_edges(spark, distinct_texts, threshold, shingles, num_perm, seed, max_anchors,
+    near = near_duplicate_edges(spark, distinct_texts, threshold, shingles, num_perm, bands, rows, seed, max_anchors,
                                 full_pairs_limit)
     return near.unionByName(same_text)
 
 
-def near_duplicate_edges(spark, texts, threshold: float, shingles: str, num_perm: int, seed: int,
-                         max_anchors: int, full_pairs_limit: int):
+def near_duplicate_edges(spark, texts, threshold: float, shingles: str, num_perm: int, bands: int, rows: int,
+                         seed: int, max_anchors: int, full_pairs_limit: int):
     """DataFrame (a, b, similarity) of caption pairs whose exact shingle Jaccard is >= threshold (a < b)."""
     from pyspark.sql import functions as F
 
     kind, size = parse_shingle_spec(shingles)
-    bands, rows = choose_bands(num_perm, threshold)
     logger.info("MinHash-LSH: %d permutations, %d bands x %d rows, shingles %s", num_perm, bands, rows, shingles)
     keys = texts.mapInArrow(
         _band_worker(num_perm, seed, kind, size, bands, rows), f"{UID} string, band int, key long"
@@ -254,8 +255,10 @@ def run_dedup_text(
         df = read_stage_data(spark, input_dir, partitions)
         data_columns = [c for c in df.columns if c not in (GROUP_COLUMN, GROUP_SIZE_COLUMN)]
         df = df.select(*data_columns)
+        bands, rows = choose_bands(num_perm, threshold)
         edges = caption_similarity_edges(
-            spark, df.select(UID, CAPTION), threshold, shingles, num_perm, seed, max_anchors, full_pairs_limit
+            spark, df.select(UID, CAPTION), threshold, shingles, num_perm, bands, rows, seed, max_anchors,
+            full_pairs_limit,
         ).localCheckpoint()
         components = connected_components(edges)
         sizes = components.groupBy("root").agg(F.count("*").alias(GROUP_SIZE_COLUMN))
@@ -284,7 +287,6 @@ def run_dedup_text(
         summary = edges.agg(F.count("*").alias("edges")).first()
         group_stats = sizes.agg(F.count("*").alias("groups"), F.sum(GROUP_SIZE_COLUMN).alias("rows_in_groups"),
                                 F.max(GROUP_SIZE_COLUMN).alias("largest_group")).first()
-        bands, rows = choose_bands(num_perm, threshold)
         dedup_info = {
             "threshold": threshold, "shingles": shingles, "policy": str(keep_policy), "num_perm": num_perm,
             "bands": bands, "rows_per_band": rows, "verified_edges": summary["edges"],

@@ -23,7 +23,7 @@ from curation.ops.imagehash import (
 from curation.schema import TAG_REASON, UID, Reason
 from curation.spark.common import StageRun, write_tagged
 from curation.spark.components import connected_components
-from curation.spark.dedup import drop_where, pair_worker, untagged
+from curation.spark.dedup import drop_where, keep_first_per_key, pair_worker, untagged
 from curation.spark.stages import read_stage_data, stage_input
 
 logger = logging.getLogger(__name__)
@@ -111,16 +111,11 @@ def run_dedup_image(
     tagged = drop_where(tagged, F.col("_decode_failure").isNotNull(), "dedup_image", Reason.UNDECODABLE_IMAGE,
                         F.lit(None).cast("string"), F.col("_decode_failure"))
 
-    largest_first = Window.partitionBy("image_sha256").orderBy(
-        (F.col("image_width") * F.col("image_height")).desc(), UID
-    )
-    decoded = tagged.filter(F.col(TAG_REASON).isNull())
-    decoded = decoded.withColumn("_rank", F.row_number().over(largest_first)).withColumn(
-        "_winner", F.first(UID).over(largest_first)
-    )
-    decoded = drop_where(decoded, F.col("_rank") > 1, "dedup_image", Reason.DUPLICATE_IMAGE_BYTES, F.col("_winner"),
-                         F.to_json(F.struct(F.col("image_sha256").alias("sha256")))).drop("_rank", "_winner")
-    tagged = decoded.unionByName(tagged.filter(F.col(TAG_REASON).isNotNull())).localCheckpoint()
+    largest_first = [(F.col("image_width") * F.col("image_height")).desc(), F.col(UID)]
+    tagged = keep_first_per_key(
+        tagged, "image_sha256", largest_first, "dedup_image", Reason.DUPLICATE_IMAGE_BYTES,
+        F.to_json(F.struct(F.col("image_sha256").alias("sha256"))),
+    ).localCheckpoint()
 
     survivors = tagged.filter(F.col(TAG_REASON).isNull()).select(UID, "image_phash", "image_width", "image_height")
     keys = survivors.select(UID, "image_phash").mapInArrow(_chunk_key_worker(max_distance), f"{UID} string, key long")
@@ -137,7 +132,7 @@ def run_dedup_image(
     )
     groups = connected_components(edges).select(F.col("node").alias(UID), F.col("root").alias("_group"))
     members = survivors.join(groups, UID)
-    largest = Window.partitionBy("_group").orderBy((F.col("image_width") * F.col("image_height")).desc(), UID)
+    largest = Window.partitionBy("_group").orderBy(*largest_first)
     members = (
         members.withColumn("_rank", F.row_number().over(largest))
         .withColumn("_survivor", F.first(UID).over(largest))

@@ -26,7 +26,7 @@ from curation.io import (
 )
 from curation.manifest import MANIFEST_NAME, build_manifest, file_entry
 from curation.schema import LEDGER_SCHEMA, UID
-from curation.spark.common import StageRun
+from curation.spark.common import StageRun, arrow_schema_of
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +96,6 @@ def write_uid_shards(df, rows: int, shard_rows: int, out_dir: Path, prefix: str,
     return [Path(row["path"]) for row in sorted(written, key=lambda row: row["shard"])]
 
 
-def _arrow_schema_of(df) -> pa.Schema:
-    from pyspark.sql.pandas.types import to_arrow_type
-
-    return pa.schema([pa.field(f.name, to_arrow_type(f.dataType)) for f in df.schema.fields])
-
-
 def _stage_summary(folder: Path, record: dict) -> dict:
     return {
         "stage": record["stage"],
@@ -126,7 +120,7 @@ def run_publish(
     last_folder, last_record = chain[-1]
     data_dir = resolve_data_dir(input_dir)
     data_df = spark.read.parquet(str(data_dir))
-    data_schema = _arrow_schema_of(data_df)
+    data_schema = arrow_schema_of(data_df)
 
     ledger_folders = [str(folder / LEDGER_DIR) for folder, _ in chain if (folder / LEDGER_DIR).is_dir()]
     ledger_df = spark.read.schema(

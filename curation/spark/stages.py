@@ -29,7 +29,15 @@ from curation.ops.ingest import IngestOptions, normalise_rows
 from curation.ops.metadata import load_metadata, metadata_sha256, write_metadata
 from curation.ops.uid import uniform
 from curation.schema import CAPTION, ENTRY_IDS, KEEP_PROBABILITY, TAG_REASON, UID, URL, Reason
-from curation.spark.common import StageRun, spark_schema, tag_dropped, tag_kept, with_tags, write_tagged
+from curation.spark.common import (
+    StageRun,
+    arrow_schema_of,
+    spark_schema,
+    tag_dropped,
+    tag_kept,
+    with_tags,
+    write_tagged,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +213,7 @@ def run_match(
         with StageWriter(output_dir) as writer:
             input_dir = prepared_input(spark, writer, input_dir, raw_ingest, partitions)
             df = read_stage_data(spark, input_dir, partitions)
-            data_schema = pa.schema([pa.field(f.name, _arrow_type(f.dataType)) for f in df.schema.fields])
+            data_schema = arrow_schema_of(df)
             data_schema = data_schema.append(pa.field(ENTRY_IDS, pa.list_(pa.int32())))
             schema = with_tags(data_schema)
             tagged = df.mapInArrow(
@@ -234,12 +242,6 @@ def _never_matching(entries: list[str]) -> dict:
     return {"never_match_entries": len(never), "never_match_sample": [entries[i] for i in never[:20]]}
 
 
-def _arrow_type(spark_type):
-    from pyspark.sql.pandas.types import to_arrow_type
-
-    return to_arrow_type(spark_type)
-
-
 # ---------------------------------------------------------------------------------------------------- count
 
 
@@ -262,15 +264,11 @@ def compute_entry_counts(df, entry_count: int) -> np.ndarray:
     return counts
 
 
-def _write_counts(path: Path, entries: list[str], counts: np.ndarray) -> None:
-    table = pa.table(
-        {
-            "entry_id": pa.array(np.arange(len(entries), dtype=np.int32)),
-            "entry": pa.array(entries, pa.string()),
-            "count": pa.array(counts, pa.int64()),
-        }
-    )
-    pq.write_table(table, path)
+def _write_counts(path: Path, entries: list[str], **counts: np.ndarray) -> None:
+    """An entry table artifact: entry_id, entry, then one int64 column per keyword (count, count_before, ...)."""
+    columns = {"entry_id": pa.array(np.arange(len(entries), dtype=np.int32)), "entry": pa.array(entries, pa.string())}
+    columns.update({name: pa.array(values, pa.int64()) for name, values in counts.items()})
+    pq.write_table(pa.table(columns), path)
 
 
 def read_counts(path: Path) -> np.ndarray:
@@ -285,7 +283,7 @@ def run_count(spark, input_dir: Path, output_dir: Path, config: dict | None = No
     counts = compute_entry_counts(spark.read.parquet(str(data_dir)), len(entries))
     rows = read_stage_record(input_dir)["rows_out"]
     with StageWriter(output_dir) as writer:
-        _write_counts(writer.artifacts_dir / ENTRY_COUNTS_ARTIFACT, entries, counts)
+        _write_counts(writer.artifacts_dir / ENTRY_COUNTS_ARTIFACT, entries, count=counts)
         summary = {
             "entries_matched": int((counts > 0).sum()),
             "matches": int(counts.sum()),
@@ -392,7 +390,7 @@ def run_balance(
     threshold, threshold_source = choose_threshold(spark, df, counts, t, target_size, tail_share)
     logger.info("balancing with t = %.6g (from %s)", threshold, threshold_source)
 
-    data_schema = pa.schema([pa.field(f.name, _arrow_type(f.dataType)) for f in df.schema.fields])
+    data_schema = arrow_schema_of(df)
     data_schema = data_schema.append(pa.field(KEEP_PROBABILITY, pa.float64()))
     schema = with_tags(data_schema)
     counts_broadcast = spark.sparkContext.broadcast(counts)
@@ -402,16 +400,9 @@ def run_balance(
             rows_out, drops = write_tagged(tagged, data_schema.names, str(writer.temp_dir), str(writer.ledger_dir))
             counts_after = compute_entry_counts(spark.read.parquet(str(writer.temp_dir)), len(entries))
             if count_dir is None:
-                _write_counts(writer.artifacts_dir / ENTRY_COUNTS_ARTIFACT, entries, counts)
-            pq.write_table(
-                pa.table({
-                    "entry_id": pa.array(np.arange(len(entries), dtype=np.int32)),
-                    "entry": pa.array(entries, pa.string()),
-                    "count_before": pa.array(counts, pa.int64()),
-                    "count_after": pa.array(counts_after, pa.int64()),
-                }),
-                writer.artifacts_dir / BALANCED_COUNTS_ARTIFACT,
-            )
+                _write_counts(writer.artifacts_dir / ENTRY_COUNTS_ARTIFACT, entries, count=counts)
+            _write_counts(writer.artifacts_dir / BALANCED_COUNTS_ARTIFACT, entries, count_before=counts,
+                          count_after=counts_after)
             rows_in = read_stage_record(input_dir)["rows_out"]
             summary = {
                 "t": threshold,
