@@ -5,14 +5,13 @@ first; only the dedup_text stage is timed. Run: `python bench/bench_dedup_text.p
 """
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
 
-from benchkit import PeakMemory, demo_corpus_and_spark
+from benchkit import PeakMemory, demo_corpus_and_spark, write_result
 
 logger = logging.getLogger("bench_dedup_text")
 
@@ -51,9 +50,7 @@ def main() -> int:
         "spark": spark.version,
     }
     spark.stop()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    logger.info("result: %s", json.dumps(result))
+    write_result(result, args.out)
     return 0
 
 

@@ -5,15 +5,13 @@ Python workers, sampled from /proc every 0.2 s). Run: `python bench/bench_spine.
 """
 
 import argparse
-import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-from benchkit import PeakMemory, demo_corpus_and_spark
+from benchkit import PeakMemory, cpu_model, demo_corpus_and_spark, write_result
 
 logger = logging.getLogger("bench_spine")
 
@@ -65,13 +63,11 @@ def main() -> int:
         "t": args.t,
         "python": sys.version.split()[0],
         "spark": spark.version,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
     }
     spark.stop()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    logger.info("result: %s", json.dumps(result))
+    write_result(result, args.out)
     return 0
 
 

@@ -70,3 +70,13 @@ def demo_corpus_and_spark(prefix: str, rows: int, shards: int, master: str):
     write_metadata(work / "metadata.json", entries)
     generate_demo_corpus(work / "raw", entries, rows=rows, shards=shards, seed=0)
     return work, get_spark(master=master, conf={"spark.driver.memory": "4g"})
+
+
+def write_result(result: dict, out: Path) -> None:
+    """Write a benchmark's result as JSON at `out` and log it."""
+    import json
+    import logging
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    logging.getLogger("bench").info("result: %s", json.dumps(result))
