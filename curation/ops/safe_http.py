@@ -1,0 +1,351 @@
+"""Safe-by-default HTTP(S) fetching for image downloads: refuse URLs that point inside the cluster.
+
+The threat is server-side request forgery (SSRF). The download stage fetches URLs taken from a web crawl, so an
+attacker controls them: an image URL (or a redirect from one) such as ``http://169.254.169.254/latest/meta-data/``,
+``http://10.0.3.7:8080/admin`` or ``http://metrics.internal/`` makes our workers send requests to cloud metadata
+endpoints and cluster-internal services, and whatever comes back may end up stored in the dataset. Plain
+``urllib`` also follows redirects to ``ftp:`` and opens ``file:`` and ``data:`` URLs.
+
+The design, in the order a request meets it:
+
+- The opener is built by hand from a fixed set of handlers: HTTP, HTTPS, redirects, the default error handling and a
+  catch-all that refuses every other scheme (``file:``, ``ftp:``, ``data:``, ``javascript:`` ...). There is no
+  ``ProxyHandler``, so proxy environment variables are ignored on purpose: through a proxy the address check would
+  vet the proxy's address, not the target's.
+- Redirects are followed only to ``http`` and ``https``; each redirect target goes through the same opener, so it
+  gets the same address check.
+- The connection resolves the host once with ``getaddrinfo`` and refuses the request when ANY of the addresses is
+  blocked (see `blocked_category`), before a single packet is sent to it. It then connects to exactly those checked
+  addresses, never resolving again, so a DNS answer that changes between check and connect (DNS rebinding) cannot
+  slip an internal address through. HTTPS still sends SNI for, and verifies the certificate against, the host name
+  in the URL.
+- ``allow_hosts`` is an explicit list of ``"host:port"`` strings exempt from the address check, matched against the
+  host and port as written in the URL (``localhost:8000`` does not allow ``127.0.0.1:8000``). It exists so tests and
+  local demos can fetch from their own server on 127.0.0.1; production leaves it empty.
+
+img2dataset downloads with ``urllib.request.urlopen`` and so uses the process-global opener: `install_safe_opener`
+puts this one there. It must run in every process that downloads (each Spark executor / worker process), because
+the global opener is per process. A caller that passes ``context=`` or ``cafile=`` to ``urlopen`` bypasses the
+global opener; img2dataset does not.
+
+Every refusal raises `RefusedURL`, whose message contains `REFUSED_MARKER`; img2dataset turns exceptions into
+error strings, and the download stage recognises refusals by that marker.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import ipaddress
+import logging
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable
+
+__all__ = [
+    "REFUSED_MARKER",
+    "RefusedURL",
+    "blocked_category",
+    "install_safe_opener",
+    "parse_allow_hosts",
+    "safe_opener",
+]
+
+logger = logging.getLogger(__name__)
+
+REFUSED_MARKER = "refused by curation"
+
+_ALLOWED_SCHEMES = frozenset({"http", "https"})
+
+# RFC 6598 carrier-grade NAT space: not global, yet `ipaddress` (3.11) reports it neither private nor reserved.
+_SHARED_NETWORK = ipaddress.IPv4Network("100.64.0.0/10")
+# RFC 6052 well-known NAT64 prefix: the low 32 bits are an IPv4 address that a NAT64 gateway will connect to.
+_NAT64_NETWORK = ipaddress.IPv6Network("64:ff9b::/96")
+
+AllowHosts = frozenset[tuple[str, int]]
+
+
+class RefusedURL(urllib.error.URLError):
+    """A URL the safe opener will not fetch; ``reason`` (and so ``str()``) always contains `REFUSED_MARKER`.
+
+    A `urllib.error.URLError` so that callers which already handle download failures (img2dataset catches every
+    exception and keeps ``str(err)``) handle this one too.
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"{REFUSED_MARKER}: {detail}")
+        self.detail = detail
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for, when traffic to it really goes to that IPv4 address."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in _NAT64_NETWORK:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    # 6to4 (2002::/16): a relay forwards to the embedded IPv4 address.
+    return address.sixtofour
+
+
+def blocked_category(address: str) -> str | None:
+    """Why a literal IP address must not be fetched from, or None for a public address.
+
+    Categories: "unspecified", "loopback", "link-local", "multicast", "shared" (100.64.0.0/10), "reserved",
+    "private". An IPv4 address wrapped in IPv6 (``::ffff:127.0.0.1``, NAT64, 6to4) is judged by the IPv4 address,
+    which is where the packets end up. Raises ValueError when `address` is not an IP address.
+    """
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = _embedded_ipv4(ip) or ip
+    # Order matters: `ipaddress` also calls most of these ranges "private", and the specific name is the useful one.
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_multicast:
+        return "multicast"
+    if ip in _SHARED_NETWORK:
+        return "shared"
+    if ip.is_reserved:
+        return "reserved"
+    if ip.is_private:
+        return "private"
+    # Catch-all for ranges a newer Python classifies as non-global without one of the names above.
+    if not ip.is_global:
+        return "reserved"
+    return None
+
+
+def _normalise_host(host: str) -> str:
+    """Lowercase a host name; write an IP literal in its canonical form, so ``::0001`` matches ``::1``."""
+    host = host.lower()
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
+def parse_allow_hosts(entries: Iterable[str]) -> AllowHosts:
+    """Parse ``"host:port"`` / ``"[v6]:port"`` strings into ``{(host, port)}`` (host lowercased).
+
+    The port is mandatory: an allow-list entry opens exactly one service, never a whole machine. Raises ValueError
+    naming the bad entry when one is malformed.
+    """
+    if isinstance(entries, str):
+        # A lone string would otherwise be iterated character by character.
+        raise TypeError(f"allow_hosts must be a list of 'host:port' strings, not the string {entries!r}")
+    parsed: set[tuple[str, int]] = set()
+    for entry in entries:
+        text = entry.strip()
+        host, colon, port_text = text.rpartition(":")
+        if not colon or not host:
+            raise ValueError(f"allow_hosts entry {entry!r} must be 'host:port' or '[ipv6]:port'")
+        if host.startswith("["):
+            if not host.endswith("]") or len(host) < 3:
+                raise ValueError(f"allow_hosts entry {entry!r} has an unclosed or empty '[ipv6]' host")
+            host = host[1:-1]
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"allow_hosts entry {entry!r}: {host!r} is not an IPv6 address") from None
+        elif ":" in host:
+            raise ValueError(f"allow_hosts entry {entry!r}: write an IPv6 host in brackets, '[{host}]:port'")
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"allow_hosts entry {entry!r}: port must be a number from 1 to 65535")
+        parsed.add((_normalise_host(host), int(port_text)))
+    return frozenset(parsed)
+
+
+def _resolve_checked(host: str, port: int, allow_hosts: AllowHosts) -> list[tuple]:
+    """Resolve `host` once and refuse, before any connect, if any of its addresses is blocked."""
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"getaddrinfo returned no addresses for {host!r}")
+    if (_normalise_host(host), port) in allow_hosts:
+        return infos
+    for *_, sockaddr in infos:
+        address = sockaddr[0]
+        try:
+            category = blocked_category(address)
+        except ValueError:
+            # Not an IP we can judge (an unexpected address family): refuse rather than guess.
+            category = "unrecognised"
+        if category is not None:
+            logger.debug("refusing %s:%s, which resolves to %s (%s)", host, port, address, category)
+            if _normalise_host(host) == _normalise_host(address):
+                raise RefusedURL(f"host {host} port {port}: {address} is a {category} address")
+            raise RefusedURL(f"host {host} port {port} resolves to {address}, which is a {category} address")
+    return infos
+
+
+def _create_checked_connection(
+    address: tuple[str, int],
+    timeout: object = socket._GLOBAL_DEFAULT_TIMEOUT,
+    source_address: tuple[str, int] | None = None,
+    *,
+    allow_hosts: AllowHosts,
+) -> socket.socket:
+    """`socket.create_connection`, except that it connects only to the addresses `_resolve_checked` vetted."""
+    host, port = address
+    last_error: OSError | None = None
+    for family, socktype, proto, _canonname, sockaddr in _resolve_checked(host, port, allow_hosts):
+        sock = None
+        try:
+            sock = socket.socket(family, socktype, proto)
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as err:
+            last_error = err
+            if sock is not None:
+                sock.close()
+    raise last_error or OSError(f"could not connect to {host}:{port}")
+
+
+class _CheckedConnectMixin:
+    """Swaps the connection's socket factory for the checked one; the rest of http.client is untouched."""
+
+    def __init__(self, *args, allow_hosts: AllowHosts, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # http.client calls self._create_connection((self.host, self.port), ...) in connect(); HTTPSConnection then
+        # wraps the socket with server_hostname=self.host, so SNI and certificate checks keep the URL's host name.
+        self._create_connection = functools.partial(_create_checked_connection, allow_hosts=allow_hosts)
+
+
+class _SafeHTTPConnection(_CheckedConnectMixin, http.client.HTTPConnection):
+    pass
+
+
+class _SafeHTTPSConnection(_CheckedConnectMixin, http.client.HTTPSConnection):
+    pass
+
+
+def _unwrap_refusal(open_function):
+    """Re-raise a refusal as itself: ``do_open`` wraps every OSError from connect() in another URLError."""
+
+    @functools.wraps(open_function)
+    def wrapper(self, req):
+        try:
+            return open_function(self, req)
+        except RefusedURL:
+            raise
+        except urllib.error.URLError as err:
+            if isinstance(err.reason, RefusedURL):
+                raise err.reason from None
+            raise
+
+    return wrapper
+
+
+class _SafeHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, allow_hosts: AllowHosts) -> None:
+        super().__init__()
+        self._allow_hosts = allow_hosts
+
+    @_unwrap_refusal
+    def http_open(self, req):
+        return self.do_open(functools.partial(_SafeHTTPConnection, allow_hosts=self._allow_hosts), req)
+
+
+class _SafeHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, allow_hosts: AllowHosts, context=None) -> None:
+        # context=None lets http.client build its default context: certificates and host names are verified.
+        super().__init__(context=context)
+        self._allow_hosts = allow_hosts
+
+    @_unwrap_refusal
+    def https_open(self, req):
+        connection = functools.partial(_SafeHTTPSConnection, allow_hosts=self._allow_hosts)
+        return self.do_open(connection, req, context=self._context)
+
+
+def _refuse_scheme(url: str) -> None:
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in _ALLOWED_SCHEMES:
+        raise RefusedURL(f"scheme {scheme or '(none)'} is not http or https (url {url!r})")
+
+
+class _SafeRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows redirects only to http(s); the stock handler also follows ftp: and refuses others without our marker."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        location = headers.get("location") or headers.get("uri")
+        if location:
+            target = urllib.parse.urljoin(req.full_url, location.strip())
+            try:
+                _refuse_scheme(target)
+            except RefusedURL:
+                logger.debug("refusing redirect from %s to %s", req.full_url, target)
+                fp.close()
+                raise
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        # Second gate on the final, joined URL that the stock handler is about to open.
+        _refuse_scheme(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class _RefuseOtherSchemesHandler(urllib.request.BaseHandler):
+    """Answers every scheme no other handler claimed (file:, ftp:, data:, ...) with a refusal."""
+
+    def unknown_open(self, req):
+        raise RefusedURL(f"scheme {req.type} is not http or https (url {req.full_url!r})")
+
+
+def safe_opener(allow_hosts: Iterable[str] = (), *, context=None) -> urllib.request.OpenerDirector:
+    """An opener that fetches only http(s) URLs whose host resolves to public addresses (see the module docstring).
+
+    Built by hand rather than with `urllib.request.build_opener`, which would add FTP, file and data handlers and a
+    ``ProxyHandler`` reading the environment. Proxy environment variables (``http_proxy``, ``https_proxy`` ...)
+    are deliberately ignored: through a proxy the address check would apply to the proxy, not to the target.
+
+    `allow_hosts` lists ``"host:port"`` strings exempt from the address check (tests and local demos reaching their
+    own server); `context` is an optional `ssl.SSLContext` for HTTPS (default: verify certificates and host names).
+    """
+    allowed = parse_allow_hosts(allow_hosts)
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        _SafeHTTPHandler(allowed),
+        _SafeHTTPSHandler(allowed, context=context),
+        _SafeRedirectHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPErrorProcessor(),
+        _RefuseOtherSchemesHandler(),
+    ):
+        opener.add_handler(handler)
+    return opener
+
+
+# (allow list, opener) of the last install, so a repeated install with the same list keeps the same opener.
+_installed: tuple[AllowHosts, urllib.request.OpenerDirector] | None = None
+
+
+def install_safe_opener(allow_hosts: Iterable[str] = ()) -> None:
+    """Make `safe_opener` the process-wide opener behind ``urllib.request.urlopen`` (and so img2dataset).
+
+    Idempotent: calling it again with the same allow list while our opener is still installed changes nothing.
+    Call it in every process that downloads; the global opener does not cross process boundaries.
+    """
+    global _installed
+    allowed = parse_allow_hosts(allow_hosts)
+    current = getattr(urllib.request, "_opener", None)
+    if _installed is not None and _installed[0] == allowed and current is _installed[1]:
+        return
+    opener = safe_opener(sorted(_format_allow_entry(host, port) for host, port in allowed))
+    urllib.request.install_opener(opener)
+    _installed = (allowed, opener)
+    logger.info("installed the safe URL opener (allow_hosts=%s)", sorted(allowed) or "none")
+
+
+def _format_allow_entry(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
