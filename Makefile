@@ -5,6 +5,8 @@ VENV_PYTHON := $(abspath $(VENV))/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= build/demo
 DEMO_ROWS ?= 60000
+# The demo's image URLs point at this port on 127.0.0.1; jobs/configs/demo.yaml allows exactly this host:port.
+DEMO_IMAGE_PORT ?= 18765
 # faiss-cpu by default; `make FAISS_EXTRA=gpu test` installs faiss-gpu instead on a CUDA machine.
 FAISS_EXTRA ?= cpu
 
@@ -29,8 +31,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV_PYTHON) -m curation metadata build --output $(DEMO_DIR)/metadata.json
 	$(VENV_PYTHON) -m curation demo-data --metadata $(DEMO_DIR)/metadata.json --output $(DEMO_DIR)/corpus \
-		--rows $(DEMO_ROWS)
-	$(VENV_PYTHON) -m curation run jobs/configs/demo.yaml --output $(DEMO_DIR)/run
+		--rows $(DEMO_ROWS) --image-port $(DEMO_IMAGE_PORT)
+	$(VENV_PYTHON) -m curation demo-images --port $(DEMO_IMAGE_PORT) & server=$$!; trap 'kill $$server' EXIT; \
+		sleep 3; kill -0 $$server || { echo "the demo image server did not start (port $(DEMO_IMAGE_PORT) in use?)"; \
+		exit 1; }; $(VENV_PYTHON) -m curation run jobs/configs/demo.yaml --output $(DEMO_DIR)/run
 	$(VENV_PYTHON) -m curation verify $(DEMO_DIR)/run
 
 test: $(STAMP)

@@ -11,6 +11,12 @@ from curation.config import STAGE_OPTIONS, ConfigError, load_run_config
 
 logger = logging.getLogger("curation")
 
+STAGE_COMMANDS = (
+    "ingest", "dedup-exact", "dedup-text", "download", "embed", "dedup-image", "match", "count", "balance", "publish",
+)
+# Kept in step with curation.demo_images (not imported: it would load Pillow and numpy for every command).
+DEMO_IMAGE_PORT = 18765
+
 
 def _help(stage: str, option: str) -> str:
     default, text = STAGE_OPTIONS[stage][option]
@@ -36,6 +42,24 @@ def _add_ingest_options(parser: argparse.ArgumentParser) -> None:
                         help=_help("ingest", "max_caption_chars"))
     parser.add_argument("--keep-columns", nargs="*", default=[], help=_help("ingest", "keep_columns"))
     parser.add_argument("--skip-bad-files", action="store_true", help=_help("ingest", "skip_bad_files"))
+
+
+def _add_options_of(parser: argparse.ArgumentParser, stage: str, types: dict | None = None) -> None:
+    """One flag per STAGE_OPTIONS entry of `stage`: booleans are switches, lists take several values, and the type
+    is the default's unless `types` names it."""
+    for option, (default, _) in STAGE_OPTIONS[stage].items():
+        flag = f"--{option.replace('_', '-')}"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=_help(stage, option))
+        elif isinstance(default, list):
+            parser.add_argument(flag, nargs="*", default=list(default), help=_help(stage, option))
+        else:
+            kind = (types or {}).get(option, type(default) if default is not None else str)
+            parser.add_argument(flag, type=kind, default=default, help=_help(stage, option))
+
+
+def _stage_options_from(args, stage: str) -> dict:
+    return {option: getattr(args, option) for option in STAGE_OPTIONS[stage]}
 
 
 def _add_raw_or_stage_input(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
                                  default=STAGE_OPTIONS["dedup_image"][option][0], help=_help("dedup_image", option))
     _add_partitions(dedup_image)
 
+    download = commands.add_parser("download", help="img2dataset download into webdataset tars; failures ledgered")
+    download.add_argument("--input", required=True, type=Path, help="stage folder of the rows to download")
+    download.add_argument("--output", required=True, type=Path, help="stage folder to write")
+    _add_options_of(download, "download", {"max_aspect_ratio": float})
+
+    embed = commands.add_parser("embed", help="open_clip image and text embeddings and clip_score per sample")
+    embed.add_argument("--input", required=True, type=Path, help="stage folder of downloaded rows")
+    embed.add_argument("--output", required=True, type=Path, help="stage folder to write")
+    _add_options_of(embed, "embed")
+
     count = commands.add_parser("count", help="entry counts c_e over matched rows (artifact; rows pass through)")
     count.add_argument("--input", required=True, type=Path, help="matched stage folder")
     count.add_argument("--output", required=True, type=Path, help="stage folder to write")
@@ -132,8 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--rows", type=int, default=60_000, help="rows to generate (default: 60000)")
     demo_data.add_argument("--shards", type=int, default=4, help="parquet files (default: 4)")
     demo_data.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    demo_data.add_argument("--image-port", type=int, default=DEMO_IMAGE_PORT,
+                           help=f"port of the demo image server the URLs point to (default: {DEMO_IMAGE_PORT})")
 
-    for sub in (ingest, dedup_exact, dedup_text, dedup_image, match, count, balance, publish, run):
+    demo_images = commands.add_parser("demo-images", help="serve the demo corpus's generated images on 127.0.0.1")
+    demo_images.add_argument("--port", type=int, default=DEMO_IMAGE_PORT, help=f"default: {DEMO_IMAGE_PORT}")
+    demo_images.add_argument("--seed", type=int, default=0, help="image generator seed (default: 0)")
+
+    for sub in (ingest, dedup_exact, dedup_text, dedup_image, download, embed, match, count, balance, publish, run):
         _add_spark_options(sub)
     return parser
 
@@ -183,6 +223,19 @@ def _stage_command(args) -> dict:
         config = {"stage": "dedup_exact", "by_caption": args.by_caption}
         return dedup.run_dedup_exact(spark, input_dir, args.output, args.by_caption, args.partitions, config,
                                      raw_ingest=raw_ingest)
+    if args.command == "download":
+        from curation.pipeline import download_options
+        from curation.spark.download import run_download
+
+        options = _stage_options_from(args, "download")
+        return run_download(spark, args.input, args.output, download_options(options), args.shard_rows,
+                            {"stage": "download", **options})
+    if args.command == "embed":
+        from curation.pipeline import embed_options
+        from curation.spark.embed import run_embed
+
+        options = _stage_options_from(args, "embed")
+        return run_embed(spark, args.input, args.output, embed_options(options), {"stage": "embed", **options})
     if args.command == "dedup-image":
         options = {k: getattr(args, k) for k in ("image_column", "max_distance", "max_anchors", "full_pairs_limit")}
         return image_dedup.run_dedup_image(spark, args.input, args.output, partitions=args.partitions,
@@ -240,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    if args.command in ("ingest", "dedup-exact", "dedup-text", "dedup-image", "match", "count", "balance", "publish"):
+    if args.command in STAGE_COMMANDS:
         record = _stage_command(args)
         _write(json.dumps({k: record[k] for k in ("stage", "rows_in", "rows_out", "drops")}))
         return 0
@@ -269,8 +322,14 @@ def _dispatch(args) -> int:
         from curation.demo import generate_demo_corpus
         from curation.ops.metadata import load_metadata
 
-        summary = generate_demo_corpus(args.output, load_metadata(args.metadata), args.rows, args.shards, args.seed)
+        summary = generate_demo_corpus(args.output, load_metadata(args.metadata), args.rows, args.shards, args.seed,
+                                       args.image_port)
         _write(json.dumps(summary, indent=2, sort_keys=True))
+        return 0
+    if args.command == "demo-images":
+        from curation.demo_images import serve_demo_images
+
+        serve_demo_images(args.port, args.seed)
         return 0
     raise AssertionError(args.command)
 

@@ -21,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curation.demo_images import DEMO_IMAGE_PORT, demo_image_url
+
 logger = logging.getLogger(__name__)
 
 CONCEPT_COUNT = 2_000
@@ -151,13 +153,15 @@ def _concept_captions(rng: np.random.Generator, concepts: list[str], rows: int) 
 
 
 def generate_demo_corpus(
-    output_dir: str | os.PathLike, entries: list[str], rows: int = 60_000, shards: int = 4, seed: int = 0
+    output_dir: str | os.PathLike, entries: list[str], rows: int = 60_000, shards: int = 4, seed: int = 0,
+    image_port: int = DEMO_IMAGE_PORT,
 ) -> dict:
     """Write `rows` rows as `output_dir/part-NNNNN.parquet` (URL, TEXT, WIDTH, HEIGHT, similarity) and return a
     summary: rows, shards, the binary-TEXT shard, planted counts by kind and the concept distribution.
 
     Deterministic for a seed: one numpy Generator drives every choice, so the files are byte-identical across
     runs (with the same pyarrow). Shard `min(1, shards - 1)` stores TEXT as binary and holds the invalid UTF-8.
+    The image URLs point at the demo image server (`curation demo-images`) on 127.0.0.1:`image_port`.
     """
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
@@ -166,7 +170,7 @@ def generate_demo_corpus(
     rng = np.random.default_rng(seed)
     concepts = choose_concepts(entries, CONCEPT_COUNT, rng)
     captions = _concept_captions(rng, concepts, rows)
-    urls: list[str | None] = [f"https://img{row % 16}.example.com/photos/{row:08d}.jpg" for row in range(rows)]
+    urls: list[str | None] = [demo_image_url(row, image_port) for row in range(rows)]
     texts: list[str | bytes | None] = list(captions)
 
     shard_bounds = np.linspace(0, rows, shards + 1).astype(np.int64)

@@ -22,6 +22,7 @@ STAGE_RECORD = "_stage.json"
 SUCCESS_MARKER = "_SUCCESS"
 LEDGER_DIR = "_ledger"
 ARTIFACTS_DIR = "_artifacts"
+WORK_IDENTITY = "_work.json"
 
 
 class StageFolderError(ValueError):
@@ -149,6 +150,27 @@ class StageWriter:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    @property
+    def work_dir(self) -> Path:
+        """A folder that outlives a failed attempt (unlike `temp_dir`), for per-shard results a rerun resumes from:
+        downloaded and embedded shards. `commit` removes it."""
+        return self.final_dir.parent / f".{self.final_dir.name}.work"
+
+    def open_work_dir(self, identity: dict) -> Path:
+        """`work_dir`, kept from an earlier attempt only if that attempt had the same `identity` (config and input
+        fingerprint); otherwise emptied, so no shard of another config or input is ever resumed."""
+        marker = self.work_dir / WORK_IDENTITY
+        if self.work_dir.exists():
+            previous = json.loads(marker.read_text()) if marker.is_file() else None
+            if previous == json.loads(canonical_json(identity)):
+                logger.info("resuming from the finished shards in %s", self.work_dir)
+                return self.work_dir
+            logger.info("discarding %s: it belongs to another config or input", self.work_dir)
+            shutil.rmtree(self.work_dir)
+        self.work_dir.mkdir(parents=True)
+        atomic_write_json(marker, identity)
+        return self.work_dir
+
     def link_to(self, other_dir: Path) -> str:
         """A path to `other_dir` relative to the final folder, valid after the rename."""
         return relative_link(self.final_dir, other_dir)
@@ -163,6 +185,7 @@ class StageWriter:
         os.replace(self.temp_dir, self.final_dir)
         atomic_write_bytes(self.final_dir / SUCCESS_MARKER, b"")
         self.committed = True
+        shutil.rmtree(self.work_dir, ignore_errors=True)
         logger.info("committed stage folder %s", self.final_dir)
 
     def __enter__(self) -> "StageWriter":

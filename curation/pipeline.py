@@ -9,11 +9,26 @@ import logging
 from pathlib import Path
 
 from curation.config import RunConfig, StageConfig
-from curation.io import fingerprint_files, is_complete, list_files, read_stage_record, resolve_data_dir
+from curation.io import (
+    fingerprint_files,
+    is_complete,
+    list_files,
+    read_stage_record,
+    resolve_data_dir,
+    sha256_of_file,
+)
+from curation.ops.download import DownloadOptions
 from curation.ops.ingest import IngestOptions
 from curation.ops.metadata import load_metadata, metadata_sha256
 
 logger = logging.getLogger(__name__)
+
+DOWNLOAD_OPTION_NAMES = (
+    "allow_hosts", "image_size", "resize_mode", "resize_only_if_bigger", "encode_format", "encode_quality",
+    "skip_reencode", "min_image_size", "max_aspect_ratio", "timeout", "retries", "thread_count", "user_agent_token",
+    "disallowed_header_directives",
+)
+EMBED_OPTION_NAMES = ("model", "pretrained", "device", "precision", "batch_size", "num_workers", "engine")
 
 
 def ingest_options(options: dict) -> IngestOptions:
@@ -25,11 +40,28 @@ def ingest_options(options: dict) -> IngestOptions:
     )
 
 
+def download_options(options: dict) -> DownloadOptions:
+    fields = {name: options[name] for name in DOWNLOAD_OPTION_NAMES}
+    fields["allow_hosts"] = tuple(options["allow_hosts"])
+    fields["disallowed_header_directives"] = tuple(options["disallowed_header_directives"])
+    if fields["max_aspect_ratio"] is None:
+        fields["max_aspect_ratio"] = float("inf")
+    return DownloadOptions(**fields)
+
+
+def embed_options(options: dict):
+    from curation.spark.embed import EmbedOptions
+
+    return EmbedOptions(**{name: options[name] for name in EMBED_OPTION_NAMES})
+
+
 def hashed_config(stage: StageConfig) -> dict:
     """What a stage's record stores as its config: the options, plus the content hash of files they name."""
     config = {"stage": stage.name, **stage.options}
     if stage.name == "match":
         config["metadata_sha256"] = metadata_sha256(load_metadata(stage.options["metadata"]))
+    if stage.name == "embed" and Path(stage.options["pretrained"]).is_file():
+        config["checkpoint_sha256"] = sha256_of_file(Path(stage.options["pretrained"]))
     return config
 
 
@@ -37,7 +69,7 @@ def run_stage(
     spark, stage: StageConfig, config: dict, input_location, output_dir: Path, run_config: RunConfig
 ) -> dict:
     """Run one stage; `config` is its `hashed_config`, stored in the stage record."""
-    from curation.spark import dedup, image_dedup, publish, stages
+    from curation.spark import dedup, download, embed, image_dedup, publish, stages
 
     options = stage.options
     partitions = options.get("partitions") or run_config.spark_partitions
@@ -53,6 +85,12 @@ def run_stage(
             int(options["num_perm"]), int(options["seed"]), int(options["max_anchors"]),
             int(options["full_pairs_limit"]), partitions, config,
         )
+    if stage.name == "download":
+        return download.run_download(
+            spark, input_location, output_dir, download_options(options), int(options["shard_rows"]), config
+        )
+    if stage.name == "embed":
+        return embed.run_embed(spark, input_location, output_dir, embed_options(options), config)
     if stage.name == "dedup_image":
         return image_dedup.run_dedup_image(
             spark, input_location, output_dir, options["image_column"], int(options["max_distance"]),

@@ -51,6 +51,17 @@ class Reason:
     NEAR_DUPLICATE_IMAGE = "near_duplicate_image"
     NO_METADATA_MATCH = "no_metadata_match"
     BALANCE_NOT_DRAWN = "balance_not_drawn"
+    # download: img2dataset could not fetch the image (HTTP error, timeout, ...), its status and message in detail
+    DOWNLOAD_FAILED = "download_failed"
+    # download: the URL resolved (or redirected) to a loopback, private, link-local or multicast address, or a
+    # scheme other than http(s)
+    DOWNLOAD_REFUSED = "download_refused"
+    # download: the server's X-Robots-Tag forbids the use (noai, noimageai, noindex, noimageindex)
+    DOWNLOAD_OPT_OUT = "download_opt_out"
+    # download: fetched, but img2dataset could not decode or resize it, or it broke a size/aspect limit
+    IMAGE_REJECTED = "image_rejected"
+    # embed: the downloaded sample could not be embedded (the embedder's message in detail)
+    EMBED_FAILED = "embed_failed"
 
 
 # A duplicate_pair ledger row carries the uid of the published first occurrence by definition (same url and

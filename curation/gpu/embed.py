@@ -14,12 +14,12 @@ autocast (float16 by default).
 import io
 import json
 import logging
+import multiprocessing
 import os
 import pickle
 import re
-import tarfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from curation.io import atomic_write_bytes, canonical_json, sha256_of_file
+from curation.ops.tars import IMAGE_EXTENSIONS, image_extension, index_tar, read_member
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,7 @@ MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 # Makes this project's configs (tiny-clip for fast CPU tests) resolvable by name like open_clip's built-ins.
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
-# The extensions img2dataset writes for images, in the order one is preferred when a sample carries several.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+RANDOM_INIT_SEED = 0
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Key of the parquet key-value metadata holding the model record and the samples that failed to decode.
 PARQUET_METADATA_KEY = b"curation.embedding"
@@ -121,12 +121,15 @@ def load_model(
             f"pretrained={pretrained!r} is neither a checkpoint file nor an open_clip tag of {model_name}"
         )
 
-    # Built on the CPU in float32 whatever the device: autocast supplies the mixed precision, and the same seed
-    # then gives the same random weights on every device. pretrained_text=False keeps a Hugging Face text tower
-    # from downloading base weights that a checkpoint would overwrite anyway.
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained_tag, precision="fp32", device="cpu", pretrained_text=False
-    )
+    # Built on the CPU in float32 whatever the device: autocast supplies the mixed precision, and the fixed seed
+    # then gives the same random weights in every process and on every device (random init is for tests and
+    # benchmarks, whose engines must agree). pretrained_text=False keeps a Hugging Face text tower from downloading
+    # base weights that a checkpoint would overwrite anyway.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained_tag, precision="fp32", device="cpu", pretrained_text=False
+        )
     checkpoint_sha256 = None
     if checkpoint_path is not None:
         model.load_state_dict(read_checkpoint(checkpoint_path), strict=True)
@@ -165,10 +168,10 @@ def load_model(
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device")
-    if device not in ("cuda", "cpu"):
-        raise ValueError(f"device must be auto, cuda or cpu, not {device!r}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} was asked for but torch sees no CUDA device")
     return torch.device(device)
 
 
@@ -252,6 +255,7 @@ def embed_shards(
     output_dir: str | os.PathLike,
     batch_size: int = 256,
     num_workers: int = 0,
+    keys: Mapping[str, Collection[str]] | None = None,
 ) -> list[str]:
     """Embed webdataset tar shards (`jpg`/`jpeg`/`png`/`webp`, `txt`, `json` with "uid" per sample, as img2dataset
     writes them) into `output_dir`, one `<shard name>.parquet` per shard (`embedding_schema`, rows sorted by uid).
@@ -260,7 +264,8 @@ def embed_shards(
     checking it was made by the same model. `num_workers` DataLoader processes decode and preprocess while the
     device embeds; batches never span shards, so every shard's result is the same for any `num_workers` and
     whichever shards are resumed. Samples that cannot be embedded (undecodable image, missing caption or uid) are
-    logged and listed in the output's metadata (`read_shard_failures`).
+    logged and listed in the output's metadata (`read_shard_failures`). `keys`, when given, maps a shard path to the
+    sample keys to embed (the rows still in the corpus); other samples of that shard are left out.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, not {batch_size}")
@@ -278,7 +283,7 @@ def embed_shards(
             pending.append((shard, output_path))
 
     started = time.perf_counter()
-    samples, batches = _plan_batches([shard for shard, _ in pending], batch_size)
+    samples, batches = _plan_batches([shard for shard, _ in pending], batch_size, keys)
     batches_left = [0] * len(pending)
     for batch in batches:
         batches_left[samples[batch[0]].shard_index] += 1
@@ -289,12 +294,17 @@ def embed_shards(
             _write_shard(shard, output_path, results[shard_index], model)
 
     dataset = _ShardSamples(samples, model.preprocess, model.tokenizer)
+    # The forkserver imports this module (and torch) once; each DataLoader worker forked from it starts warm.
+    multiprocessing.set_forkserver_preload([__name__])
     loader = DataLoader(
         dataset,
         batch_sampler=batches,
         num_workers=num_workers if batches else 0,
         collate_fn=_collate,
         pin_memory=model.device.type == "cuda",
+        # Forked workers would inherit the caller's sockets (a Spark driver's py4j connection, which a worker
+        # tears down when it exits); forkserver workers start from a clean process.
+        multiprocessing_context="forkserver" if num_workers and batches else None,
     )
     try:
         for batch in loader:
@@ -383,10 +393,10 @@ class _ShardSamples(Dataset):
         try:
             uid = self._uid(sample)
             caption = self._read(sample, "txt").decode("utf-8")
-            image_extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample.members), None)
-            if image_extension is None:
+            extension = image_extension(sample.members)
+            if extension is None:
                 raise ValueError(f"no image (expected one of {', '.join(IMAGE_EXTENSIONS)})")
-            with Image.open(io.BytesIO(self._read(sample, image_extension))) as image:
+            with Image.open(io.BytesIO(self._read(sample, extension))) as image:
                 pixels = self.preprocess(image)
         # Web images fail in many ways (truncated, unidentifiable, decompression bombs, bad modes); each becomes a
         # reported failure of this sample instead of ending the shard.
@@ -415,12 +425,10 @@ class _ShardSamples(Dataset):
     def _read(self, sample: _SampleLocation, extension: str) -> bytes:
         if extension not in sample.members:
             raise ValueError(f"no {extension} file")
-        offset, size = sample.members[extension]
         handle = self._handles.get(sample.shard)
         if handle is None:
             handle = self._handles[sample.shard] = open(sample.shard, "rb")
-        handle.seek(offset)
-        return handle.read(size)
+        return read_member(handle, sample.members[extension])
 
 
 def _collate(samples: list[dict]) -> dict:
@@ -434,38 +442,26 @@ def _collate(samples: list[dict]) -> dict:
     }
 
 
-def _plan_batches(shards: list[str], batch_size: int) -> tuple[list[_SampleLocation], list[list[int]]]:
-    """The samples of all shards, and batches of their indices in shard order, none spanning two shards."""
+def _plan_batches(
+    shards: list[str], batch_size: int, keys: Mapping[str, Collection[str]] | None
+) -> tuple[list[_SampleLocation], list[list[int]]]:
+    """The samples of all shards (those in `keys` where given), and batches of their indices in shard order, none
+    spanning two shards."""
     samples: list[_SampleLocation] = []
     batches: list[list[int]] = []
     for shard_index, shard in enumerate(shards):
         first = len(samples)
-        samples.extend(_index_shard(shard, shard_index))
+        wanted = set(keys[shard]) if keys is not None else None
+        samples.extend(
+            _SampleLocation(shard, shard_index, key, files)
+            for key, files in index_tar(shard).items()
+            if wanted is None or key in wanted
+        )
         batches.extend(
             list(range(start, min(start + batch_size, len(samples))))
             for start in range(first, len(samples), batch_size)
         )
     return samples, batches
-
-
-def _index_shard(shard: str, shard_index: int) -> list[_SampleLocation]:
-    """The samples of an uncompressed tar in file order, grouped by webdataset key (the member path up to the first
-    dot of its file name)."""
-    members: dict[str, dict[str, tuple[int, int]]] = {}
-    try:
-        with tarfile.open(shard, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, _, file_name = member.name.rpartition("/")
-                stem, dot, extension = file_name.partition(".")
-                if not dot:
-                    continue
-                key = f"{folder}/{stem}" if folder else stem
-                members.setdefault(key, {})[extension.lower()] = (member.offset_data, member.size)
-    except tarfile.TarError as error:
-        raise ValueError(f"{shard}: not a readable uncompressed tar ({error})") from error
-    return [_SampleLocation(shard, shard_index, key, files) for key, files in members.items()]
 
 
 def _output_paths(shard_paths: list[str], output_dir: Path) -> list[Path]:
@@ -538,3 +534,44 @@ def _describe(error: Exception) -> str:
     # Messages such as Pillow's quote object reprs with memory addresses; dropped so that a failure reads the same in
     # every run and the output does not depend on the run.
     return re.sub(r" at 0x[0-9a-f]+>", ">", f"{type(error).__name__}: {error}")
+
+
+def embed_shards_locally(
+    model_name: str,
+    pretrained: str | None,
+    shard_paths: list[str],
+    output_dir: str | os.PathLike,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    keys: Mapping[str, Collection[str]] | None = None,
+) -> dict:
+    """The `local` engine: embed `shard_paths` on this machine and return the model record.
+
+    With several CUDA devices (and device auto or cuda) the shards are dealt round-robin to one spawned process per
+    device, each building its own model; otherwise this process embeds them all. Each shard's output is the same
+    either way, since batches never span shards.
+    """
+    devices = [device]
+    if device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        devices = [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    jobs = [
+        (model_name, pretrained, shard_paths[offset :: len(devices)], str(output_dir), one_device, precision,
+         batch_size, num_workers, keys)
+        for offset, one_device in enumerate(devices)
+        if shard_paths[offset :: len(devices)]
+    ]
+    if len(jobs) <= 1:
+        return _embed_on_one_device(*jobs[0]) if jobs else load_model(model_name, pretrained, device, precision).record
+    context = torch.multiprocessing.get_context("spawn")
+    with context.Pool(len(jobs)) as pool:
+        records = pool.starmap(_embed_on_one_device, jobs)
+    return records[0]
+
+
+def _embed_on_one_device(model_name, pretrained, shard_paths, output_dir, device, precision, batch_size, num_workers,
+                         keys) -> dict:
+    model = load_model(model_name, pretrained, device, precision)
+    embed_shards(model, shard_paths, output_dir, batch_size, num_workers, keys)
+    return model.record

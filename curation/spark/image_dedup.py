@@ -24,6 +24,7 @@ from curation.schema import TAG_REASON, UID, Reason
 from curation.spark.common import StageRun, write_tagged
 from curation.spark.components import connected_components
 from curation.spark.dedup import drop_where, keep_first_per_key, pair_worker, untagged
+from curation.spark.download import image_bytes, images_dir_of
 from curation.spark.stages import read_stage_data, stage_input
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,9 @@ def run_dedup_image(
     max_anchors: int = 8, full_pairs_limit: int = 64, partitions: int | None = None, config: dict | None = None,
 ) -> dict:
     """Drop exact (`duplicate_image_bytes`) and perceptual (`near_duplicate_image`) image duplicates and images
-    that do not decode (`undecodable_image`); keep one per group, the largest. Adds IMAGE_COLUMNS."""
+    that do not decode (`undecodable_image`); keep one per group, the largest. Adds IMAGE_COLUMNS.
+
+    The images are the rows' `image_column` (encoded bytes), or else the download stage's tars the rows point to."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -99,10 +102,15 @@ def run_dedup_image(
         raise ValueError(f"max_distance must be in 0..31, got {max_distance}")
     run = StageRun("dedup_image", STAGE_VERSION, config or {})
     df = read_stage_data(spark, input_dir, partitions)
-    if image_column not in df.columns:
-        raise ValueError(f"{input_dir} has no image column {image_column!r}; columns are {df.columns}")
+    if image_column in df.columns:
+        images = df.select(UID, image_column)
+    elif "image_shard" in df.columns:
+        images = image_bytes(df, images_dir_of(input_dir), image_column, partitions)
+    else:
+        raise ValueError(f"{input_dir} rows have neither an image column {image_column!r} nor images downloaded "
+                         f"by a download stage; columns are {df.columns}")
     data_columns = [c for c in df.columns if c not in IMAGE_COLUMNS]
-    fingerprints = df.select(UID, image_column).mapInArrow(
+    fingerprints = images.mapInArrow(
         _fingerprint_worker,
         f"{UID} string, image_sha256 string, image_phash long, image_width int, image_height int, "
         "_decode_failure string",

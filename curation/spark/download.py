@@ -1,0 +1,172 @@
+"""Spark adapter of download: img2dataset per uid-range shard, one Spark group per shard, every row ledgered.
+
+Rows go to shard k of S by the first 60 bits of their uid (as publish shards them), S = ceil(rows / shard_rows), so
+a shard's content depends only on the set of rows. Each shard is one call of img2dataset's `Downloader` in a Spark
+task (img2dataset's pyspark distributor does the same: one picklable function per shard); the task installs the
+address check first. Finished shards live in the stage's work folder until the stage commits, so a rerun after a
+crash downloads only the unfinished ones. The images end in `_artifacts/images/<shard>.tar`; the rows carry
+`image_shard` (the tar's file name), `image_key` (the sample key in it), the stored and original sizes and
+`image_source_sha256` (of the bytes as served, before resizing).
+"""
+
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.io import ARTIFACTS_DIR, StageWriter, find_upstream, read_stage_record
+from curation.ops import download as download_ops
+from curation.ops import tars as tar_ops
+from curation.ops.download import DownloadOptions
+from curation.schema import CAPTION, TAG_REASON, UID, URL
+from curation.spark.common import StageRun, write_tagged
+from curation.spark.publish import shard_of_prefix_expression
+from curation.spark.stages import read_stage_data, stage_input
+
+logger = logging.getLogger(__name__)
+
+STAGE_VERSION = 1
+IMAGES_DIR = "images"
+IMAGE_COLUMNS = [
+    "image_shard", "image_key", "image_width", "image_height", "image_original_width", "image_original_height",
+    "image_source_sha256",
+]
+_STATUS_SCHEMA = (
+    "uid string, image_shard string, image_key string, image_width int, image_height int, "
+    "image_original_width int, image_original_height int, image_source_sha256 string, _reason string, _detail string"
+)
+
+
+def images_dir_of(stage_dir: Path) -> Path:
+    """The folder of image tars that the rows of `stage_dir` point into (its nearest upstream download)."""
+    download_dir = find_upstream(stage_dir, "download")
+    if download_dir is None:
+        raise ValueError(f"{stage_dir} has no download stage upstream: run download first")
+    return download_dir / ARTIFACTS_DIR / IMAGES_DIR
+
+
+def _image_bytes_worker(images_dir: str, image_column: str):
+    def run(batches):
+        indexes: dict[str, tar_ops.TarIndex] = {}
+        for batch in batches:
+            shards = batch.column(1).to_pylist()
+            keys = batch.column(2).to_pylist()
+            images: list[bytes | None] = [None] * len(shards)
+            by_shard: dict[str, list[int]] = {}
+            for position, shard in enumerate(shards):
+                by_shard.setdefault(shard, []).append(position)
+            for shard, positions in by_shard.items():
+                path = os.path.join(images_dir, shard)
+                if shard not in indexes:
+                    # Rows arrive grouped by shard, so a few indexes cover a partition; older ones are dropped.
+                    if len(indexes) >= 8:
+                        indexes.pop(next(iter(indexes)))
+                    indexes[shard] = tar_ops.index_tar(path)
+                found = tar_ops.read_images(path, [keys[p] for p in positions], indexes[shard])
+                for position, data in zip(positions, found, strict=True):
+                    images[position] = data
+            yield pa.RecordBatch.from_arrays([batch.column(0), pa.array(images, pa.binary())],
+                                             names=[UID, image_column])
+
+    return run
+
+
+def image_bytes(df, images_dir: Path, image_column: str = "jpg", partitions: int | None = None):
+    """(uid, `image_column`) with the encoded image of every row of `df`, read from the download stage's tars."""
+    by_shard = df.select(UID, "image_shard", "image_key")
+    by_shard = by_shard.repartition(partitions, "image_shard") if partitions else by_shard.repartition("image_shard")
+    return by_shard.sortWithinPartitions("image_shard", "image_key").mapInArrow(
+        _image_bytes_worker(str(images_dir), image_column), f"{UID} string, {image_column} binary"
+    )
+
+
+def _download_worker(images_dir: str, options: DownloadOptions):
+    def run(rows: pa.Table) -> pa.Table:
+        shard_id = rows.column("_shard")[0].as_py()
+        statuses = download_ops.download_shard(rows, shard_id, images_dir, options)
+        name = download_ops.shard_name(shard_id)
+        status_values = statuses.column("status").to_pylist()
+        messages = statuses.column("error_message").to_pylist()
+        keys = statuses.column("key").to_pylist()
+        reasons = [download_ops.ledger_reason(s, m) for s, m in zip(status_values, messages, strict=True)]
+        details = [
+            None if reason is None else download_ops.ledger_detail(shard_id, key, status, message)
+            for reason, key, status, message in zip(reasons, keys, status_values, messages, strict=True)
+        ]
+        succeeded = pc.equal(statuses.column("status"), "success")
+        return pa.table({
+            UID: statuses.column(UID),
+            "image_shard": pa.array([f"{name}.tar"] * len(statuses), pa.string()),
+            "image_key": pc.if_else(succeeded, statuses.column("key"), None),
+            "image_width": statuses.column("width").cast(pa.int32()),
+            "image_height": statuses.column("height").cast(pa.int32()),
+            "image_original_width": statuses.column("original_width").cast(pa.int32()),
+            "image_original_height": statuses.column("original_height").cast(pa.int32()),
+            "image_source_sha256": statuses.column("sha256"),
+            "_reason": pa.array(reasons, pa.string()),
+            "_detail": pa.array(details, pa.string()),
+        })
+
+    return run
+
+
+def run_download(
+    spark, input_dir: Path, output_dir: Path, options: DownloadOptions, shard_rows: int = 10_000,
+    config: dict | None = None,
+) -> dict:
+    """Download the image of every row; kept rows gain IMAGE_COLUMNS, failures go to the ledger with img2dataset's
+    status and message (reasons download_failed, download_refused, download_opt_out, image_rejected)."""
+    from pyspark.sql import functions as F
+
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be positive, not {shard_rows}")
+    run = StageRun("download", STAGE_VERSION, config or {})
+    df = read_stage_data(spark, input_dir, None)
+    rows_in = read_stage_record(input_dir)["rows_out"]
+    shard_count = max(1, math.ceil(rows_in / shard_rows))
+    if shard_count >= 10**download_ops.SHARD_DIGITS:
+        raise ValueError(f"{shard_count} shards do not fit img2dataset's {download_ops.SHARD_DIGITS}-digit names; "
+                         "raise shard_rows")
+    data_columns = [c for c in df.columns if c not in IMAGE_COLUMNS]
+
+    with StageWriter(output_dir) as writer:
+        input_info = stage_input(input_dir, writer)
+        work_dir = writer.open_work_dir({"config": run.config, "input": input_info, "shards": shard_count})
+        images_dir = work_dir / IMAGES_DIR
+        images_dir.mkdir(exist_ok=True)
+        for leftover in images_dir.glob(".*.tmp-*"):
+            shutil.rmtree(leftover)  # an attempt killed mid-shard
+        done = sum(download_ops.is_shard_done(images_dir, shard) for shard in range(shard_count))
+        logger.info("download: %d rows in %d shards (%d already done) into %s", rows_in, shard_count, done, images_dir)
+        # One group per shard, in as many partitions as shards (the groupBy reuses this partitioning), so that the
+        # shards download in parallel whatever the session's shuffle partitions.
+        statuses = (
+            df.select(UID, URL, CAPTION)
+            .withColumn("_shard", F.expr(shard_of_prefix_expression(shard_count)))
+            .repartition(shard_count, "_shard")
+            .groupBy("_shard")
+            .applyInArrow(_download_worker(str(images_dir), options), _STATUS_SCHEMA)
+            .localCheckpoint()
+        )
+        tagged = df.select(*data_columns).join(statuses, UID, "left")
+        unreported = tagged.filter(F.col("_reason").isNull() & F.col("image_key").isNull()).limit(5).collect()
+        if unreported:
+            raise RuntimeError(f"download: img2dataset reported no status for uids {[r[UID] for r in unreported]}")
+        tagged = (
+            tagged.withColumn("_ledger_stage", F.when(F.col("_reason").isNotNull(), F.lit("download")))
+            .withColumn(TAG_REASON, F.col("_reason"))
+            .withColumn("_ledger_related_uid", F.lit(None).cast("string"))
+            .withColumn("_ledger_detail", F.col("_detail"))
+        )
+        rows_out, drops = write_tagged(tagged, [*data_columns, *IMAGE_COLUMNS], str(writer.temp_dir),
+                                       str(writer.ledger_dir))
+        record = run.record(input_info, rows_in, rows_out, drops,
+                            download={"shards": shard_count, "shards_resumed": done,
+                                      "options": download_ops.options_record(options)})
+        os.replace(images_dir, writer.artifacts_dir / IMAGES_DIR)
+        writer.commit(record)
+    return record

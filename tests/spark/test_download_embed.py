@@ -1,0 +1,205 @@
+"""download -> embed -> dedup_image end to end on Spark, against an HTTP server on 127.0.0.1 serving real photos.
+
+The server also serves a 404, a truncated JPEG, a non-image, an opt-out header, a redirect to 127.0.0.2 (a loopback
+address not on the allow-list: refused before connecting) and duplicates of a photo; every input row must end
+either kept or in exactly one ledger with the right reason. No traffic leaves 127.0.0.0/8.
+"""
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from curation.image_server import NOT_FOUND, ImageServer, Response
+from curation.io import ARTIFACTS_DIR, LEDGER_DIR, read_stage_record
+from curation.ops.download import DownloadOptions
+from curation.ops.ingest import IngestOptions
+from curation.ops.uid import uid_of
+from curation.schema import Reason
+from curation.spark.common import StageRun
+from curation.spark.download import run_download
+from curation.spark.embed import EmbedOptions, run_embed
+from curation.spark.image_dedup import run_dedup_image
+from curation.spark.stages import run_ingest
+from tests.conftest import shared_data_dir
+
+pytestmark = pytest.mark.spark
+
+TINY = {"model": "tiny-clip", "pretrained": "random", "device": "cpu", "batch_size": 4}
+
+
+def _jpeg(image: Image.Image, quality: int = 92) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _photos() -> list[Image.Image]:
+    """Real photos when the shared data is present (without the near-identical stereo and grey/RGB pairs), else
+    smooth random fields, as different from each other as photos are."""
+    data = shared_data_dir()
+    if data is not None:
+        paths = sorted((data / "photos_img2dataset").glob("*.jpg"))
+        paths += sorted(p for p in (data / "photos_packages" / "skimage").rglob("*")
+                        if p.suffix.lower() in (".png", ".jpg") and not any(
+                            k in p.name for k in ("chessboard_GRAY", "motorcycle_right", "motorcycle_disp")))
+        images = [Image.open(p) for p in paths]
+        return [im.convert("RGB") for im in images if min(im.size) >= 64][:10]
+    rng = np.random.default_rng(5)
+    return [Image.fromarray(rng.integers(0, 256, size=(5, 5, 3), dtype=np.uint8)).resize((240, 180),
+            Image.Resampling.BICUBIC) for _ in range(10)]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    photos = [_jpeg(photo) for photo in _photos()]
+    routes = {f"/photo/{i}.jpg": Response(200, data, "image/jpeg") for i, data in enumerate(photos)}
+    first = Image.open(io.BytesIO(photos[1]))
+    routes["/mirror/0.jpg"] = Response(200, photos[0], "image/jpeg")
+    routes["/resized/1.jpg"] = Response(200, _jpeg(first.resize((first.width * 3 // 4, first.height * 3 // 4)), 80),
+                                        "image/jpeg")
+    routes["/truncated.jpg"] = Response(200, photos[2][: len(photos[2]) // 3], "image/jpeg")
+    routes["/page.html"] = Response(200, b"<html><body>not an image</body></html>", "text/html")
+    routes["/opt-out.jpg"] = Response(200, photos[3], "image/jpeg", (("X-Robots-Tag", "noai"),))
+    # The redirect needs the port, known once the server runs: the resolver reads the routes at request time.
+    with ImageServer(lambda path: routes.get(path, NOT_FOUND)) as server:
+        routes["/redirect.jpg"] = Response(302, headers=(("Location", f"http://127.0.0.2:{server.port}/photo/4.jpg"),))
+        expected = {f"{server.base_url}/photo/{i}.jpg": None for i in range(len(photos))}
+        expected |= {
+            f"{server.base_url}/mirror/0.jpg": None,
+            f"{server.base_url}/resized/1.jpg": None,
+            f"{server.base_url}/missing.jpg": Reason.DOWNLOAD_FAILED,
+            f"{server.base_url}/truncated.jpg": Reason.IMAGE_REJECTED,
+            f"{server.base_url}/page.html": Reason.IMAGE_REJECTED,
+            f"{server.base_url}/opt-out.jpg": Reason.DOWNLOAD_OPT_OUT,
+            f"{server.base_url}/redirect.jpg": Reason.DOWNLOAD_REFUSED,
+        }
+        yield server, expected
+
+
+@pytest.fixture(scope="module")
+def image_run(spark, served, tmp_path_factory):
+    server, expected = served
+    root = tmp_path_factory.mktemp("download")
+    urls = sorted(expected)
+    captions = [f"picture number {i}" for i in range(len(urls))]
+    pq.write_table(pa.table({"url": urls, "caption": captions}), root / "raw.parquet")
+    run_ingest(spark, [str(root / "raw.parquet")], root / "ingest", IngestOptions())
+    options = DownloadOptions(allow_hosts=(f"127.0.0.1:{server.port}",), image_size=128, resize_mode="keep_ratio",
+                              timeout=5, thread_count=4)
+    # Two tars, so that batches and engines are exercised across shards.
+    run_download(spark, root / "ingest", root / "download", options, shard_rows=9)
+    run_embed(spark, root / "download", root / "embed", EmbedOptions(**TINY, num_workers=0))
+    run_dedup_image(spark, root / "embed", root / "dedup_image")
+    uid_to_url = {uid_of(url.encode(), caption.encode()): url for url, caption in zip(urls, captions, strict=True)}
+    return root, expected, uid_to_url
+
+
+def _ledger(stage_dir) -> list[dict]:
+    return pq.read_table(stage_dir / LEDGER_DIR).to_pylist() if (stage_dir / LEDGER_DIR).exists() else []
+
+
+def _embeddings(stage_dir) -> pa.Table:
+    return pq.read_table(stage_dir / ARTIFACTS_DIR / "embeddings").sort_by("uid")
+
+
+def test_every_row_is_kept_or_ledgered_with_its_reason(image_run):
+    root, expected, uid_to_url = image_run
+    url_to_uid = {url: uid for uid, url in uid_to_url.items()}
+    reasons, related = {}, {}
+    for stage in ("download", "embed", "dedup_image"):
+        for row in _ledger(root / stage):
+            assert uid_to_url[row["uid"]] not in reasons, "a row is in two ledgers"
+            reasons[uid_to_url[row["uid"]]] = row["reason"]
+            related[uid_to_url[row["uid"]]] = row["related_uid"]
+    kept = {uid_to_url[uid] for uid in pq.read_table(root / "dedup_image", columns=["uid"]).column("uid").to_pylist()}
+    assert not kept & set(reasons)
+    assert kept | set(reasons) == set(expected)
+    # Each duplicate pair keeps one member (the larger stored image, else the smaller uid) and ledgers the other.
+    base = next(iter(expected)).split("/photo/")[0]
+    for pair, reason in (((f"{base}/photo/0.jpg", f"{base}/mirror/0.jpg"), Reason.DUPLICATE_IMAGE_BYTES),
+                         ((f"{base}/photo/1.jpg", f"{base}/resized/1.jpg"), Reason.NEAR_DUPLICATE_IMAGE)):
+        [loser] = [url for url in pair if url in reasons]
+        [survivor] = [url for url in pair if url in kept]
+        expected = {**expected, loser: reason}
+        assert related[loser] == url_to_uid[survivor]
+    assert {url: reasons.get(url) for url in expected} == expected
+
+
+def test_failures_carry_img2dataset_status_and_message(image_run):
+    root, expected, uid_to_url = image_run
+    details = {uid_to_url[row["uid"]]: json.loads(row["detail"]) for row in _ledger(root / "download")}
+    refused = next(detail for url, detail in details.items() if url.endswith("/redirect.jpg"))
+    assert refused["status"] == "failed_to_download" and "127.0.0.2" in refused["error"]
+    missing = next(detail for url, detail in details.items() if url.endswith("/missing.jpg"))
+    assert "404" in missing["error"]
+    record = read_stage_record(root / "download")
+    assert record["rows_in"] == len(expected) == record["rows_out"] + sum(record["drops"].values())
+    assert record["download"]["shards"] == 2
+
+
+def test_embeddings_are_unit_float16_keyed_by_uid_with_clip_score(image_run):
+    root, _, _ = image_run
+    embeddings = _embeddings(root / "embed")
+    rows = pq.read_table(root / "embed", columns=["uid", "clip_score"]).sort_by("uid")
+    assert embeddings.column("uid").to_pylist() == rows.column("uid").to_pylist()
+    image = np.stack(embeddings.column("image_embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    text = np.stack(embeddings.column("text_embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    assert embeddings.schema.field("image_embedding").type == pa.list_(pa.float16(), 32)
+    np.testing.assert_allclose(np.linalg.norm(image, axis=1), 1.0, atol=2e-3)
+    np.testing.assert_allclose((image * text).sum(axis=1), rows.column("clip_score").to_numpy(), atol=5e-3)
+    model = read_stage_record(root / "embed")["embed"]["model"]
+    assert model["model"] == "tiny-clip" and model["embed_dim"] == 32 and model["image_size"] == [64, 64]
+
+
+def _assert_within_one_ulp(a: pa.Table, b: pa.Table) -> None:
+    assert a.column("uid").to_pylist() == b.column("uid").to_pylist()
+    for column in ("image_embedding", "text_embedding"):
+        left = np.stack(a.column(column).to_numpy(zero_copy_only=False))
+        right = np.stack(b.column(column).to_numpy(zero_copy_only=False))
+        # Adjacent float16 values of the same sign differ by one in their bit patterns.
+        ulps = np.abs(left.view(np.int16).astype(np.int32) - right.view(np.int16).astype(np.int32))
+        assert ulps.max() <= 1, column
+
+
+def test_engines_and_worker_counts_agree_within_one_fp16_ulp(spark, image_run):
+    root, _, _ = image_run
+    reference = _embeddings(root / "embed")
+    run_embed(spark, root / "download", root / "embed_workers", EmbedOptions(**TINY, num_workers=2))
+    run_embed(spark, root / "download", root / "embed_spark", EmbedOptions(**TINY, num_workers=0, engine="spark"))
+    _assert_within_one_ulp(reference, _embeddings(root / "embed_workers"))
+    _assert_within_one_ulp(reference, _embeddings(root / "embed_spark"))
+
+
+def test_rerun_gives_byte_identical_embeddings(spark, image_run):
+    root, _, _ = image_run
+    run_embed(spark, root / "download", root / "embed_again", EmbedOptions(**TINY, num_workers=0))
+    for first in sorted((root / "embed" / ARTIFACTS_DIR / "embeddings").glob("*.parquet")):
+        again = root / "embed_again" / ARTIFACTS_DIR / "embeddings" / first.name
+        assert first.read_bytes() == again.read_bytes()
+
+
+def test_download_rerun_after_a_crash_fetches_nothing_again(spark, served, image_run, tmp_path, monkeypatch):
+    root, _, _ = image_run
+    server, _ = served
+    options = DownloadOptions(allow_hosts=(f"127.0.0.1:{server.port}",), image_size=128, resize_mode="keep_ratio",
+                              timeout=5, thread_count=4)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed after the shards were downloaded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StageRun, "record", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            run_download(spark, root / "ingest", tmp_path / "download", options, shard_rows=9)
+    assert not (tmp_path / "download").exists()
+    requests_after_crash = server.requests
+    resumed = run_download(spark, root / "ingest", tmp_path / "download", options, shard_rows=9)
+    assert server.requests == requests_after_crash
+    assert resumed["download"]["shards_resumed"] == 2
+    assert resumed["rows_out"] == read_stage_record(root / "download")["rows_out"]
+    assert not (tmp_path / ".download.work").exists()
