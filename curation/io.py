@@ -23,6 +23,7 @@ SUCCESS_MARKER = "_SUCCESS"
 LEDGER_DIR = "_ledger"
 ARTIFACTS_DIR = "_artifacts"
 WORK_IDENTITY = "_work.json"
+IMAGES_DIR = "images"
 
 
 class StageFolderError(ValueError):
@@ -101,6 +102,15 @@ def find_upstream(stage_dir: Path, stage_name: str) -> Path | None:
         if record["stage"] == stage_name:
             return folder
     return None
+
+
+def downloaded_images_dir(stage_dir: Path) -> Path:
+    """The folder of image tars that the rows of `stage_dir` point into (`image_shard`, `image_key`): the artifacts
+    of its nearest upstream download stage."""
+    download_dir = find_upstream(stage_dir, "download")
+    if download_dir is None:
+        raise StageFolderError(f"{stage_dir} has no download stage upstream: run download first")
+    return download_dir / ARTIFACTS_DIR / IMAGES_DIR
 
 
 def list_files(root: Path) -> list[Path]:

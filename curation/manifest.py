@@ -8,6 +8,7 @@ byte-identical across reruns and partition counts.
 import json
 import logging
 import socket
+import tarfile
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
@@ -33,10 +34,21 @@ def file_entry(release_dir: Path, path: Path) -> dict:
     }
 
 
+def tar_entry(release_dir: Path, path: Path, rows: int) -> dict:
+    """A webdataset tar of the release: its samples (`rows`, as many as its parquet twin) and checksum."""
+    return {
+        "path": Path(path).relative_to(release_dir).as_posix(),
+        "rows": rows,
+        "bytes": Path(path).stat().st_size,
+        "sha256": sha256_of_file(path),
+    }
+
+
 def build_manifest(
     *, name: str, config: dict, config_sha256: str, inputs: list[dict], skipped_inputs: list[dict],
     stages: list[dict], shards: list[dict], ledger_files: list[dict], metadata: dict | None,
     balancing: dict | None, execution: dict | None = None, replaces: str | None = None,
+    image_shards: list[dict] | None = None,
 ) -> dict:
     rows_in = sum(i["rows"] for i in inputs)
     published = sum(s["rows"] for s in shards)
@@ -58,6 +70,7 @@ def build_manifest(
         "skipped_inputs": skipped_inputs,
         "stages": stages,
         "shards": shards,
+        "image_shards": image_shards or [],
         "ledger": {"files": ledger_files, "rows": in_ledger},
         "totals": {
             "rows_in": rows_in,
@@ -108,6 +121,8 @@ def verify_manifest(manifest_path: Path) -> list[str]:
     for kind, entries in (("shard", manifest["shards"]), ("ledger file", manifest["ledger"]["files"])):
         for entry in entries:
             problems.extend(_check_file(release_dir, kind, entry))
+    for entry in manifest.get("image_shards", []):
+        problems.extend(_check_tar(release_dir, entry))
     if problems:
         return problems
 
@@ -148,7 +163,21 @@ def verify_manifest(manifest_path: Path) -> list[str]:
     return problems
 
 
-def _check_file(release_dir: Path, kind: str, entry: dict) -> list[str]:
+def _check_tar(release_dir: Path, entry: dict) -> list[str]:
+    problems = _check_file(release_dir, "image shard", entry, parquet=False)
+    if problems:
+        return problems
+    try:
+        with tarfile.open(_safe_member(release_dir, entry["path"]), "r:") as tar:
+            samples = {member.name.split(".", 1)[0] for member in tar if member.isfile()}
+    except tarfile.TarError as error:
+        return [f"image shard {entry['path']}: unreadable tar ({error})"]
+    if len(samples) != entry["rows"]:
+        return [f"image shard {entry['path']}: {len(samples)} samples, manifest says {entry['rows']}"]
+    return []
+
+
+def _check_file(release_dir: Path, kind: str, entry: dict, parquet: bool = True) -> list[str]:
     try:
         path = _safe_member(release_dir, entry["path"])
     except ValueError as error:
@@ -162,6 +191,8 @@ def _check_file(release_dir: Path, kind: str, entry: dict) -> list[str]:
     digest = sha256_of_file(path)
     if digest != entry["sha256"]:
         problems.append(f"{kind} {entry['path']}: sha256 {digest}, manifest says {entry['sha256']}")
+        return problems
+    if not parquet:
         return problems
     try:
         rows = pq.ParquetFile(path).metadata.num_rows

@@ -45,14 +45,37 @@ def read_member(handle, location: tuple[int, int]) -> bytes:
     return handle.read(size)
 
 
-def read_images(path: str | Path, keys: list[str], index: TarIndex | None = None) -> list[bytes | None]:
-    """The image bytes of each sample key in the shard at `path` (None for a key without an image); `index` is the
-    shard's `index_tar` when the caller has it already."""
-    index = index_tar(path) if index is None else index
-    images: list[bytes | None] = []
-    with open(path, "rb") as handle:
-        for key in keys:
-            files = index.get(key, {})
-            extension = image_extension(files)
-            images.append(read_member(handle, files[extension]) if extension else None)
-    return images
+class TarReader:
+    """Reads samples from many tars by (path, key), keeping the indexes and open handles of the `capacity` tars used
+    most recently: rows sorted by shard touch few tars at a time, and an open-file limit is never approached."""
+
+    def __init__(self, capacity: int = 16):
+        self.capacity = capacity
+        self._open: dict[str, tuple[TarIndex, object]] = {}
+
+    def image(self, path: str | Path, key: str) -> tuple[str, bytes] | None:
+        """(extension, bytes) of the image of sample `key` in the tar at `path`; None when it has none."""
+        index, handle = self._tar(str(path))
+        files = index.get(key, {})
+        extension = image_extension(files)
+        return (extension, read_member(handle, files[extension])) if extension else None
+
+    def _tar(self, path: str) -> tuple[TarIndex, object]:
+        if path in self._open:
+            self._open[path] = self._open.pop(path)  # most recently used last
+        else:
+            if len(self._open) >= self.capacity:
+                self._open.pop(next(iter(self._open)))[1].close()
+            self._open[path] = (index_tar(path), open(path, "rb"))
+        return self._open[path]
+
+    def close(self) -> None:
+        for _, handle in self._open.values():
+            handle.close()
+        self._open.clear()
+
+    def __enter__(self) -> "TarReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.io import ARTIFACTS_DIR, StageWriter, find_upstream, read_stage_record
+from curation.io import IMAGES_DIR, StageWriter, read_stage_record
 from curation.ops import download as download_ops
 from curation.ops import tars as tar_ops
 from curation.ops.download import DownloadOptions
@@ -30,7 +30,6 @@ from curation.spark.stages import read_stage_data, stage_input
 logger = logging.getLogger(__name__)
 
 STAGE_VERSION = 1
-IMAGES_DIR = "images"
 IMAGE_COLUMNS = [
     "image_shard", "image_key", "image_width", "image_height", "image_original_width", "image_original_height",
     "image_source_sha256",
@@ -41,36 +40,16 @@ _STATUS_SCHEMA = (
 )
 
 
-def images_dir_of(stage_dir: Path) -> Path:
-    """The folder of image tars that the rows of `stage_dir` point into (its nearest upstream download)."""
-    download_dir = find_upstream(stage_dir, "download")
-    if download_dir is None:
-        raise ValueError(f"{stage_dir} has no download stage upstream: run download first")
-    return download_dir / ARTIFACTS_DIR / IMAGES_DIR
-
-
 def _image_bytes_worker(images_dir: str, image_column: str):
     def run(batches):
-        indexes: dict[str, tar_ops.TarIndex] = {}
-        for batch in batches:
-            shards = batch.column(1).to_pylist()
-            keys = batch.column(2).to_pylist()
-            images: list[bytes | None] = [None] * len(shards)
-            by_shard: dict[str, list[int]] = {}
-            for position, shard in enumerate(shards):
-                by_shard.setdefault(shard, []).append(position)
-            for shard, positions in by_shard.items():
-                path = os.path.join(images_dir, shard)
-                if shard not in indexes:
-                    # Rows arrive grouped by shard, so a few indexes cover a partition; older ones are dropped.
-                    if len(indexes) >= 8:
-                        indexes.pop(next(iter(indexes)))
-                    indexes[shard] = tar_ops.index_tar(path)
-                found = tar_ops.read_images(path, [keys[p] for p in positions], indexes[shard])
-                for position, data in zip(positions, found, strict=True):
-                    images[position] = data
-            yield pa.RecordBatch.from_arrays([batch.column(0), pa.array(images, pa.binary())],
-                                             names=[UID, image_column])
+        with tar_ops.TarReader() as reader:
+            for batch in batches:
+                images = []
+                for shard, key in zip(batch.column(1).to_pylist(), batch.column(2).to_pylist(), strict=True):
+                    found = reader.image(os.path.join(images_dir, shard), key)
+                    images.append(found[1] if found else None)
+                yield pa.RecordBatch.from_arrays([batch.column(0), pa.array(images, pa.binary())],
+                                                 names=[UID, image_column])
 
     return run
 

@@ -18,10 +18,9 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from curation.io import StageWriter, read_stage_record
+from curation.io import StageWriter, downloaded_images_dir, read_stage_record
 from curation.schema import TAG_REASON, UID, Reason
 from curation.spark.common import StageRun, write_tagged
-from curation.spark.download import images_dir_of
 from curation.spark.stages import read_stage_data, stage_input
 
 logger = logging.getLogger(__name__)
@@ -148,7 +147,7 @@ def run_embed(spark, input_dir: Path, output_dir: Path, options: EmbedOptions, c
     for column in ("image_shard", "image_key"):
         if column not in df.columns:
             raise ValueError(f"{input_dir} rows have no {column}: embed reads the images of a download stage")
-    images_dir = images_dir_of(input_dir)
+    images_dir = downloaded_images_dir(input_dir)
     data_columns = [c for c in df.columns if c != CLIP_SCORE]
     rows_in = read_stage_record(input_dir)["rows_out"]
     shard_names = sorted(row[0] for row in df.select("image_shard").distinct().collect())

@@ -1,13 +1,18 @@
 """Publish: the last stage's rows as uid-range parquet shards, the whole run's ledger, and the manifest.
 
+With downloaded images, `images/shard-k.tar` beside `shards/shard-k.parquet` holds the same rows' images as a
+webdataset (`<uid>.jpg`, `.txt`, `.json`).
+
 Shard k of S holds the uids whose first 60 bits fall in the k-th of S equal ranges, sorted by uid; S =
 ceil(rows / shard_rows). Because the uid is a uniform hash this gives shards of about `shard_rows` rows whose
 content depends only on the set of rows, never on partitioning, and a takedown changes only the shards it touches.
 """
 
+import io
 import logging
 import math
 import os
+import tarfile
 import uuid
 from pathlib import Path
 
@@ -18,14 +23,17 @@ from curation.io import (
     LEDGER_DIR,
     StageWriter,
     atomic_write_json,
+    canonical_json,
+    downloaded_images_dir,
     fingerprint_files,
     list_files,
     resolve_data_dir,
     sha256_of_json,
     stage_chain,
 )
-from curation.manifest import MANIFEST_NAME, build_manifest, file_entry
-from curation.schema import LEDGER_SCHEMA, UID
+from curation.manifest import MANIFEST_NAME, build_manifest, file_entry, tar_entry
+from curation.ops import tars as tar_ops
+from curation.schema import CAPTION, LEDGER_SCHEMA, UID
 from curation.spark.common import StageRun, arrow_schema_of
 
 logger = logging.getLogger(__name__)
@@ -33,6 +41,8 @@ logger = logging.getLogger(__name__)
 PUBLISH_VERSION = 1
 SHARD_ROW_GROUP_ROWS = 65_536
 _UID_PREFIX_SPAN = 1 << 60
+IMAGE_SHARDS_DIR = "images"
+IMAGE_POINTER_COLUMNS = ("image_shard", "image_key")
 
 
 def shard_of_prefix_expression(shard_count: int) -> str:
@@ -52,48 +62,85 @@ def _write_shard(table: pa.Table, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def _shard_worker(out_dir: str, prefix: str, schema: pa.Schema):
-    """Writes each shard of a partition (rows arrive sorted by shard, then by the sort columns)."""
+def _write_image_tar(table: pa.Table, images_dir: str, path: Path, reader: tar_ops.TarReader) -> None:
+    """The shard's samples as a webdataset tar (`<uid>.jpg`, `<uid>.txt`, `<uid>.json`), byte-identical for the same
+    rows: members in uid order with fixed owner, mode and time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    record_columns = [name for name in table.column_names if name not in IMAGE_POINTER_COLUMNS]
+    with tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for row in table.to_pylist():
+            found = reader.image(os.path.join(images_dir, row["image_shard"]), row["image_key"])
+            if found is None:
+                raise ValueError(f"uid {row[UID]}: no image for key {row['image_key']} in {row['image_shard']}")
+            extension, image = found
+            sample = {
+                extension: image,
+                "txt": row[CAPTION].encode(),
+                "json": canonical_json({name: row[name] for name in record_columns}).encode(),
+            }
+            for member_extension, data in sample.items():
+                info = tarfile.TarInfo(f"{row[UID]}.{member_extension}")
+                info.size, info.mode, info.mtime = len(data), 0o644, 0
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(temporary, path)
+
+
+def _shard_worker(out_dir: str, prefix: str, schema: pa.Schema, images_dir: str | None):
+    """Writes each shard of a partition (rows arrive sorted by shard, then by the sort columns), and with
+    `images_dir` its image tar beside it."""
 
     def run(batches):
         current, pending = None, []
+        reader = tar_ops.TarReader()
 
         def flush():
-            table = pa.Table.from_batches(pending).select(schema.names).cast(schema).combine_chunks()
+            table = pa.Table.from_batches(pending)
             path = Path(out_dir) / f"{prefix}-{current:05d}.parquet"
-            _write_shard(table, path)
-            columns = [pa.array([current], pa.int32()), pa.array([str(path)])]
-            return pa.RecordBatch.from_arrays(columns, ["shard", "path"])
+            _write_shard(table.select(schema.names).cast(schema).combine_chunks(), path)
+            tar_path = None
+            if images_dir is not None:
+                tar_path = Path(out_dir).parent / IMAGE_SHARDS_DIR / f"{prefix}-{current:05d}.tar"
+                _write_image_tar(table, images_dir, tar_path, reader)
+            columns = [pa.array([current], pa.int32()), pa.array([str(path)]),
+                       pa.array([str(tar_path) if tar_path else None], pa.string())]
+            return pa.RecordBatch.from_arrays(columns, ["shard", "path", "tar"])
 
-        for batch in batches:
-            shards = batch.column("_shard").to_numpy()
-            start = 0
-            while start < len(shards):
-                shard = int(shards[start])
-                end = start
-                while end < len(shards) and shards[end] == shard:
-                    end += 1
-                if current is not None and shard != current:
-                    yield flush()
-                    pending = []
-                current = shard
-                pending.append(batch.slice(start, end - start))
-                start = end
-        if pending:
-            yield flush()
+        try:
+            for batch in batches:
+                shards = batch.column("_shard").to_numpy()
+                start = 0
+                while start < len(shards):
+                    shard = int(shards[start])
+                    end = start
+                    while end < len(shards) and shards[end] == shard:
+                        end += 1
+                    if current is not None and shard != current:
+                        yield flush()
+                        pending = []
+                    current = shard
+                    pending.append(batch.slice(start, end - start))
+                    start = end
+            if pending:
+                yield flush()
+        finally:
+            reader.close()
 
     return run
 
 
 def write_uid_shards(df, rows: int, shard_rows: int, out_dir: Path, prefix: str, schema: pa.Schema,
-                     sort_columns: list[str]) -> list[Path]:
+                     sort_columns: list[str], images_dir: Path | None = None) -> list[tuple[Path, Path | None]]:
+    """(parquet shard, image tar or None) per uid-range shard, in shard order."""
     from pyspark.sql import functions as F
 
     shard_count = max(1, math.ceil(rows / shard_rows))
     sharded = df.withColumn("_shard", F.expr(shard_of_prefix_expression(shard_count)))
     sharded = sharded.repartition(shard_count, "_shard").sortWithinPartitions("_shard", *sort_columns)
-    written = sharded.mapInArrow(_shard_worker(str(out_dir), prefix, schema), "shard int, path string").collect()
-    return [Path(row["path"]) for row in sorted(written, key=lambda row: row["shard"])]
+    worker = _shard_worker(str(out_dir), prefix, schema, str(images_dir) if images_dir else None)
+    written = sharded.mapInArrow(worker, "shard int, path string, tar string").collect()
+    return [(Path(row["path"]), Path(row["tar"]) if row["tar"] else None)
+            for row in sorted(written, key=lambda row: row["shard"])]
 
 
 def _stage_summary(folder: Path, record: dict) -> dict:
@@ -120,7 +167,10 @@ def run_publish(
     last_folder, last_record = chain[-1]
     data_dir = resolve_data_dir(input_dir)
     data_df = spark.read.parquet(str(data_dir))
-    data_schema = arrow_schema_of(data_df)
+    # With downloaded images the release carries them as tars; the rows' pointers into the run's download tars
+    # mean nothing outside the run and are left out.
+    images_dir = downloaded_images_dir(input_dir) if "image_shard" in data_df.columns else None
+    data_schema = arrow_schema_of(data_df.drop(*IMAGE_POINTER_COLUMNS) if images_dir else data_df)
 
     ledger_folders = [str(folder / LEDGER_DIR) for folder, _ in chain if (folder / LEDGER_DIR).is_dir()]
     ledger_df = spark.read.schema(
@@ -129,13 +179,17 @@ def run_publish(
     ledger_rows = sum(record["rows_in"] - record["rows_out"] for _, record in chain)
 
     with StageWriter(output_dir) as writer:
-        shard_paths = write_uid_shards(
-            data_df, last_record["rows_out"], shard_rows, writer.temp_dir / "shards", "shard", data_schema, [UID]
+        written = write_uid_shards(
+            data_df, last_record["rows_out"], shard_rows, writer.temp_dir / "shards", "shard", data_schema, [UID],
+            images_dir,
         )
-        ledger_paths = write_uid_shards(
+        shard_paths = [path for path, _ in written]
+        image_shards = [tar_entry(writer.temp_dir, tar, rows=file_entry(writer.temp_dir, path)["rows"])
+                        for path, tar in written if tar is not None]
+        ledger_paths = [path for path, _ in write_uid_shards(
             ledger_df, ledger_rows, shard_rows, writer.temp_dir / "ledger", "ledger", LEDGER_SCHEMA,
             ["uid", "stage", "reason", "related_uid", "detail"],
-        )
+        )]
         ingest_record = chain[0][1]
         inputs = [
             {**f, "fingerprint": ingest_record["input"]["fingerprint"]} for f in ingest_record["input"]["files"]
@@ -157,6 +211,7 @@ def run_publish(
             skipped_inputs=ingest_record["input"].get("skipped_files", []),
             stages=[_stage_summary(folder, record) for folder, record in chain],
             shards=[file_entry(writer.temp_dir, p) for p in shard_paths],
+            image_shards=image_shards,
             ledger_files=[file_entry(writer.temp_dir, p) for p in ledger_paths],
             metadata=metadata and {**metadata, "path": Path(metadata["path"]).name},
             balancing=balancing,

@@ -7,15 +7,19 @@ either kept or in exactly one ledger with the right reason. No traffic leaves 12
 
 import io
 import json
+import tarfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
+from curation.cli import main as cli_main
 from curation.image_server import NOT_FOUND, ImageServer, Response
 from curation.io import ARTIFACTS_DIR, LEDGER_DIR, read_stage_record
+from curation.manifest import verify_manifest
 from curation.ops.download import DownloadOptions
 from curation.ops.ingest import IngestOptions
 from curation.ops.uid import uid_of
@@ -24,6 +28,7 @@ from curation.spark.common import StageRun
 from curation.spark.download import run_download
 from curation.spark.embed import EmbedOptions, run_embed
 from curation.spark.image_dedup import run_dedup_image
+from curation.spark.publish import run_publish
 from curation.spark.stages import run_ingest
 from tests.conftest import shared_data_dir
 
@@ -203,3 +208,51 @@ def test_download_rerun_after_a_crash_fetches_nothing_again(spark, served, image
     assert resumed["download"]["shards_resumed"] == 2
     assert resumed["rows_out"] == read_stage_record(root / "download")["rows_out"]
     assert not (tmp_path / ".download.work").exists()
+
+
+def test_release_carries_the_images_as_tars_twinned_with_the_parquet_shards(spark, image_run):
+    root, _, _ = image_run
+    run_publish(spark, root / "dedup_image", root / "publish", shard_rows=5)
+    spark.conf.set("spark.sql.shuffle.partitions", "1")
+    try:
+        run_publish(spark, root / "dedup_image", root / "publish_again", shard_rows=5)
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", "4")
+    assert verify_manifest(root / "publish") == []
+    manifest = json.loads((root / "publish" / "manifest.json").read_text())
+    assert len(manifest["image_shards"]) == len(manifest["shards"]) >= 2
+    for shard, tar_entry in zip(manifest["shards"], manifest["image_shards"], strict=True):
+        rows = pq.read_table(root / "publish" / shard["path"])
+        assert "image_shard" not in rows.column_names and "image_key" not in rows.column_names
+        with tarfile.open(root / "publish" / tar_entry["path"]) as tar:
+            names = tar.getnames()
+            uids = rows.column("uid").to_pylist()
+            assert names == [f"{uid}.{ext}" for uid in uids for ext in ("jpg", "txt", "json")]
+            sample = json.loads(tar.extractfile(f"{uids[0]}.json").read())
+            assert sample["uid"] == uids[0] and "clip_score" in sample
+            Image.open(io.BytesIO(tar.extractfile(f"{uids[0]}.jpg").read())).verify()
+        again = root / "publish_again" / tar_entry["path"]
+        assert again.read_bytes() == (root / "publish" / tar_entry["path"]).read_bytes()
+
+
+def test_run_config_chains_download_embed_and_dedup_image(served, image_run, tmp_path):
+    root, expected, _ = image_run
+    server, _ = served
+    config = {
+        "name": "images", "input": str(root / "raw.parquet"), "seed": 0,
+        "stages": [
+            "ingest",
+            {"download": {"allow_hosts": [f"127.0.0.1:{server.port}"], "image_size": 128,
+                          "resize_mode": "keep_ratio", "shard_rows": 9, "thread_count": 4}},
+            {"embed": {"model": "tiny-clip", "pretrained": "random", "device": "cpu", "num_workers": 0}},
+            "dedup_image",
+            {"publish": {"shard_rows": 100}},
+        ],
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert cli_main(["run", str(tmp_path / "run.yaml"), "--output", str(tmp_path / "run")]) == 0
+    assert cli_main(["verify", str(tmp_path / "run")]) == 0
+    manifest = json.loads((tmp_path / "run" / "publish" / "manifest.json").read_text())
+    assert manifest["totals"]["rows_in"] == len(expected)
+    assert manifest["totals"]["rows_published"] == pq.read_table(root / "dedup_image").num_rows
+    assert [stage["stage"] for stage in manifest["stages"]] == ["ingest", "download", "embed", "dedup_image"]
