@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(VENV_PYTHON) bench/bench_spine.py --out bench/results/spine.json
 	$(VENV_PYTHON) bench/bench_dedup_text.py --out bench/results/dedup_text.json
 	$(VENV_PYTHON) bench/bench_embed.py batch
+	$(VENV_PYTHON) bench/bench_semdedup.py --out bench/results/semdedup.json
 
 clean:
 	rm -rf build $(VENV)

@@ -12,7 +12,8 @@ from curation.config import STAGE_OPTIONS, ConfigError, load_run_config
 logger = logging.getLogger("curation")
 
 STAGE_COMMANDS = (
-    "ingest", "dedup-exact", "dedup-text", "download", "embed", "dedup-image", "match", "count", "balance", "publish",
+    "ingest", "dedup-exact", "dedup-text", "download", "embed", "dedup-image", "cluster", "semdedup", "prune", "match",
+    "count", "balance", "publish",
 )
 # Kept in step with curation.demo_images (not imported: it would load Pillow and numpy for every command).
 DEMO_IMAGE_PORT = 18765
@@ -121,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--output", required=True, type=Path, help="stage folder to write")
     _add_options_of(embed, "embed")
 
+    cluster = commands.add_parser("cluster", help="spherical k-means on the image embeddings; rows gain cluster")
+    cluster.add_argument("--input", required=True, type=Path, help="stage folder downstream of embed")
+    cluster.add_argument("--output", required=True, type=Path, help="stage folder to write")
+    _add_options_of(cluster, "cluster", {"seed": int})
+
+    semdedup = commands.add_parser("semdedup", help="SemDeDup inside the clusters of a cluster stage")
+    semdedup.add_argument("--input", required=True, type=Path, help="stage folder of a cluster stage (or after it)")
+    semdedup.add_argument("--output", required=True, type=Path, help="stage folder to write")
+    _add_options_of(semdedup, "semdedup", {"target_keep_fraction": float})
+
+    prune = commands.add_parser("prune", help="density-based pruning over concept clusters")
+    prune.add_argument("--input", required=True, type=Path, help="stage folder downstream of embed")
+    prune.add_argument("--output", required=True, type=Path, help="stage folder to write")
+    _add_options_of(prune, "prune", {"seed": int, "keep_fraction": float, "keep_count": int})
+
     count = commands.add_parser("count", help="entry counts c_e over matched rows (artifact; rows pass through)")
     count.add_argument("--input", required=True, type=Path, help="matched stage folder")
     count.add_argument("--output", required=True, type=Path, help="stage folder to write")
@@ -173,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_images.add_argument("--port", type=int, default=DEMO_IMAGE_PORT, help=f"default: {DEMO_IMAGE_PORT}")
     demo_images.add_argument("--seed", type=int, default=0, help="image generator seed (default: 0)")
 
-    for sub in (ingest, dedup_exact, dedup_text, dedup_image, download, embed, match, count, balance, publish, run):
+    for sub in (ingest, dedup_exact, dedup_text, dedup_image, download, embed, cluster, semdedup, prune, match, count,
+                balance, publish, run):
         _add_spark_options(sub)
     return parser
 
@@ -236,6 +253,8 @@ def _stage_command(args) -> dict:
 
         options = _stage_options_from(args, "embed")
         return run_embed(spark, args.input, args.output, embed_options(options), {"stage": "embed", **options})
+    if args.command in ("cluster", "semdedup", "prune"):
+        return _embedding_stage_command(spark, args)
     if args.command == "dedup-image":
         options = {k: getattr(args, k) for k in ("image_column", "max_distance", "max_anchors", "full_pairs_limit")}
         return image_dedup.run_dedup_image(spark, args.input, args.output, partitions=args.partitions,
@@ -254,6 +273,16 @@ def _stage_command(args) -> dict:
                                   args.tail_share, args.partitions, config)
     config = {"stage": "publish", "shard_rows": args.shard_rows, "name": args.name}
     return publish.run_publish(spark, args.input, args.output, args.shard_rows, args.name, config)
+
+
+def _embedding_stage_command(spark, args) -> dict:
+    from curation.config import StageConfig, stage_options
+    from curation.pipeline import run_stage
+
+    stage = args.command
+    given = _stage_options_from(args, stage)
+    options = stage_options(stage, given, {"seed": 0})
+    return run_stage(spark, StageConfig(stage, options), {"stage": stage, **options}, args.input, args.output, None)
 
 
 def _write(text: str) -> None:

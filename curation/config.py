@@ -12,6 +12,16 @@ import yaml
 from curation.io import sha256_of_json
 from curation.ops.ingest import DEFAULT_MAX_CAPTION_CHARS
 
+# What the cluster and prune stages share: both fit spherical k-means on the image embeddings.
+KMEANS_OPTIONS: dict[str, tuple[object, str]] = {
+    "sample_size": (500_000, "k-means is fit on the driver on a uniform sample (u(seed, uid)) of about this many"),
+    "iterations": (20, "k-means iterations (faiss may stop earlier once converged)"),
+    "threads": (4, "faiss threads for the fit (fixed, so the centroids do not depend on the machine)"),
+    "device": ("auto", "auto (GPU faiss when present), cuda or cpu"),
+    "init": ("random", "centroid seeding: random (faiss's, as SemDeDup) or kmeans++"),
+    "seed": (None, "seed of the sample draw and of faiss; default: the run's `seed`"),
+}
+
 STAGE_OPTIONS: dict[str, dict[str, tuple[object, str]]] = {
     "ingest": {
         "url_column": (None, "url column of the raw shards (default: detected: url, URL, image_url)"),
@@ -69,6 +79,24 @@ STAGE_OPTIONS: dict[str, dict[str, tuple[object, str]]] = {
         "batch_size": (256, "images per forward pass; batches never span two tars"),
         "num_workers": (2, "DataLoader processes decoding images while the model embeds"),
         "engine": ("local", "local (this machine, one process per GPU) or spark (one Spark task per tar)"),
+    },
+    "cluster": {
+        "k": (1000, "number of k-means clusters on the image embeddings (SemDeDup used 50,000 for 440M)"),
+        **KMEANS_OPTIONS,
+    },
+    "semdedup": {
+        "eps": (0.07, "drop a member whose cosine similarity to an earlier member of its cluster exceeds 1 - eps"),
+        "target_keep_fraction": (None, "choose eps so that this fraction of the rows is kept (instead of eps)"),
+        "block_rows": (2048, "rows per similarity block: memory is O(block_rows^2), not O(cluster^2)"),
+    },
+    "prune": {
+        "k": (500, "number of concept clusters (500 in the paper for LAION)"),
+        **KMEANS_OPTIONS,
+        "keep_fraction": (None, "fraction of the rows to keep (this or keep_count is required)"),
+        "keep_count": (None, "number of rows to keep"),
+        "tau": (0.1, "softmax temperature over cluster complexity"),
+        "ratio": (0.5, "each cluster keeps at least min(floor(ratio * N_keep / k), its size)"),
+        "selection": ("hard", "which members a cluster keeps: hard (farthest from the centroid), easy, random"),
     },
     "match": {
         "metadata": (None, "MetaCLIP metadata.json (a JSON list of entries); default: the run's `metadata`"),
@@ -169,6 +197,8 @@ def parse_run_config(raw: dict) -> RunConfig:
     for stage in stages:
         if stage.name == "match" and not stage.options["metadata"]:
             raise ConfigError("stage match needs `metadata` (in the stage or at the top level)")
+        if stage.name == "prune" and (stage.options["keep_fraction"] is None) == (stage.options["keep_count"] is None):
+            raise ConfigError("stage prune needs exactly one of keep_fraction and keep_count")
     return RunConfig(
         name=name, inputs=[str(i) for i in inputs], seed=seed, stages=stages, spark_master=spark.get("master"),
         spark_partitions=spark.get("partitions"), spark_conf=dict(spark.get("conf") or {}), raw=raw,

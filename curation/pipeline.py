@@ -28,6 +28,7 @@ DOWNLOAD_OPTION_NAMES = (
     "skip_reencode", "min_image_size", "max_aspect_ratio", "timeout", "retries", "thread_count", "user_agent_token",
     "disallowed_header_directives",
 )
+KMEANS_OPTION_NAMES = ("k", "sample_size", "iterations", "threads", "device", "init", "seed")
 EMBED_OPTION_NAMES = ("model", "pretrained", "device", "precision", "batch_size", "num_workers", "engine")
 
 
@@ -55,6 +56,12 @@ def embed_options(options: dict):
     return EmbedOptions(**{name: options[name] for name in EMBED_OPTION_NAMES})
 
 
+def kmeans_options(options: dict):
+    from curation.spark.semantic import KMeansOptions
+
+    return KMeansOptions(**{name: options[name] for name in KMEANS_OPTION_NAMES})
+
+
 def hashed_config(stage: StageConfig) -> dict:
     """What a stage's record stores as its config: the options, plus the content hash of files they name."""
     config = {"stage": stage.name, **stage.options}
@@ -66,13 +73,13 @@ def hashed_config(stage: StageConfig) -> dict:
 
 
 def run_stage(
-    spark, stage: StageConfig, config: dict, input_location, output_dir: Path, run_config: RunConfig
+    spark, stage: StageConfig, config: dict, input_location, output_dir: Path, run_config: RunConfig | None
 ) -> dict:
     """Run one stage; `config` is its `hashed_config`, stored in the stage record."""
-    from curation.spark import dedup, download, embed, image_dedup, publish, stages
+    from curation.spark import dedup, download, embed, image_dedup, publish, semantic, stages
 
     options = stage.options
-    partitions = options.get("partitions") or run_config.spark_partitions
+    partitions = options.get("partitions") or (run_config.spark_partitions if run_config else None)
     if stage.name == "ingest":
         return stages.run_ingest(
             spark, input_location, output_dir, ingest_options(options), options["skip_bad_files"], partitions, config
@@ -91,6 +98,18 @@ def run_stage(
         )
     if stage.name == "embed":
         return embed.run_embed(spark, input_location, output_dir, embed_options(options), config)
+    if stage.name == "cluster":
+        return semantic.run_cluster(spark, input_location, output_dir, kmeans_options(options), config)
+    if stage.name == "semdedup":
+        eps = None if options["target_keep_fraction"] is not None else float(options["eps"])
+        return semantic.run_semdedup(spark, input_location, output_dir, eps, options["target_keep_fraction"],
+                                     int(options["block_rows"]), config)
+    if stage.name == "prune":
+        prune = semantic.PruneOptions(
+            keep_fraction=options["keep_fraction"], keep_count=options["keep_count"], tau=float(options["tau"]),
+            ratio=float(options["ratio"]), selection=options["selection"],
+        )
+        return semantic.run_prune(spark, input_location, output_dir, kmeans_options(options), prune, config)
     if stage.name == "dedup_image":
         return image_dedup.run_dedup_image(
             spark, input_location, output_dir, options["image_column"], int(options["max_distance"]),

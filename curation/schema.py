@@ -62,6 +62,10 @@ class Reason:
     IMAGE_REJECTED = "image_rejected"
     # embed: the downloaded sample could not be embedded (the embedder's message in detail)
     EMBED_FAILED = "embed_failed"
+    # semdedup: cosine similarity to an earlier member of its cluster above 1 - eps (related_uid: the kept member)
+    SEMANTIC_DUPLICATE = "semantic_duplicate"
+    # prune: beyond its concept cluster's quota (detail: cluster, rank, quota)
+    PRUNED_DENSE_CLUSTER = "pruned_dense_cluster"
 
 
 # A duplicate_pair ledger row carries the uid of the published first occurrence by definition (same url and

@@ -96,6 +96,35 @@ def write_tagged(tagged_df, data_columns: list[str], data_dir: str, ledger_dir: 
     return kept, dict(sorted(by_reason.items()))
 
 
+def untagged(df):
+    from pyspark.sql import functions as F
+
+    return (
+        df.withColumn(TAG_STAGE, F.lit(None).cast("string"))
+        .withColumn(TAG_REASON, F.lit(None).cast("string"))
+        .withColumn(TAG_RELATED_UID, F.lit(None).cast("string"))
+        .withColumn(TAG_DETAIL, F.lit(None).cast("string"))
+    )
+
+
+def drop_where(df, condition, stage: str, reason, related=None, detail=None):
+    """Tag the rows matching `condition` (and not dropped before) as dropped by `stage` with `reason` (a string or
+    a Column), `related` uid and `detail` (Columns or None)."""
+    from pyspark.sql import Column
+    from pyspark.sql import functions as F
+
+    condition = condition & F.col(TAG_REASON).isNull()
+    reason = reason if isinstance(reason, Column) else F.lit(reason)
+    related = related if related is not None else F.lit(None).cast("string")
+    detail = detail if detail is not None else F.lit(None).cast("string")
+    return (
+        df.withColumn(TAG_STAGE, F.when(condition, F.lit(stage)).otherwise(F.col(TAG_STAGE)))
+        .withColumn(TAG_RELATED_UID, F.when(condition, related).otherwise(F.col(TAG_RELATED_UID)))
+        .withColumn(TAG_DETAIL, F.when(condition, detail).otherwise(F.col(TAG_DETAIL)))
+        .withColumn(TAG_REASON, F.when(condition, reason).otherwise(F.col(TAG_REASON)))
+    )
+
+
 class StageRun:
     """Times a stage and assembles its `_stage.json` record, checking rows in = rows out + rows dropped."""
 

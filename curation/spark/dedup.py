@@ -22,8 +22,8 @@ from curation.ops.minhash import (
 )
 from curation.ops.uid import uniform
 from curation.ops.urls import normalise_urls
-from curation.schema import CAPTION, TAG_DETAIL, TAG_REASON, TAG_RELATED_UID, TAG_STAGE, UID, URL, Reason
-from curation.spark.common import StageRun, write_tagged
+from curation.schema import CAPTION, TAG_REASON, UID, URL, Reason
+from curation.spark.common import StageRun, drop_where, untagged, write_tagged
 from curation.spark.components import connected_components
 from curation.spark.stages import prepared_input, read_stage_data, stage_input
 
@@ -33,28 +33,6 @@ STAGE_VERSIONS = {"dedup_exact": 1, "dedup_text": 1}
 TEXT_DEDUP_PURPOSE = "dedup_text"
 GROUP_COLUMN = "text_dup_group"
 GROUP_SIZE_COLUMN = "text_dup_group_size"
-
-
-def untagged(df):
-    from pyspark.sql import functions as F
-
-    return (
-        df.withColumn(TAG_STAGE, F.lit(None).cast("string"))
-        .withColumn(TAG_REASON, F.lit(None).cast("string"))
-        .withColumn(TAG_RELATED_UID, F.lit(None).cast("string"))
-        .withColumn(TAG_DETAIL, F.lit(None).cast("string"))
-    )
-
-
-def drop_where(df, condition, stage: str, reason: str, related, detail):
-    from pyspark.sql import functions as F
-
-    return (
-        df.withColumn(TAG_STAGE, F.when(condition, F.lit(stage)).otherwise(F.col(TAG_STAGE)))
-        .withColumn(TAG_RELATED_UID, F.when(condition, related).otherwise(F.col(TAG_RELATED_UID)))
-        .withColumn(TAG_DETAIL, F.when(condition, detail).otherwise(F.col(TAG_DETAIL)))
-        .withColumn(TAG_REASON, F.when(condition, F.lit(reason)).otherwise(F.col(TAG_REASON)))
-    )
 
 
 def keep_first_per_key(tagged, key, order: list, stage: str, reason: str, detail):

@@ -22,8 +22,8 @@ from curation.io import IMAGES_DIR, StageWriter, read_stage_record
 from curation.ops import download as download_ops
 from curation.ops import tars as tar_ops
 from curation.ops.download import DownloadOptions
-from curation.schema import CAPTION, TAG_REASON, UID, URL
-from curation.spark.common import StageRun, write_tagged
+from curation.schema import CAPTION, UID, URL
+from curation.spark.common import StageRun, drop_where, untagged, write_tagged
 from curation.spark.publish import shard_of_prefix_expression
 from curation.spark.stages import read_stage_data, stage_input
 
@@ -135,12 +135,8 @@ def run_download(
         unreported = tagged.filter(F.col("_reason").isNull() & F.col("image_key").isNull()).limit(5).collect()
         if unreported:
             raise RuntimeError(f"download: img2dataset reported no status for uids {[r[UID] for r in unreported]}")
-        tagged = (
-            tagged.withColumn("_ledger_stage", F.when(F.col("_reason").isNotNull(), F.lit("download")))
-            .withColumn(TAG_REASON, F.col("_reason"))
-            .withColumn("_ledger_related_uid", F.lit(None).cast("string"))
-            .withColumn("_ledger_detail", F.col("_detail"))
-        )
+        tagged = drop_where(untagged(tagged), F.col("_reason").isNotNull(), "download", F.col("_reason"),
+                            detail=F.col("_detail"))
         rows_out, drops = write_tagged(tagged, [*data_columns, *IMAGE_COLUMNS], str(writer.temp_dir),
                                        str(writer.ledger_dir))
         record = run.record(input_info, rows_in, rows_out, drops,

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from curation.io import StageWriter, downloaded_images_dir, read_stage_record
-from curation.schema import TAG_REASON, UID, Reason
-from curation.spark.common import StageRun, write_tagged
+from curation.schema import UID, Reason
+from curation.spark.common import StageRun, drop_where, untagged, write_tagged
 from curation.spark.stages import read_stage_data, stage_input
 
 logger = logging.getLogger(__name__)
@@ -174,13 +174,8 @@ def run_embed(spark, input_dir: Path, output_dir: Path, options: EmbedOptions, c
         unreported = tagged.filter(F.col(CLIP_SCORE).isNull() & F.col("_failure").isNull()).limit(5).collect()
         if unreported:
             raise RuntimeError(f"embed: no embedding and no failure for uids {[row[UID] for row in unreported]}")
-        failed = F.col(CLIP_SCORE).isNull()
-        tagged = (
-            tagged.withColumn("_ledger_stage", F.when(failed, F.lit("embed")))
-            .withColumn(TAG_REASON, F.when(failed, F.lit(Reason.EMBED_FAILED)))
-            .withColumn("_ledger_related_uid", F.lit(None).cast("string"))
-            .withColumn("_ledger_detail", F.when(failed, F.col("_failure")))
-        )
+        tagged = drop_where(untagged(tagged), F.col(CLIP_SCORE).isNull(), "embed", Reason.EMBED_FAILED,
+                            detail=F.col("_failure"))
         rows_out, drops = write_tagged(tagged, [*data_columns, CLIP_SCORE], str(writer.temp_dir),
                                        str(writer.ledger_dir))
         model_record = _model_record(outputs)

@@ -21,9 +21,9 @@ from curation.ops.imagehash import (
     perceptual_hash,
 )
 from curation.schema import TAG_REASON, UID, Reason
-from curation.spark.common import StageRun, write_tagged
+from curation.spark.common import StageRun, drop_where, untagged, write_tagged
 from curation.spark.components import connected_components
-from curation.spark.dedup import drop_where, keep_first_per_key, pair_worker, untagged
+from curation.spark.dedup import keep_first_per_key, pair_worker
 from curation.spark.download import image_bytes
 from curation.spark.stages import read_stage_data, stage_input
 

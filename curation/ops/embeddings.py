@@ -1,0 +1,53 @@
+"""Embeddings as Spark can carry them: one float16 vector per row packed into a binary value.
+
+The embed stage stores embeddings as parquet fixed-size lists of float16, which Spark cannot read (it has no half
+float type). Stages that need embeddings (cluster, semdedup, prune) read those files with pyarrow in Spark tasks and
+move each vector as `dim * 2` little-endian bytes: half the size of float32 on every shuffle, and exactly the
+stored values.
+"""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+EMBEDDING_COLUMN = "_embedding"
+
+
+def pack(matrix: np.ndarray) -> pa.BinaryArray:
+    """Rows of a float16 (n, d) matrix as n binary values of d * 2 bytes."""
+    matrix = np.ascontiguousarray(matrix, dtype="<f2")
+    rows, dim = matrix.shape
+    offsets = (np.arange(rows + 1, dtype=np.int64) * dim * 2).astype(np.int32)
+    return pa.Array.from_buffers(pa.binary(), rows, [None, pa.py_buffer(offsets), pa.py_buffer(matrix.tobytes())])
+
+
+def unpack(values: pa.Array | pa.ChunkedArray, dim: int | None = None) -> np.ndarray:
+    """The float32 (n, d) matrix of binary values made by `pack` (null values are refused)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks else pa.array([], pa.binary())
+    if values.null_count:
+        raise ValueError(f"{values.null_count} embedding(s) are missing")
+    if values.type == pa.large_binary():
+        values = values.cast(pa.binary())
+    rows = len(values)
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)[values.offset : values.offset + rows + 1]
+    lengths = np.diff(offsets)
+    width = int(lengths[0]) if rows else (dim or 0) * 2
+    if rows and (lengths != width).any():
+        raise ValueError("embeddings of different lengths in one column")
+    if dim is not None and width != dim * 2:
+        raise ValueError(f"embeddings have {width // 2} dimensions, expected {dim}")
+    if not rows:
+        return np.empty((0, dim or 0), dtype=np.float32)
+    data = np.frombuffer(values.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return data.view("<f2").reshape(rows, width // 2).astype(np.float32)
+
+
+def read_packed(path: str, column: str = "image_embedding") -> pa.RecordBatch:
+    """(uid, EMBEDDING_COLUMN) of one embed-stage output file, `column` packed."""
+    table = pq.read_table(path, columns=["uid", column])
+    vectors = table.column(column).combine_chunks()
+    dim = vectors.type.list_size
+    matrix = vectors.flatten().to_numpy(zero_copy_only=False).reshape(len(table), dim)
+    return pa.RecordBatch.from_arrays([table.column("uid").combine_chunks(), pack(matrix)],
+                                      names=["uid", EMBEDDING_COLUMN])

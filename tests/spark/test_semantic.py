@@ -1,0 +1,186 @@
+"""cluster -> semdedup -> prune on Spark over synthetic embeddings with planted duplicate groups.
+
+The embed stage folder is written here in the embed stage's own format (rows + `_artifacts/embeddings/*.parquet`
+of `embedding_schema`), so that the vectors can be planted: concept clouds of distinct images plus groups of
+near-copies (cosine > 0.999 to their original).
+"""
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curation.cli import main as cli_main
+from curation.gpu.embed import embedding_schema
+from curation.io import ARTIFACTS_DIR, LEDGER_DIR, StageWriter, read_stage_record
+from curation.ops.ingest import IngestOptions
+from curation.schema import Reason
+from curation.spark.common import StageRun
+from curation.spark.semantic import KMeansOptions, PruneOptions, run_cluster, run_prune, run_semdedup
+from curation.spark.stages import run_ingest, stage_input
+
+pytestmark = pytest.mark.spark
+logger = logging.getLogger(__name__)
+
+DIM = 32
+CONCEPTS = 12
+DISTINCT_ROWS = 1500
+GROUPS = 80
+EPS = 0.005
+
+
+def _unit(matrix: np.ndarray) -> np.ndarray:
+    return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+
+
+def _planted_vectors() -> tuple[np.ndarray, list[list[int]]]:
+    """Rows: distinct images around CONCEPTS concept directions, then GROUPS groups of 1-3 near-copies of distinct
+    rows. Returns the vectors and the planted groups as row lists (original first)."""
+    rng = np.random.default_rng(11)
+    concepts = _unit(rng.normal(size=(CONCEPTS, DIM)))
+    labels = rng.integers(0, CONCEPTS, DISTINCT_ROWS)
+    distinct = _unit(concepts[labels] + rng.normal(scale=0.35, size=(DISTINCT_ROWS, DIM)))
+    originals = rng.choice(DISTINCT_ROWS, size=GROUPS, replace=False)
+    copies, groups = [], []
+    for original in originals.tolist():
+        members = [original]
+        for _ in range(int(rng.integers(1, 4))):
+            members.append(DISTINCT_ROWS + len(copies))
+            copies.append(_unit(distinct[original] + rng.normal(scale=0.004, size=DIM)[None])[0])
+        groups.append(members)
+    return np.vstack([distinct, np.array(copies)]).astype(np.float32), groups
+
+
+def _write_embed_stage(ingest_dir: Path, embed_dir: Path, vectors: np.ndarray, uids: list[str], files: int) -> None:
+    """An embed stage folder over the ingest rows with the given image embeddings (text embeddings equal them)."""
+    order = np.argsort(uids)
+    rows = pq.read_table(ingest_dir).sort_by("uid")
+    run = StageRun("embed", 1, {"stage": "embed", "planted": True})
+    with StageWriter(embed_dir) as writer:
+        half = vectors.astype(np.float16)
+        for part, chunk in enumerate(np.array_split(order, files)):
+            flat = pa.array(half[chunk].reshape(-1))
+            table = pa.Table.from_arrays(
+                [pa.array([uids[i] for i in chunk], pa.string()),
+                 pa.FixedSizeListArray.from_arrays(flat, DIM), pa.FixedSizeListArray.from_arrays(flat, DIM),
+                 pa.array(np.ones(len(chunk), np.float32))],
+                schema=embedding_schema(DIM),
+            )
+            (writer.artifacts_dir / "embeddings").mkdir(exist_ok=True)
+            pq.write_table(table, writer.artifacts_dir / "embeddings" / f"{part:05d}.parquet")
+            pq.write_table(rows.filter(pa.array(np.isin(rows.column("uid").to_numpy(zero_copy_only=False),
+                                                        [uids[i] for i in chunk]))),
+                           writer.temp_dir / f"part-{part:05d}.parquet")
+        writer.commit(run.record(stage_input(ingest_dir, writer), len(rows), len(rows), {}))
+
+
+def _chain(spark, root: Path, files: int) -> tuple[Path, list[str], list[list[int]]]:
+    vectors, groups = _planted_vectors()
+    urls = [f"https://img.example/{i}.jpg" for i in range(len(vectors))]
+    raw = root / "raw"
+    raw.mkdir()
+    for part, chunk in enumerate(np.array_split(np.arange(len(vectors)), files)):
+        pq.write_table(pa.table({"url": [urls[i] for i in chunk], "caption": [f"image {i}" for i in chunk]}),
+                       raw / f"part-{part}.parquet")
+    run_ingest(spark, [str(raw)], root / "ingest", IngestOptions(), partitions=files)
+    by_url = dict(zip(*pq.read_table(root / "ingest", columns=["url", "uid"]).to_pydict().values(), strict=True))
+    uids = [by_url[url] for url in urls]
+    _write_embed_stage(root / "ingest", root / "embed", vectors, uids, files)
+    kmeans = KMeansOptions(k=CONCEPTS, sample_size=100_000, threads=1, device="cpu", seed=3)
+    run_cluster(spark, root / "embed", root / "cluster", kmeans)
+    run_semdedup(spark, root / "cluster", root / "semdedup", eps=EPS)
+    run_prune(spark, root / "semdedup", root / "prune", KMeansOptions(k=8, sample_size=100_000, threads=1,
+                                                                       device="cpu", seed=3),
+              PruneOptions(keep_fraction=0.5))
+    return root, uids, groups
+
+
+@pytest.fixture(scope="module")
+def chains(spark, tmp_path_factory):
+    one = _chain(spark, tmp_path_factory.mktemp("one_partition"), files=1)
+    spark.conf.set("spark.sql.shuffle.partitions", "7")
+    try:
+        four = _chain(spark, tmp_path_factory.mktemp("four_partitions"), files=4)
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", "4")
+    return one, four
+
+
+def _kept(stage_dir: Path) -> set[str]:
+    return set(pq.read_table(stage_dir, columns=["uid"]).column("uid").to_pylist())
+
+
+def test_semdedup_keeps_one_member_of_each_planted_group_and_nothing_else_is_dropped(chains):
+    (root, uids, groups), _ = chains
+    clusters = dict(zip(*pq.read_table(root / "cluster", columns=["uid", "cluster"]).to_pydict().values(),
+                        strict=True))
+    kept = _kept(root / "semdedup")
+    ledger = {row["uid"]: row for row in pq.read_table(root / "semdedup" / LEDGER_DIR).to_pylist()}
+    planted = {uids[i] for group in groups for i in group}
+    split = 0
+    for group in groups:
+        members = [uids[i] for i in group]
+        if len({clusters[m] for m in members}) > 1:
+            split += 1
+            continue
+        assert sum(m in kept for m in members) == 1, members
+        survivor = next(m for m in members if m in kept)
+        for loser in (m for m in members if m not in kept):
+            assert ledger[loser]["reason"] == Reason.SEMANTIC_DUPLICATE
+            assert ledger[loser]["related_uid"] == survivor
+            assert json.loads(ledger[loser]["detail"])["cluster"] == clusters[survivor]
+    logger.info("%d of %d planted groups were split by cluster boundaries", split, len(groups))
+    assert split < len(groups) // 4
+    assert set(ledger) <= planted, "a row outside the planted groups was dropped"
+
+
+def test_kept_uids_do_not_depend_on_partitioning(chains):
+    (one, _, _), (four, _, _) = chains
+    assert np.array_equal(np.load(one / "cluster" / ARTIFACTS_DIR / "centroids.npy"),
+                          np.load(four / "cluster" / ARTIFACTS_DIR / "centroids.npy"))
+    for stage in ("cluster", "semdedup", "prune"):
+        assert _kept(one / stage) == _kept(four / stage), stage
+
+
+def test_prune_keeps_exactly_the_quotas(chains):
+    (root, _, _), _ = chains
+    record = read_stage_record(root / "prune")
+    assert record["rows_out"] == record["prune"]["n_keep"] == math.floor(0.5 * record["rows_in"] + 0.5)
+    table = pq.read_table(root / "prune" / ARTIFACTS_DIR / "pruning_clusters.parquet").to_pydict()
+    assert sum(table["quota"]) == record["rows_out"]
+    assert all(lower <= quota <= size for lower, quota, size in
+               zip(table["lower_bound"], table["quota"], table["size"], strict=True))
+    kept_per_cluster = pq.read_table(root / "prune", columns=["prune_cluster"]).column(0).value_counts().to_pylist()
+    assert {item["values"]: item["counts"] for item in kept_per_cluster} == {
+        cluster: quota for cluster, quota in zip(table["cluster"], table["quota"], strict=True) if quota
+    }
+    ledger = pq.read_table(root / "prune" / LEDGER_DIR).to_pylist()
+    assert {row["reason"] for row in ledger} == {Reason.PRUNED_DENSE_CLUSTER}
+    detail = json.loads(ledger[0]["detail"])
+    assert detail["rank"] > detail["quota"]
+
+
+def test_target_keep_fraction_chooses_eps(spark, chains, tmp_path):
+    (root, _, _), _ = chains
+    record = run_semdedup(spark, root / "cluster", tmp_path / "semdedup", eps=None, target_keep_fraction=0.8)
+    assert record["rows_out"] >= 0.8 * record["rows_in"]
+    assert record["rows_out"] <= 0.8 * record["rows_in"] + 2
+    assert record["semdedup"]["eps_from"] == "target_keep_fraction"
+
+
+def test_cli_commands_run_the_stages(chains, tmp_path):
+    (root, _, _), _ = chains
+    assert cli_main(["cluster", "--input", str(root / "embed"), "--output", str(tmp_path / "cluster"), "--k", "5",
+                     "--threads", "1", "--device", "cpu"]) == 0
+    assert cli_main(["semdedup", "--input", str(tmp_path / "cluster"), "--output", str(tmp_path / "semdedup"),
+                     "--eps", "0.005"]) == 0
+    assert cli_main(["prune", "--input", str(tmp_path / "semdedup"), "--output", str(tmp_path / "prune"),
+                     "--k", "4", "--keep-count", "100", "--threads", "1"]) == 0
+    assert read_stage_record(tmp_path / "prune")["rows_out"] == 100
+    assert cli_main(["prune", "--input", str(tmp_path / "semdedup"), "--output", str(tmp_path / "bad"),
+                     "--k", "4"]) == 2
