@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(VENV_PYTHON) bench/bench_dedup_text.py --out bench/results/dedup_text.json
 	$(VENV_PYTHON) bench/bench_embed.py batch
 	$(VENV_PYTHON) bench/bench_semdedup.py --out bench/results/semdedup.json
+	$(VENV_PYTHON) bench/bench_slant.py --out bench/results/slant.json
 
 clean:
 	rm -rf build $(VENV)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end embedding throughput on a CUDA machine: writes SHARDS webdataset tars of synthetic JPEG pictures, then
+# GPU benchmarks on a CUDA machine. End-to-end embedding throughput: writes SHARDS webdataset tars of synthetic JPEG pictures, then
 # runs embed_shards with open_clip ViT-B-32 (random init) under fp16 autocast, reading, decoding and preprocessing in
 # NUM_WORKERS DataLoader workers, and prints images/s and the GPU's mean utilisation while embed_shards ran.
 #
@@ -78,3 +78,11 @@ report_path.write_text(json.dumps(report, indent=2) + "\n")
 busy = f"{report['gpu_utilization_mean_percent']}% mean over {len(window)} samples" if window else "no samples"
 print(f"{report['images']} images in {report['seconds']} s: {report['images_per_second']} images/s; GPU busy {busy}")
 PY
+
+# k-means fit and assign through the FAISS seam on the GPU (needs faiss-gpu: `make FAISS_EXTRA=gpu install`), and
+# SemDeDup, on the same 1,000,000 x 512 synthetic set as the CPU figure in bench/results/semdedup.json.
+if "$PYTHON" -c "import sys; from curation.gpu.faiss_seam import gpu_faiss_available as ok; sys.exit(0 if ok() else 1)"; then
+    "$PYTHON" bench/bench_semdedup.py --device cuda --out "${SEMDEDUP_OUT_JSON:-bench/results/semdedup_gpu.json}"
+else
+    echo "faiss has no usable GPU here (install faiss-gpu): skipped the k-means/SemDeDup GPU figure" >&2
+fi

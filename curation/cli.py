@@ -12,8 +12,8 @@ from curation.config import STAGE_OPTIONS, ConfigError, load_run_config
 logger = logging.getLogger("curation")
 
 STAGE_COMMANDS = (
-    "ingest", "dedup-exact", "dedup-text", "download", "embed", "dedup-image", "cluster", "semdedup", "prune", "match",
-    "count", "balance", "publish",
+    "ingest", "dedup-exact", "dedup-text", "download", "embed", "dedup-image", "cluster", "semdedup", "prune",
+    "logo-bank", "mine-logos", "flag-logos", "match", "count", "balance", "publish",
 )
 # Kept in step with curation.demo_images (not imported: it would load Pillow and numpy for every command).
 DEMO_IMAGE_PORT = 18765
@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--output", required=True, type=Path, help="stage folder to write")
     _add_options_of(prune, "prune", {"seed": int, "keep_fraction": float, "keep_count": int})
 
+    logo_bank = commands.add_parser("logo-bank", help="SLANT logo bank: the top q of the corpus by logo score")
+    mine_logos = commands.add_parser("mine-logos", help="SLANT mining: rank bank logos by spuriousness per target")
+    flag_logos = commands.add_parser("flag-logos", help="tag or drop images carrying a mined spurious logo")
+    for sub, stage in ((logo_bank, "logo_bank"), (mine_logos, "mine_logos"), (flag_logos, "flag_logos")):
+        sub.add_argument("--input", required=True, type=Path, help="stage folder downstream of embed")
+        sub.add_argument("--output", required=True, type=Path, help="stage folder to write")
+        _add_options_of(sub, stage, {"seed": int, "floor": float, "probe_folder": str})
+
     count = commands.add_parser("count", help="entry counts c_e over matched rows (artifact; rows pass through)")
     count.add_argument("--input", required=True, type=Path, help="matched stage folder")
     count.add_argument("--output", required=True, type=Path, help="stage folder to write")
@@ -189,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_images.add_argument("--port", type=int, default=DEMO_IMAGE_PORT, help=f"default: {DEMO_IMAGE_PORT}")
     demo_images.add_argument("--seed", type=int, default=0, help="image generator seed (default: 0)")
 
-    for sub in (ingest, dedup_exact, dedup_text, dedup_image, download, embed, cluster, semdedup, prune, match, count,
-                balance, publish, run):
+    for sub in (ingest, dedup_exact, dedup_text, dedup_image, download, embed, cluster, semdedup, prune, logo_bank,
+                mine_logos, flag_logos, match, count, balance, publish, run):
         _add_spark_options(sub)
     return parser
 
@@ -253,7 +261,7 @@ def _stage_command(args) -> dict:
 
         options = _stage_options_from(args, "embed")
         return run_embed(spark, args.input, args.output, embed_options(options), {"stage": "embed", **options})
-    if args.command in ("cluster", "semdedup", "prune"):
+    if args.command in ("cluster", "semdedup", "prune", "logo-bank", "mine-logos", "flag-logos"):
         return _embedding_stage_command(spark, args)
     if args.command == "dedup-image":
         options = {k: getattr(args, k) for k in ("image_column", "max_distance", "max_anchors", "full_pairs_limit")}
@@ -279,7 +287,7 @@ def _embedding_stage_command(spark, args) -> dict:
     from curation.config import StageConfig, stage_options
     from curation.pipeline import run_stage
 
-    stage = args.command
+    stage = args.command.replace("-", "_")
     given = _stage_options_from(args, stage)
     options = stage_options(stage, given, {"seed": 0})
     return run_stage(spark, StageConfig(stage, options), {"stage": stage, **options}, args.input, args.output, None)

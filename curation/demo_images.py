@@ -28,6 +28,7 @@ __all__ = [
     "PLANTED_RULES",
     "demo_image_url",
     "demo_resolver",
+    "logo_image",
     "planted_kind",
     "row_response",
     "scene_image",
@@ -49,6 +50,7 @@ PLANTED_RULES: dict[str, int] = {
     "redirect_private": 163,  # 302 to 127.0.0.2, a private address the downloader must refuse to follow
     "exact_duplicate": 199,  # the very bytes of row - 1's image
     "near_duplicate": 233,  # row - 2's image resized to 75% and recompressed at another quality
+    "logo": 241,  # one of LOGO_BRANDS' marks on a plain background, as web pages show brand logos
 }
 """Planted kind -> residue of ``row % PLANTED_MODULUS``. The duplicates' sources (rows - 1 and - 2) are never
 planted rows themselves, so they serve their plain scene, and exist because every residue is >= 2."""
@@ -73,6 +75,12 @@ SHAPES_MIN, SHAPES_MAX = 2, 5
 # 1 << 63 like every other flat one.
 SHAPE_HALF_MIN, SHAPE_HALF_MAX = 0.08, 0.3
 
+# Brand marks for the logo bank to find: (shape, RGB colour). Flat shapes in saturated colours on a plain
+# background, several red ones (the colour SLANT's toy scorer plants as spurious).
+LOGO_BRANDS = (
+    ("circle", (220, 20, 20)), ("square", (20, 90, 220)), ("triangle", (240, 180, 0)), ("ring", (220, 20, 20)),
+    ("diamond", (0, 160, 80)), ("bar", (130, 40, 180)), ("square", (220, 20, 20)), ("circle", (0, 170, 200)),
+)
 _PATH = re.compile(r"/img\d+/photos/(\d+)\.jpg")
 NOT_IMAGE_PAGE = b"<!doctype html>\n<html><head><title>Gallery</title></head><body><p>Image moved.</p></body></html>\n"
 
@@ -150,6 +158,32 @@ def _near_duplicate_jpeg(seed: int, source_row: int) -> bytes:
     return _encode_jpeg(smaller, NEAR_DUPLICATE_QUALITY)
 
 
+def logo_image(seed: int, row: int) -> Image.Image:
+    """The brand mark of a logo row (brand chosen by the row's occurrence) on a white canvas whose size and the
+    mark's placement vary by (seed, row), as the same logo does across pages."""
+    shape, colour = LOGO_BRANDS[(row // PLANTED_MODULUS) % len(LOGO_BRANDS)]
+    rng = np.random.default_rng([seed, row, _SIZE_STREAM + 1])
+    side = int(rng.integers(MIN_SIDE, MAX_SIDE // 2 + 1))
+    canvas = Image.new("RGB", (side, side), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    half = side * rng.uniform(0.3, 0.42)
+    centre_x, centre_y = side / 2 + rng.uniform(-0.05, 0.05, size=2) * side
+    box = (centre_x - half, centre_y - half, centre_x + half, centre_y + half)
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "ring":
+        draw.ellipse(box, outline=colour, width=max(2, int(half / 3)))
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "bar":
+        draw.rectangle((box[0], centre_y - half / 3, box[2], centre_y + half / 3), fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(centre_x, box[1]), (box[2], box[3]), (box[0], box[3])], fill=colour)
+    else:
+        draw.polygon([(centre_x, box[1]), (box[2], centre_y), (centre_x, box[3]), (box[0], centre_y)], fill=colour)
+    return canvas
+
+
 def row_response(row: int, seed: int = 0, port: int = DEMO_IMAGE_PORT) -> Response:
     """What the demo server answers for ``row``: a pure function of (seed, row) (and port, for redirects)."""
     kind = planted_kind(row)
@@ -163,6 +197,8 @@ def row_response(row: int, seed: int = 0, port: int = DEMO_IMAGE_PORT) -> Respon
         return Response(200, _row_jpeg(seed, row - 1), "image/jpeg")
     if kind == "near_duplicate":
         return Response(200, _near_duplicate_jpeg(seed, row - 2), "image/jpeg")
+    if kind == "logo":
+        return Response(200, _encode_jpeg(logo_image(seed, row), JPEG_QUALITY), "image/jpeg")
     image = _row_jpeg(seed, row)
     if kind == "truncated":
         return Response(200, image[: len(image) // 2], "image/jpeg")

@@ -62,6 +62,17 @@ def kmeans_options(options: dict):
     return KMeansOptions(**{name: options[name] for name in KMEANS_OPTION_NAMES})
 
 
+def run_logo_stage(spark, name: str, options: dict, config: dict, input_location, output_dir: Path) -> dict:
+    from curation.spark import logos
+
+    fields = {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
+    if name == "logo_bank":
+        return logos.run_logo_bank(spark, input_location, output_dir, logos.BankOptions(**fields), config)
+    if name == "mine_logos":
+        return logos.run_mine_logos(spark, input_location, output_dir, logos.MiningOptions(**fields), config)
+    return logos.run_flag_logos(spark, input_location, output_dir, logos.FlagOptions(**fields), config)
+
+
 def hashed_config(stage: StageConfig) -> dict:
     """What a stage's record stores as its config: the options, plus the content hash of files they name."""
     config = {"stage": stage.name, **stage.options}
@@ -110,6 +121,8 @@ def run_stage(
             ratio=float(options["ratio"]), selection=options["selection"],
         )
         return semantic.run_prune(spark, input_location, output_dir, kmeans_options(options), prune, config)
+    if stage.name in ("logo_bank", "mine_logos", "flag_logos"):
+        return run_logo_stage(spark, stage.name, options, config, input_location, output_dir)
     if stage.name == "dedup_image":
         return image_dedup.run_dedup_image(
             spark, input_location, output_dir, options["image_column"], int(options["max_distance"]),

@@ -66,6 +66,8 @@ class Reason:
     SEMANTIC_DUPLICATE = "semantic_duplicate"
     # prune: beyond its concept cluster's quota (detail: cluster, rank, quota)
     PRUNED_DENSE_CLUSTER = "pruned_dense_cluster"
+    # flag_logos with policy drop: the image is within the cosine threshold of a mined spurious logo
+    SPURIOUS_LOGO = "spurious_logo"
 
 
 # A duplicate_pair ledger row carries the uid of the published first occurrence by definition (same url and

@@ -30,43 +30,21 @@ from curation.spark.embed import EmbedOptions, run_embed
 from curation.spark.image_dedup import run_dedup_image
 from curation.spark.publish import run_publish
 from curation.spark.stages import run_ingest
-from tests.conftest import shared_data_dir
+from tests import imagekit
 
 pytestmark = pytest.mark.spark
 
 TINY = {"model": "tiny-clip", "pretrained": "random", "device": "cpu", "batch_size": 4}
 
 
-def _jpeg(image: Image.Image, quality: int = 92) -> bytes:
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def _photos() -> list[Image.Image]:
-    """Real photos when the shared data is present (without the near-identical stereo and grey/RGB pairs), else
-    smooth random fields, as different from each other as photos are."""
-    data = shared_data_dir()
-    if data is not None:
-        paths = sorted((data / "photos_img2dataset").glob("*.jpg"))
-        paths += sorted(p for p in (data / "photos_packages" / "skimage").rglob("*")
-                        if p.suffix.lower() in (".png", ".jpg") and not any(
-                            k in p.name for k in ("chessboard_GRAY", "motorcycle_right", "motorcycle_disp")))
-        images = [Image.open(p) for p in paths]
-        return [im.convert("RGB") for im in images if min(im.size) >= 64][:10]
-    rng = np.random.default_rng(5)
-    return [Image.fromarray(rng.integers(0, 256, size=(5, 5, 3), dtype=np.uint8)).resize((240, 180),
-            Image.Resampling.BICUBIC) for _ in range(10)]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    photos = [_jpeg(photo) for photo in _photos()]
+    photos = [imagekit.jpeg(photo) for photo in imagekit.photos()]
     routes = {f"/photo/{i}.jpg": Response(200, data, "image/jpeg") for i, data in enumerate(photos)}
     first = Image.open(io.BytesIO(photos[1]))
     routes["/mirror/0.jpg"] = Response(200, photos[0], "image/jpeg")
-    routes["/resized/1.jpg"] = Response(200, _jpeg(first.resize((first.width * 3 // 4, first.height * 3 // 4)), 80),
-                                        "image/jpeg")
+    smaller = first.resize((first.width * 3 // 4, first.height * 3 // 4))
+    routes["/resized/1.jpg"] = Response(200, imagekit.jpeg(smaller, 80), "image/jpeg")
     routes["/truncated.jpg"] = Response(200, photos[2][: len(photos[2]) // 3], "image/jpeg")
     routes["/page.html"] = Response(200, b"<html><body>not an image</body></html>", "text/html")
     routes["/opt-out.jpg"] = Response(200, photos[3], "image/jpeg", (("X-Robots-Tag", "noai"),))

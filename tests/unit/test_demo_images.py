@@ -1,3 +1,4 @@
+import io
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -5,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from curation.demo_images import (
     DEMO_IMAGE_PORT,
@@ -170,3 +172,19 @@ def test_served_over_http():
             opener.open(f"{server.base_url}/img1/photos/{_first_row('missing'):08d}.jpg", timeout=10)
         missing.value.close()
         assert missing.value.code == 404
+
+
+def test_logo_rows_serve_flat_brand_marks_on_white():
+    from curation.demo_images import LOGO_BRANDS, logo_image
+
+    rows = [row for row in range(3 * PLANTED_MODULUS) if planted_kind(row) == "logo"]
+    assert len(rows) == 3
+    for row in rows:
+        response = row_response(row)
+        assert response.status == 200 and response.content_type == "image/jpeg"
+        pixels = np.asarray(Image.open(io.BytesIO(response.body)).convert("RGB")).reshape(-1, 3).astype(int)
+        _, colour = LOGO_BRANDS[(row // PLANTED_MODULUS) % len(LOGO_BRANDS)]
+        near_brand = (np.abs(pixels - np.array(colour)).sum(axis=1) < 60).mean()
+        near_white = (pixels.min(axis=1) > 235).mean()
+        assert near_brand > 0.05 and near_white > 0.3 and near_brand + near_white > 0.9
+    assert logo_image(0, rows[0]).tobytes() == logo_image(0, rows[0]).tobytes()
