@@ -4,6 +4,7 @@ run, verify, metadata and demo. Stage options are documented in curation.config.
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -171,8 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", required=True, type=Path, help="run folder")
     run.add_argument("--force", action="store_true", help="redo every stage even if it is up to date")
 
-    verify = commands.add_parser("verify", help="re-check a release: checksums, row counts, ledger invariant")
-    verify.add_argument("path", type=Path, help="manifest.json, a release folder, or a run folder")
+    verify = commands.add_parser("verify", help="re-check a run (every stage) or a release: checksums, row counts, "
+                                 "ledger invariant")
+    verify.add_argument("path", type=Path, help="a run folder (every stage and the release), manifest.json, or a "
+                        "release folder")
 
     metadata = commands.add_parser("metadata", help="build or check MetaCLIP metadata")
     metadata_commands = metadata.add_subparsers(dest="metadata_command", required=True)
@@ -254,7 +257,7 @@ def _stage_command(args) -> dict:
 
         options = _stage_options_from(args, "download")
         return run_download(spark, args.input, args.output, download_options(options), args.shard_rows,
-                            {"stage": "download", **options})
+                            {"stage": "download", **options}, args.image_bytes_column)
     if args.command == "embed":
         from curation.pipeline import embed_options
         from curation.spark.embed import run_embed
@@ -318,6 +321,9 @@ def run_summary(results, run_dir: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Nothing a run writes may be world-writable, whatever umask the caller has (Spark's JVM and workers inherit
+    # it from this process).
+    os.umask(os.umask(0) | 0o002)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
@@ -345,13 +351,16 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "verify":
         from curation.manifest import locate_manifest, verify_manifest
+        from curation.verify import verify_run
 
-        problems = verify_manifest(args.path)
+        is_run = (args.path / "stages").is_dir()
+        problems = verify_run(args.path) if is_run else verify_manifest(args.path)
         for problem in problems:
             logger.error("verify: %s", problem)
         if problems:
             return 1
-        _write(f"verified {locate_manifest(args.path)}: checksums, row counts and ledger invariant hold")
+        checked = f"every stage of {args.path} and " if is_run else ""
+        _write(f"verified {checked}{locate_manifest(args.path)}: checksums, row counts and ledger invariant hold")
         return 0
     if args.command == "metadata":
         return _metadata_command(args)

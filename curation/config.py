@@ -56,6 +56,7 @@ STAGE_OPTIONS: dict[str, dict[str, tuple[object, str]]] = {
         "allow_hosts": ([], "host:port pairs that may be reached although they resolve to a loopback, private, "
                             "link-local or multicast address (refused by default)"),
         "shard_rows": (10_000, "about this many rows per image tar (uid-range shards)"),
+        "image_bytes_column": (None, "also store each image's bytes in this column of the rows (e.g. jpg)"),
         "image_size": (256, "img2dataset image_size: target side in pixels"),
         "resize_mode": ("border", "img2dataset resize_mode: no, border, keep_ratio, keep_ratio_largest, center_crop"),
         "resize_only_if_bigger": (False, "img2dataset: never upscale"),

@@ -138,6 +138,23 @@ def relative_link(from_dir: Path, to_dir: Path) -> str:
     return os.path.relpath(Path(to_dir).resolve(), Path(from_dir).resolve())
 
 
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Remove what killed writers left in `folder`: hidden temporary (`.*.tmp-*`) and replaced (`.*.old-*`) stage
+    folders and files. Only for a folder no other run is writing to; work folders (`.*.work`) are kept, since
+    they are what a rerun resumes from."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") and (".tmp-" in path.name or ".old-" in path.name):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed.append(path)
+    if removed:
+        logger.info("removed %d leftover(s) of an interrupted run in %s", len(removed), folder)
+    return removed
+
+
 class StageWriter:
     """Builds a stage folder in a temporary sibling and renames it into place on `commit`.
 

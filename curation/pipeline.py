@@ -14,6 +14,7 @@ from curation.io import (
     is_complete,
     list_files,
     read_stage_record,
+    remove_leftovers,
     resolve_data_dir,
     sha256_of_file,
 )
@@ -105,7 +106,8 @@ def run_stage(
         )
     if stage.name == "download":
         return download.run_download(
-            spark, input_location, output_dir, download_options(options), int(options["shard_rows"]), config
+            spark, input_location, output_dir, download_options(options), int(options["shard_rows"]), config,
+            options["image_bytes_column"],
         )
     if stage.name == "embed":
         return embed.run_embed(spark, input_location, output_dir, embed_options(options), config)
@@ -175,6 +177,8 @@ def stage_folder(run_dir: Path, position: int, stage: StageConfig) -> Path:
 def run_pipeline(spark, run_config: RunConfig, run_dir: Path, force: bool = False) -> list[tuple[Path, dict, bool]]:
     """Run every configured stage in order; (folder, record, was it skipped) per stage."""
     run_dir = Path(run_dir).resolve()
+    for folder in (run_dir, run_dir / "stages"):
+        remove_leftovers(folder)
     results = []
     input_location = run_config.inputs
     upstream_redone = force

@@ -445,16 +445,18 @@ def _collate(samples: list[dict]) -> dict:
 def _plan_batches(
     shards: list[str], batch_size: int, keys: Mapping[str, Collection[str]] | None
 ) -> tuple[list[_SampleLocation], list[list[int]]]:
-    """The samples of all shards (those in `keys` where given), and batches of their indices in shard order, none
-    spanning two shards."""
+    """The samples of all shards (those in `keys` where given) in key order, and batches of their indices in shard
+    order, none spanning two shards."""
     samples: list[_SampleLocation] = []
     batches: list[list[int]] = []
     for shard_index, shard in enumerate(shards):
         first = len(samples)
         wanted = set(keys[shard]) if keys is not None else None
+        # In key order, not tar order: img2dataset writes a shard's samples in the order its download threads
+        # finish, and a batch's composition changes its float32 results in the last bits.
         samples.extend(
             _SampleLocation(shard, shard_index, key, files)
-            for key, files in index_tar(shard).items()
+            for key, files in sorted(index_tar(shard).items())
             if wanted is None or key in wanted
         )
         batches.extend(

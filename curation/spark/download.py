@@ -22,7 +22,7 @@ from curation.io import IMAGES_DIR, StageWriter, read_stage_record
 from curation.ops import download as download_ops
 from curation.ops import tars as tar_ops
 from curation.ops.download import DownloadOptions
-from curation.schema import CAPTION, UID, URL
+from curation.schema import CAPTION, TAG_REASON, UID, URL
 from curation.spark.common import StageRun, drop_where, untagged, write_tagged
 from curation.spark.publish import shard_of_prefix_expression
 from curation.spark.stages import read_stage_data, stage_input
@@ -95,10 +95,12 @@ def _download_worker(images_dir: str, options: DownloadOptions):
 
 def run_download(
     spark, input_dir: Path, output_dir: Path, options: DownloadOptions, shard_rows: int = 10_000,
-    config: dict | None = None,
+    config: dict | None = None, image_bytes_column: str | None = None,
 ) -> dict:
     """Download the image of every row; kept rows gain IMAGE_COLUMNS, failures go to the ledger with img2dataset's
-    status and message (reasons download_failed, download_refused, download_opt_out, image_rejected)."""
+    status and message (reasons download_failed, download_refused, download_opt_out, image_rejected). With
+    `image_bytes_column`, the rows also carry their stored image's bytes in that column (parquet with images, as
+    img2dataset's parquet output), besides the tars."""
     from pyspark.sql import functions as F
 
     if shard_rows < 1:
@@ -137,8 +139,12 @@ def run_download(
             raise RuntimeError(f"download: img2dataset reported no status for uids {[r[UID] for r in unreported]}")
         tagged = drop_where(untagged(tagged), F.col("_reason").isNotNull(), "download", F.col("_reason"),
                             detail=F.col("_detail"))
-        rows_out, drops = write_tagged(tagged, [*data_columns, *IMAGE_COLUMNS], str(writer.temp_dir),
-                                       str(writer.ledger_dir))
+        written_columns = [*data_columns, *IMAGE_COLUMNS]
+        if image_bytes_column:
+            downloaded = tagged.filter(F.col(TAG_REASON).isNull())
+            tagged = tagged.join(image_bytes(downloaded, images_dir, image_bytes_column), UID, "left")
+            written_columns.append(image_bytes_column)
+        rows_out, drops = write_tagged(tagged, written_columns, str(writer.temp_dir), str(writer.ledger_dir))
         record = run.record(input_info, rows_in, rows_out, drops,
                             download={"shards": shard_count, "shards_resumed": done,
                                       "options": download_ops.options_record(options)})

@@ -22,6 +22,7 @@ from curation.io import ARTIFACTS_DIR, LEDGER_DIR, read_stage_record
 from curation.manifest import verify_manifest
 from curation.ops.download import DownloadOptions
 from curation.ops.ingest import IngestOptions
+from curation.ops.tars import TarReader
 from curation.ops.uid import uid_of
 from curation.schema import Reason
 from curation.spark.common import StageRun
@@ -234,3 +235,18 @@ def test_run_config_chains_download_embed_and_dedup_image(served, image_run, tmp
     assert manifest["totals"]["rows_in"] == len(expected)
     assert manifest["totals"]["rows_published"] == pq.read_table(root / "dedup_image").num_rows
     assert [stage["stage"] for stage in manifest["stages"]] == ["ingest", "download", "embed", "dedup_image"]
+
+
+def test_rows_can_carry_the_image_bytes_as_parquet_with_images(spark, served, image_run, tmp_path):
+    root, _, _ = image_run
+    server, _ = served
+    options = DownloadOptions(allow_hosts=(f"127.0.0.1:{server.port}",), image_size=128, resize_mode="keep_ratio",
+                              timeout=5, thread_count=4)
+    run_download(spark, root / "ingest", tmp_path / "download", options, shard_rows=9, image_bytes_column="jpg")
+    rows = pq.read_table(tmp_path / "download", columns=["uid", "image_shard", "image_key", "jpg"]).to_pylist()
+    assert rows and all(row["jpg"] for row in rows)
+    with TarReader() as reader:
+        for row in rows:
+            _, data = reader.image(tmp_path / "download" / ARTIFACTS_DIR / "images" / row["image_shard"],
+                                   row["image_key"])
+            assert data == row["jpg"]

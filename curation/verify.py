@@ -1,0 +1,90 @@
+"""`curation verify RUN_DIR`: the whole run re-checked, stage by stage, then the release (DESIGN.md section 3).
+
+Every problem is reported with what and where; an empty list means the run is consistent:
+- every stage folder is complete (`_SUCCESS` and `_stage.json`) and its record balances (rows in = rows out +
+  rows dropped);
+- its ledger holds exactly the rows it says it dropped, and its data the rows it says it kept;
+- each stage's input link leads to the stage before it, whose rows out are this stage's rows in;
+- across the run, the rows read by ingest = rows published + rows in all the stages' ledgers;
+- the release's shards, image shards and ledger match the manifest's checksums and counts (`verify_manifest`);
+- nothing in the run folder is world-writable.
+"""
+
+import json
+import logging
+import stat
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from curation.io import LEDGER_DIR, STAGE_RECORD, SUCCESS_MARKER, list_files
+from curation.manifest import MANIFEST_NAME, verify_manifest
+
+logger = logging.getLogger(__name__)
+
+
+def _parquet_rows(folder: Path) -> int:
+    return sum(pq.ParquetFile(path).metadata.num_rows for path in list_files(folder) if path.suffix == ".parquet")
+
+
+def _stage_folders(run_dir: Path) -> list[Path]:
+    folders = sorted(p for p in (run_dir / "stages").iterdir() if p.is_dir() and not p.name.startswith("."))
+    if (run_dir / "publish").is_dir():
+        folders.append(run_dir / "publish")
+    return folders
+
+
+def _check_stage(folder: Path) -> tuple[list[str], dict | None]:
+    where = folder.name
+    if not (folder / SUCCESS_MARKER).is_file() or not (folder / STAGE_RECORD).is_file():
+        return [f"{where}: incomplete stage folder (no {SUCCESS_MARKER} or {STAGE_RECORD}): rerun the run"], None
+    record = json.loads((folder / STAGE_RECORD).read_text())
+    problems = []
+    dropped = sum(record["drops"].values())
+    if record["rows_in"] != record["rows_out"] + dropped:
+        problems.append(f"{where}: record says {record['rows_in']} rows in but {record['rows_out']} out + "
+                        f"{dropped} dropped")
+    if record["stage"] != "publish":
+        ledger_rows = _parquet_rows(folder / LEDGER_DIR) if (folder / LEDGER_DIR).is_dir() else 0
+        if ledger_rows != dropped:
+            problems.append(f"{where}: {LEDGER_DIR}/ holds {ledger_rows} rows, the record says {dropped} dropped")
+        if not record.get("data_from"):
+            data_rows = _parquet_rows(folder)
+            if data_rows != record["rows_out"]:
+                problems.append(f"{where}: data holds {data_rows} rows, the record says {record['rows_out']} out")
+    return problems, record
+
+
+def _world_writable(run_dir: Path) -> list[str]:
+    return [f"{path}: world-writable" for path in [run_dir, *run_dir.rglob("*")]
+            if not path.is_symlink() and path.stat().st_mode & stat.S_IWOTH]
+
+
+def verify_run(run_dir: Path) -> list[str]:
+    """Every inconsistency found in the run folder `run_dir` (see the module docstring); empty = consistent."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "stages").is_dir():
+        return [f"{run_dir}: not a run folder (no stages/)"]
+    problems: list[str] = []
+    records: list[tuple[Path, dict]] = []
+    for folder in _stage_folders(run_dir):
+        stage_problems, record = _check_stage(folder)
+        problems.extend(stage_problems)
+        if record is not None:
+            records.append((folder, record))
+    for (previous_folder, previous), (folder, record) in zip(records, records[1:], strict=False):
+        link = record.get("input", {}).get("stage")
+        if link is None or (folder / link).resolve() != previous_folder.resolve():
+            problems.append(f"{folder.name}: its input is {link!r}, not the stage before it ({previous_folder.name})")
+        elif previous["rows_out"] != record["rows_in"]:
+            problems.append(f"{folder.name}: {record['rows_in']} rows in, but {previous_folder.name} put out "
+                            f"{previous['rows_out']}")
+    if records and records[-1][1]["stage"] == "publish":
+        rows_read = records[0][1]["rows_in"]
+        in_ledgers = sum(sum(record["drops"].values()) for _, record in records)
+        published = records[-1][1]["rows_out"]
+        if rows_read != published + in_ledgers:
+            problems.append(f"run: {rows_read} rows read != {published} published + {in_ledgers} in the ledgers")
+        problems.extend(f"publish: {problem}" for problem in verify_manifest(run_dir / "publish" / MANIFEST_NAME))
+    problems.extend(_world_writable(run_dir))
+    return problems
