@@ -333,6 +333,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as error:
         logger.error("%s", error)
         return 2
+    except Exception as error:
+        # A bad input found inside a Spark task (a corrupt data page, say) reaches the driver wrapped in Spark's
+        # PythonException; its last traceback line is the task's own message, which is what the user needs.
+        if type(error).__name__ != "PythonException":
+            raise
+        message = [line for line in str(error).strip().splitlines() if line.strip()]
+        logger.error("a Spark task failed: %s", message[-1] if message else error)
+        return 1
 
 
 def _dispatch(args) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from curation.ops.ingest import IngestError, IngestOptions, resolve_columns
+from curation.ops.ingest import IngestError, IngestOptions, check_schema
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +111,29 @@ def _glob(filesystem: pafs.FileSystem, pattern: str) -> list[str]:
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, pattern))
 
 
+def _check_keep_types(schema, options: IngestOptions, keep_types: dict, source: str) -> None:
+    """Every shard's keep columns must have the types of the first usable shard's: the stage's output schema is
+    built from that one, and Spark cannot cast a shard's column into another type in flight."""
+    for name in options.keep_columns:
+        expected = keep_types.setdefault(name, schema.field(name).type)
+        if schema.field(name).type != expected:
+            raise IngestError(
+                f"{source}: keep column {name!r} has type {schema.field(name).type}, but earlier shards have "
+                f"{expected}; every shard must give a keep column the same type"
+            )
+
+
 def plan_inputs(locations: list[str], options: IngestOptions, skip_bad_files: bool = False) -> InputPlan:
     plan = InputPlan()
+    keep_types: dict = {}
     for filesystem, path in expand_inputs(locations):
         try:
             info = filesystem.get_file_info(_filesystem_and_path(path)[1])
             with filesystem.open_input_file(_filesystem_and_path(path)[1]) as handle:
                 metadata = pq.ParquetFile(handle).metadata
                 schema = metadata.schema.to_arrow_schema()
-            url_column, text_column = resolve_columns(schema.names, options, path)
+            url_column, text_column = check_schema(schema, options, path)
+            _check_keep_types(schema, options, keep_types, path)
         except Exception as error:  # noqa: BLE001 - any failure to read a footer means an unusable shard
             message = f"cannot use input shard {path}: {error}"
             if not skip_bad_files:
@@ -146,6 +160,15 @@ def plan_inputs(locations: list[str], options: IngestOptions, skip_bad_files: bo
 
 
 def read_row_group(path: str, row_group: int, columns: list[str]):
+    """One row group of a planned shard. Its footer was read at planning, but its pages are first read here: a
+    corrupt page fails the Spark task with an IngestError naming the file and the row group (pyarrow's own message,
+    e.g. "Invalid BYTE_ARRAY value", names neither)."""
     filesystem, fs_path = _filesystem_and_path(path)
-    with filesystem.open_input_file(fs_path) as handle:
-        return pq.ParquetFile(handle).read_row_group(row_group, columns=columns)
+    try:
+        with filesystem.open_input_file(fs_path) as handle:
+            return pq.ParquetFile(handle).read_row_group(row_group, columns=columns)
+    except Exception as error:  # noqa: BLE001 - whatever the decoder raised, the message must name the shard
+        raise IngestError(
+            f"cannot read row group {row_group} of input shard {path}: {type(error).__name__}: {error} (the footer "
+            "was readable, so --skip-bad-files did not skip it; repair or remove the shard)"
+        ) from error

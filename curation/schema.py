@@ -42,6 +42,8 @@ class Reason:
     INVALID_UTF8 = "invalid_utf8"
     NOT_HTTP_URL = "not_http_url"
     CAPTION_TOO_LONG = "caption_too_long"
+    # a NUL character in the url or caption: NUL separates the two in the uid, so it would make uids ambiguous
+    NUL_CHARACTER = "nul_character"
     DUPLICATE_PAIR = "duplicate_pair"
     DUPLICATE_URL = "duplicate_url"
     DUPLICATE_CAPTION = "duplicate_caption"

@@ -2,11 +2,20 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Property tests are derandomized by default (profile "ci"): the examples depend only on the test's code, so a run
+# fails or passes the same way on every machine and rerun, and no deadline makes a slow CI core a failure. Set
+# HYPOTHESIS_PROFILE=explore to draw fresh random examples (more of them) while hunting for bugs. A test's own
+# @settings still overrides single values (max_examples, ...).
+settings.register_profile("ci", derandomize=True, deadline=None, database=None)
+settings.register_profile("explore", derandomize=False, deadline=None, max_examples=1_000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def shared_data_dir() -> Path | None:

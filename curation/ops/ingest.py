@@ -20,6 +20,19 @@ TEXT_COLUMN_CANDIDATES = ("caption", "TEXT", "text", "txt", "Caption", "alt_text
 
 DEFAULT_MAX_CAPTION_CHARS = 4096
 
+# Output columns of the ingest stage (and its internal ones, which all start with "_"): a keep column of the same
+# name would shadow the computed value (a shard's own `uid` column replacing the real uid) or clash in Spark.
+RESERVED_OUTPUT_COLUMNS = frozenset({UID, URL, CAPTION})
+
+# NUL is the uid's separator (uid = sha256(url + NUL + caption)): were it allowed inside a url or caption, two
+# different pairs could share one uid ("a\x00b" + "c" and "a" + "b\x00c"), so that a published row and a ledgered
+# row, or two distinct published pairs, carried the same key. Such text counts as invalid, as PostgreSQL rejects
+# NUL in UTF-8 text ("invalid byte sequence for encoding UTF8: 0x00"), and is ledgered as nul_character.
+_NUL = "\x00"
+# Control characters that no HTTP client can put in a request line (http.client refuses them); tab, CR and LF are
+# left alone because URL parsers strip them before sending.
+_URL_CONTROL_CHARACTERS = r"[\x01-\x08\x0b\x0c\x0e-\x1f\x7f]"
+
 
 class IngestError(ValueError):
     """Input that cannot be ingested at all (unreadable shard, missing or mistyped column); names the file."""
@@ -37,6 +50,15 @@ class IngestOptions:
     def __post_init__(self):
         if self.max_caption_chars < 1:
             raise ValueError(f"max_caption_chars must be >= 1, got {self.max_caption_chars}")
+        reserved = [c for c in self.keep_columns if c in RESERVED_OUTPUT_COLUMNS or c.startswith("_")]
+        if reserved:
+            raise ValueError(
+                f"keep_columns {reserved} clash with the ingest stage's own columns ({sorted(RESERVED_OUTPUT_COLUMNS)}"
+                " and names starting with '_'); rename them in the shards"
+            )
+        repeated = sorted({c for c in self.keep_columns if self.keep_columns.count(c) > 1})
+        if repeated:
+            raise ValueError(f"keep_columns names {repeated} more than once")
 
 
 def resolve_columns(column_names: list[str], options: IngestOptions, source: str) -> tuple[str, str]:
@@ -63,16 +85,60 @@ def _resolve_one(names: list[str], explicit: str | None, candidates: tuple[str, 
     )
 
 
+def _is_text_type(data_type: pa.DataType) -> bool:
+    """Types a url or caption column may have: any string or binary layout, dictionary-encoded ones (how pandas
+    categoricals come back from parquet), and the null type (a column that is null throughout)."""
+    if pa.types.is_dictionary(data_type):
+        return _is_text_type(data_type.value_type)
+    return (
+        pa.types.is_string(data_type) or pa.types.is_binary(data_type) or pa.types.is_large_string(data_type)
+        or pa.types.is_large_binary(data_type) or pa.types.is_string_view(data_type)
+        or pa.types.is_binary_view(data_type) or pa.types.is_null(data_type)
+    )
+
+
+def _spark_carries(data_type: pa.DataType) -> bool:
+    """Whether Spark's Arrow bridge can take a keep column of this type as it is: it has no dictionary or view
+    vectors (it maps their logical type and then fails reading the vector), at any nesting depth."""
+    if pa.types.is_dictionary(data_type) or pa.types.is_string_view(data_type) or pa.types.is_binary_view(data_type):
+        return False
+    return all(_spark_carries(data_type.field(i).type) for i in range(data_type.num_fields))
+
+
+def check_schema(schema: pa.Schema, options: IngestOptions, source: str) -> tuple[str, str]:
+    """`resolve_columns`, and the types checked up front so that a mistyped shard fails (or is skipped) at planning,
+    naming the file, the column and its type, instead of inside a Spark task hours later."""
+    repeated = sorted({name for name in schema.names if schema.names.count(name) > 1})
+    if repeated:
+        raise IngestError(f"{source}: column name(s) {repeated} appear more than once; the shard has {schema.names}")
+    url_column, text_column = resolve_columns(schema.names, options, source)
+    for what, name in (("url", url_column), ("text", text_column)):
+        if not _is_text_type(schema.field(name).type):
+            raise IngestError(
+                f"{source}: {what} column {name!r} has type {schema.field(name).type}, expected a string or binary "
+                "column"
+            )
+    for name in options.keep_columns:
+        if not _spark_carries(schema.field(name).type):
+            raise IngestError(
+                f"{source}: keep column {name!r} has type {schema.field(name).type}, which Spark cannot carry "
+                "(dictionary or view encoding); write it as a plain column"
+            )
+    return url_column, text_column
+
+
 def _as_binary(column: pa.Array, name: str, source: str) -> pa.Array:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    if pa.types.is_string(column.type) or pa.types.is_binary(column.type):
-        return column.cast(pa.binary())
-    if pa.types.is_large_string(column.type) or pa.types.is_large_binary(column.type):
-        return column.cast(pa.large_binary()).cast(pa.binary())
+    if not _is_text_type(column.type):
+        raise IngestError(f"{source}: column {name!r} has type {column.type}, expected a string or binary column")
     if pa.types.is_null(column.type):
         return pa.nulls(len(column), pa.binary())
-    raise IngestError(f"{source}: column {name!r} has type {column.type}, expected a string or binary column")
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if pa.types.is_large_string(column.type) or pa.types.is_large_binary(column.type):
+        column = column.cast(pa.large_binary())
+    return column.cast(pa.binary())
 
 
 def _decode_utf8(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
@@ -104,7 +170,9 @@ def normalise_rows(
 
     kept: uid, url, caption, the keep columns, and `_source_row` (row number within the source file).
     rejected: uid, reason, detail (JSON with file and row) — one row per rejected input row, first reason wins in
-    the order: missing/empty url, missing/empty caption, invalid UTF-8, not an http(s) url, caption too long.
+    the order: missing/empty url, missing/empty caption, invalid UTF-8, a NUL character in the url or caption
+    (see `_NUL`), not an http(s) url (also a url holding a control character no HTTP request can carry), caption too
+    long. Other control characters in a caption (ESC, bidi overrides) are text and are kept byte for byte.
     """
     url_name, text_name = resolve_columns(table.column_names, options, source)
     url_raw = _as_binary(table.column(url_name), url_name, source)
@@ -123,8 +191,11 @@ def normalise_rows(
     assign(_filled(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(urls)), 0)), Reason.EMPTY_URL)
     assign(_filled(text_raw.is_null()), Reason.MISSING_CAPTION)
     assign(_filled(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(captions)), 0)), Reason.EMPTY_CAPTION)
+    holds_nul = _filled(pc.match_substring(urls, _NUL)) | _filled(pc.match_substring(captions, _NUL))
     assign(url_invalid | caption_invalid, Reason.INVALID_UTF8)
+    assign(holds_nul, Reason.NUL_CHARACTER)
     assign(~_filled(pc.match_substring_regex(urls, r"^[hH][tT][tT][pP][sS]?://[^/\s?#]+")), Reason.NOT_HTTP_URL)
+    assign(_filled(pc.match_substring_regex(urls, _URL_CONTROL_CHARACTERS)), Reason.NOT_HTTP_URL)
     assign(_filled(pc.greater(pc.utf8_length(captions), options.max_caption_chars)), Reason.CAPTION_TOO_LONG)
 
     source_rows = np.arange(first_row, first_row + rows, dtype=np.int64)
