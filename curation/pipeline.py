@@ -81,6 +81,12 @@ def hashed_config(stage: StageConfig) -> dict:
         config["metadata_sha256"] = metadata_sha256(load_metadata(stage.options["metadata"]))
     if stage.name == "embed" and Path(stage.options["pretrained"]).is_file():
         config["checkpoint_sha256"] = sha256_of_file(Path(stage.options["pretrained"]))
+    if stage.name == "mine_logos":
+        # Files the options name: changing a probe image or a checkpoint must redo the mining, not skip it.
+        checkpoints = [Path(spec.partition(":")[2]) for spec in stage.options["models"]]
+        config["checkpoint_sha256"] = {str(path): sha256_of_file(path) for path in checkpoints if path.is_file()}
+        if stage.options["probe_folder"]:
+            config["probe_fingerprint"] = fingerprint_files(list_files(Path(stage.options["probe_folder"])))
     return config
 
 

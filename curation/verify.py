@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from curation.io import LEDGER_DIR, STAGE_RECORD, SUCCESS_MARKER, list_files
+from curation.io import LEDGER_DIR, STAGE_RECORD, SUCCESS_MARKER, is_complete, list_files, stage_chain
 from curation.manifest import MANIFEST_NAME, verify_manifest
 
 logger = logging.getLogger(__name__)
@@ -28,10 +28,17 @@ def _parquet_rows(folder: Path) -> int:
 
 
 def _stage_folders(run_dir: Path) -> list[Path]:
-    folders = sorted(p for p in (run_dir / "stages").iterdir() if p.is_dir() and not p.name.startswith("."))
-    if (run_dir / "publish").is_dir():
-        folders.append(run_dir / "publish")
-    return folders
+    """The run's chain: from its release back to ingest by the records' input links (folders of stages an earlier
+    config had are not part of it); without a complete release, every stage folder in order."""
+    if is_complete(run_dir / "publish"):
+        chain = [folder for folder, _ in stage_chain(run_dir / "publish")]
+        in_chain = {folder.resolve() for folder in chain}
+        stale = sorted(p.name for p in (run_dir / "stages").iterdir()
+                       if p.is_dir() and not p.name.startswith(".") and p.resolve() not in in_chain)
+        if stale:
+            logger.info("not part of the run's chain (left by an earlier config): %s", stale)
+        return chain
+    return sorted(p for p in (run_dir / "stages").iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _check_stage(folder: Path) -> tuple[list[str], dict | None]:

@@ -261,13 +261,26 @@ def assign(
     """(cluster id int64 (n,), cosine similarity to that centroid float32 (n,)) of each row of `vectors`.
 
     The nearest centroid by inner product of normalised vectors; rows are processed `batch_size` at a time so
-    memory stays bounded by the batch, not by n.
+    memory stays bounded by the batch, not by n. faiss's similarities depend in their last bits on how many rows
+    share a call, so the returned similarity is recomputed row by row (`row_cosines`): the same row gets the same
+    bits however a caller batches it (Spark's Arrow batches follow the partitioning).
     """
     centroids = _validated(centroids, "centroids")
     index = flat_index(centroids.shape[1], device=device, batch_size=batch_size)
     index.add(centroids)
-    similarities, ids = index.search(_validated(vectors, "vectors", index.dimension), 1)
-    return ids[:, 0], similarities[:, 0]
+    vectors = _validated(vectors, "vectors", index.dimension)
+    _, ids = index.search(vectors, 1)
+    return ids[:, 0], row_cosines(vectors, centroids[ids[:, 0]])
+
+
+def row_cosines(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """cos(left[i], right[i]) per row as float32, computed in float64 row by row (no BLAS blocking), so that a
+    row's value does not depend on the other rows of the call."""
+    left64 = left.astype(np.float64)
+    right64 = right.astype(np.float64)
+    dots = np.einsum("ij,ij->i", left64, right64)
+    norms = np.sqrt(np.einsum("ij,ij->i", left64, left64) * np.einsum("ij,ij->i", right64, right64))
+    return (dots / norms).astype(np.float32)
 
 
 def search(

@@ -17,6 +17,13 @@ import numpy as np
 _BLOCK_ROWS = 4096
 
 
+def _cosines(images: np.ndarray, prompts: np.ndarray) -> np.ndarray:
+    """images @ prompts.T in float64 without BLAS: each value is a fixed-order sum over one row, so it has the same
+    bits whatever other rows share the call (Spark's batches follow the partitioning, and published scores and
+    threshold decisions must not)."""
+    return np.einsum("ij,kj->ik", images.astype(np.float64), prompts.astype(np.float64), optimize=False)
+
+
 def _as_unit_matrix(matrix: np.ndarray, name: str) -> np.ndarray:
     matrix = np.asarray(matrix, dtype=np.float32)
     if matrix.ndim != 2:
@@ -34,7 +41,7 @@ def logo_scores(image_embeddings: np.ndarray, logo_prompts: np.ndarray, contrast
     contrast = _as_unit_matrix(contrast_prompts, "contrast_prompts")
     if not (images.shape[1] == logos.shape[1] == contrast.shape[1]):
         raise ValueError("image and prompt embeddings have different dimensions")
-    return ((images @ logos.T).max(axis=1) - (images @ contrast.T).max(axis=1)).astype(np.float32)
+    return (_cosines(images, logos).max(axis=1) - _cosines(images, contrast).max(axis=1)).astype(np.float32)
 
 
 def bank_size(rows: int, q: float, max_bank_size: int) -> int:
@@ -75,7 +82,7 @@ def match_logos(image_embeddings: np.ndarray, logo_embeddings: np.ndarray, thres
     best = np.empty(len(images), dtype=np.int64)
     similarity = np.empty(len(images), dtype=np.float32)
     for start in range(0, len(images), _BLOCK_ROWS):
-        block = images[start : start + _BLOCK_ROWS] @ logos.T
+        block = _cosines(images[start : start + _BLOCK_ROWS], logos)
         best[start : start + len(block)] = block.argmax(axis=1)
         similarity[start : start + len(block)] = block.max(axis=1)
     return np.where(similarity >= threshold, best, -1), similarity

@@ -148,6 +148,8 @@ def run_download(
         record = run.record(input_info, rows_in, rows_out, drops,
                             download={"shards": shard_count, "shards_resumed": done,
                                       "options": download_ops.options_record(options)})
+        for leftover in images_dir.glob(".*.tmp-*"):
+            shutil.rmtree(leftover)  # an attempt Spark retried after its worker died
         os.replace(images_dir, writer.artifacts_dir / IMAGES_DIR)
         writer.commit(record)
     return record

@@ -104,7 +104,7 @@ def run_logo_bank(spark, input_dir: Path, output_dir: Path, options: BankOptions
     scorer = OpenClipScorer(_embed_model(input_dir))
     logo_broadcast = spark.sparkContext.broadcast(_text_features(scorer, options.logo_prompts))
     contrast_broadcast = spark.sparkContext.broadcast(_text_features(scorer, options.contrast_prompts))
-    emb_df = with_embeddings(spark, df.select(UID, "image_shard", "image_key"), input_dir).localCheckpoint()
+    emb_df = with_embeddings(spark, df.select(UID, "image_shard", "image_key"), input_dir)
     scores = emb_df.select(UID, EMBEDDING_COLUMN).mapInArrow(
         _score_worker(logo_broadcast, contrast_broadcast), f"{UID} string, logo_score float"
     ).localCheckpoint()

@@ -62,12 +62,29 @@ def _write_shard(table: pa.Table, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def _write_image_tar(table: pa.Table, images_dir: str, path: Path, reader: tar_ops.TarReader) -> None:
-    """The shard's samples as a webdataset tar (`<uid>.jpg`, `<uid>.txt`, `<uid>.json`), byte-identical for the same
-    rows: members in uid order with fixed owner, mode and time."""
+def _json_value(value):
+    """A row value as JSON can hold it: NaN and infinities as null (JSON has none), dates, times and decimals as
+    their ISO/decimal text, lists and maps element by element."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [_json_value(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _json_value(item) for key, item in value.items()}
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+def _write_image_tar(table: pa.Table, images_dir: str, path: Path, reader: tar_ops.TarReader,
+                     schema: pa.Schema) -> None:
+    """The shard's samples as a webdataset tar (`<uid>.jpg`, `<uid>.txt`, `<uid>.json` with the row's published
+    columns, binary ones left out), byte-identical for the same rows: members in uid order with fixed owner, mode
+    and time."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-    record_columns = [name for name in table.column_names if name not in IMAGE_POINTER_COLUMNS]
+    record_columns = [field.name for field in schema
+                      if not (pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type))]
     with tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT) as tar:
         for row in table.to_pylist():
             found = reader.image(os.path.join(images_dir, row["image_shard"]), row["image_key"])
@@ -77,7 +94,7 @@ def _write_image_tar(table: pa.Table, images_dir: str, path: Path, reader: tar_o
             sample = {
                 extension: image,
                 "txt": row[CAPTION].encode(),
-                "json": canonical_json({name: row[name] for name in record_columns}).encode(),
+                "json": canonical_json({name: _json_value(row[name]) for name in record_columns}).encode(),
             }
             for member_extension, data in sample.items():
                 info = tarfile.TarInfo(f"{row[UID]}.{member_extension}")
@@ -101,7 +118,7 @@ def _shard_worker(out_dir: str, prefix: str, schema: pa.Schema, images_dir: str 
             tar_path = None
             if images_dir is not None:
                 tar_path = Path(out_dir).parent / IMAGE_SHARDS_DIR / f"{prefix}-{current:05d}.tar"
-                _write_image_tar(table, images_dir, tar_path, reader)
+                _write_image_tar(table, images_dir, tar_path, reader, schema)
             columns = [pa.array([current], pa.int32()), pa.array([str(path)]),
                        pa.array([str(tar_path) if tar_path else None], pa.string())]
             return pa.RecordBatch.from_arrays(columns, ["shard", "path", "tar"])

@@ -69,7 +69,8 @@ def with_embeddings(spark, df, stage_dir: Path):
     files = sorted(str(p) for p in (embed_dir / ARTIFACTS_DIR / "embeddings").glob("*.parquet"))
     paths = spark.createDataFrame([(f,) for f in files], "path string").repartition(max(1, len(files)))
     vectors = paths.mapInArrow(_embedding_reader, f"{UID} string, {EMBEDDING_COLUMN} binary")
-    joined = df.join(vectors, UID, "left")
+    # Checkpointed before the check, so that callers do not read and join every embedding a second time.
+    joined = df.join(vectors, UID, "left").localCheckpoint()
     missing = joined.filter(F.col(EMBEDDING_COLUMN).isNull()).limit(5).collect()
     if missing:
         raise ValueError(f"rows without an embedding in {embed_dir}: {[row[UID] for row in missing]}")
@@ -96,6 +97,9 @@ def fit_centroids(emb_df, rows: int, options: KMeansOptions, purpose_seed: int):
         .toArrow()
         .sort_by(UID)
     )
+    if len(sample) == 0:
+        # A small corpus with a small sample_size can draw no row at all; the first rows by uid stand in.
+        sample = emb_df.select(UID, EMBEDDING_COLUMN).orderBy(UID).limit(options.k).toArrow()
     vectors = embedding_ops.unpack(sample.column(EMBEDDING_COLUMN))
     k = min(options.k, len(vectors))
     if k < 1:
@@ -146,6 +150,19 @@ def _kmeans_record(result, sample_rows: int, options: KMeansOptions) -> dict:
     }
 
 
+def _write_without_rows(run: StageRun, df, input_dir: Path, output_dir: Path, columns: dict[str, str]) -> dict:
+    """The stage folder of an empty input (every row was dropped upstream): no rows, the stage's columns added."""
+    from pyspark.sql import functions as F
+
+    for name, kind in columns.items():
+        df = df.withColumn(name, F.lit(None).cast(kind))
+    with StageWriter(output_dir) as writer:
+        write_tagged(untagged(df), df.columns, str(writer.temp_dir), str(writer.ledger_dir))
+        record = run.record(stage_input(input_dir, writer), 0, 0, {})
+        writer.commit(record)
+    return record
+
+
 def _cluster_sizes(assigned) -> pa.Table:
     counts = assigned.groupBy(CLUSTER).count().toArrow().sort_by(CLUSTER)
     return pa.table({CLUSTER: counts.column(CLUSTER), "size": counts.column("count")})
@@ -158,7 +175,9 @@ def run_cluster(spark, input_dir: Path, output_dir: Path, options: KMeansOptions
     df = read_stage_data(spark, input_dir, None)
     data_columns = [c for c in df.columns if c not in (CLUSTER, CENTROID_SIMILARITY)]
     rows_in = read_stage_record(input_dir)["rows_out"]
-    emb_df = with_embeddings(spark, df.select(UID), input_dir).localCheckpoint()
+    if rows_in == 0:
+        return _write_without_rows(run, df, input_dir, output_dir, {CLUSTER: "int", CENTROID_SIMILARITY: "float"})
+    emb_df = with_embeddings(spark, df.select(UID), input_dir)
     result, sample_rows = fit_centroids(emb_df, rows_in, options, options.seed)
     assigned = assign_all(spark, emb_df, result.centroids, options.device).localCheckpoint()
     tagged = untagged(df.select(*data_columns).join(assigned, UID))
@@ -246,7 +265,9 @@ def run_semdedup(
         .groupBy(CLUSTER).applyInArrow(_similarity_worker(block_rows), _SIMILARITY_SCHEMA)
         .localCheckpoint()
     )
-    if target_keep_fraction is not None:
+    if target_keep_fraction is not None and rows_in == 0:
+        eps = semdedup_ops.DEFAULT_EPS
+    elif target_keep_fraction is not None:
         values = similarities.select("_max_sim").toArrow().column(0).to_numpy(zero_copy_only=False)
         eps = semdedup_ops.eps_for_keep_fraction(np.where(np.isnan(values), -np.inf, values), target_keep_fraction)
         logger.info("semdedup: eps = %.6g keeps %.3f of the rows", eps, target_keep_fraction)
@@ -288,6 +309,15 @@ class PruneOptions:
             raise ValueError("give exactly one of keep_fraction and keep_count")
 
 
+def _cluster_statistics(table: pa.Table) -> pa.Table:
+    """A cluster's size and d_intra = mean(1 - cos to centroid), summed exactly (fsum): a Spark average merges
+    partial sums in an order that follows the partitioning, and its last bits could flip a quota."""
+    distances = 1.0 - table.column(CENTROID_SIMILARITY).to_numpy().astype(np.float64)
+    return pa.table({CLUSTER: pa.array([table.column(CLUSTER)[0].as_py()], pa.int32()),
+                     "size": pa.array([len(distances)], pa.int64()),
+                     "d_intra": pa.array([math.fsum(distances) / len(distances)], pa.float64())})
+
+
 def _selection_worker(quotas_broadcast, selection: str, seed: int):
     def run(table: pa.Table) -> pa.Table:
         cluster = table.column(CLUSTER)[0].as_py()
@@ -314,12 +344,14 @@ def run_prune(
     df = read_stage_data(spark, input_dir, None)
     rows_in = read_stage_record(input_dir)["rows_out"]
     n_keep = prune_ops.keep_fraction_count(rows_in, options.keep_fraction, options.keep_count)
-    emb_df = with_embeddings(spark, df.select(UID), input_dir).localCheckpoint()
+    if rows_in == 0:
+        return _write_without_rows(run, df, input_dir, output_dir, {"prune_cluster": "int"})
+    emb_df = with_embeddings(spark, df.select(UID), input_dir)
     result, sample_rows = fit_centroids(emb_df, rows_in, kmeans, kmeans.seed)
     assigned = assign_all(spark, emb_df, result.centroids, kmeans.device).localCheckpoint()
     k = result.centroids.shape[0]
-    stats = assigned.groupBy(CLUSTER).agg(
-        F.count("*").alias("size"), F.avg(1.0 - F.col(CENTROID_SIMILARITY)).alias("d_intra")
+    stats = assigned.groupBy(CLUSTER).applyInArrow(
+        _cluster_statistics, f"{CLUSTER} int, size long, d_intra double"
     ).toArrow().sort_by(CLUSTER)
     sizes = np.zeros(k, dtype=np.int64)
     d_intra = np.zeros(k, dtype=np.float64)

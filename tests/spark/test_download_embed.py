@@ -250,3 +250,8 @@ def test_rows_can_carry_the_image_bytes_as_parquet_with_images(spark, served, im
             _, data = reader.image(tmp_path / "download" / ARTIFACTS_DIR / "images" / row["image_shard"],
                                    row["image_key"])
             assert data == row["jpg"]
+    run_publish(spark, tmp_path / "download", tmp_path / "publish", shard_rows=100)
+    assert verify_manifest(tmp_path / "publish") == []
+    with tarfile.open(next((tmp_path / "publish" / "images").glob("*.tar"))) as tar:
+        sample = json.loads(tar.extractfile(next(n for n in tar.getnames() if n.endswith(".json"))).read())
+    assert "jpg" not in sample and "_shard" not in sample and sample["image_width"] > 0

@@ -184,3 +184,19 @@ def test_cli_commands_run_the_stages(chains, tmp_path):
     assert read_stage_record(tmp_path / "prune")["rows_out"] == 100
     assert cli_main(["prune", "--input", str(tmp_path / "semdedup"), "--output", str(tmp_path / "bad"),
                      "--k", "4"]) == 2
+
+
+def test_stages_pass_an_empty_input_through(spark, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pq.write_table(pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())}),
+                   raw / "part-0.parquet")
+    run_ingest(spark, [str(raw)], tmp_path / "ingest", IngestOptions())
+    _write_embed_stage(tmp_path / "ingest", tmp_path / "embed", np.empty((0, DIM), np.float32), [], files=1)
+    kmeans = KMeansOptions(k=4, threads=1, device="cpu")
+    assert run_cluster(spark, tmp_path / "embed", tmp_path / "cluster", kmeans)["rows_out"] == 0
+    assert run_semdedup(spark, tmp_path / "cluster", tmp_path / "semdedup", eps=None,
+                        target_keep_fraction=0.5)["rows_out"] == 0
+    assert run_prune(spark, tmp_path / "semdedup", tmp_path / "prune", kmeans,
+                     PruneOptions(keep_fraction=0.5))["rows_out"] == 0
+    assert "prune_cluster" in pq.read_schema(next((tmp_path / "prune").glob("*.parquet"))).names
