@@ -23,18 +23,16 @@ import argparse
 import io
 import json
 import logging
-import platform
 import sys
 import time
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pyarrow.parquet as pq
 import torch
 import webdataset
-from benchkit import cpu_model
+from benchkit import torch_machine
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -60,18 +58,6 @@ def synthetic_picture(rng: np.random.Generator, side: int = IMAGE_SIDE) -> Image
 
 def synthetic_caption(rng: np.random.Generator) -> str:
     return " ".join(rng.choice(WORDS, size=int(rng.integers(4, 14))))
-
-
-def machine(device: torch.device) -> dict:
-    return {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-    }
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -125,7 +111,7 @@ def bench_batch(args) -> None:
             "images_per_second": round(images / embed_batch_seconds, 1),
         },
         "model_only": {"seconds": round(model_seconds, 3), "images_per_second": round(images / model_seconds, 1)},
-        "machine": machine(model.device),
+        "machine": torch_machine(model.device),
     }
     write_report(report, args.out)
     logger.info(
@@ -201,7 +187,7 @@ def bench_shards(args) -> None:
         "images_per_second": round(images / seconds, 1),
         "embed_started_unix": started_unix,
         "embed_finished_unix": finished_unix,
-        "machine": machine(model.device),
+        "machine": torch_machine(model.device),
     }
     write_report(report, args.out)
     logger.info(

@@ -253,16 +253,14 @@ def main() -> int:
     generation_seconds = time.perf_counter() - started
     logger.info("generated %d x %d in %.1f s", args.rows, args.dim, generation_seconds)
 
+    def fit(vectors: np.ndarray):
+        return faiss_seam.spherical_kmeans(
+            vectors, args.k, iterations=KMEANS_ITERATIONS, seed=args.seed,
+            max_points_per_centroid=MAX_POINTS_PER_CENTROID, threads=threads, device=args.device,
+        )
+
     phase = time.perf_counter()
-    kmeans = faiss_seam.spherical_kmeans(
-        embeddings,
-        args.k,
-        iterations=KMEANS_ITERATIONS,
-        seed=args.seed,
-        max_points_per_centroid=MAX_POINTS_PER_CENTROID,
-        threads=threads,
-        device=args.device,
-    )
+    kmeans = fit(embeddings)
     fit_seconds = time.perf_counter() - phase
     logger.info("k-means fit: %.1f s on %d sampled rows", fit_seconds, kmeans.sample_size)
 
@@ -334,15 +332,7 @@ def main() -> int:
     # without the seam's normalised copy of every row.
     sample = embeddings[np.sort(rng.choice(args.rows, size=kmeans.sample_size, replace=False))]
     phase = time.perf_counter()
-    sample_kmeans = faiss_seam.spherical_kmeans(
-        sample,
-        args.k,
-        iterations=KMEANS_ITERATIONS,
-        seed=args.seed,
-        max_points_per_centroid=MAX_POINTS_PER_CENTROID,
-        threads=threads,
-        device=args.device,
-    )
+    sample_kmeans = fit(sample)
     sample_fit_seconds = time.perf_counter() - phase
     del sample
     logger.info("k-means fit on a pre-drawn %d-row sample: %.1f s", sample_kmeans.sample_size, sample_fit_seconds)

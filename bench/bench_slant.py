@@ -19,15 +19,13 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import argparse
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
-from benchkit import cpu_model, write_result
+from benchkit import torch_machine, write_result
 from PIL import Image, ImageDraw
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -58,18 +56,6 @@ def synthetic_logo(rng: np.random.Generator, side: int = 128) -> Image.Image:
     margin = int(rng.integers(4, side // 4))
     ImageDraw.Draw(logo).ellipse((margin, margin, side - margin, side - margin), fill=colour)
     return logo
-
-
-def machine(device: torch.device) -> dict:
-    return {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-    }
 
 
 def paste_only_rate(scorer, logos, probes) -> float:
@@ -151,7 +137,7 @@ def main() -> None:
         "corners": len(CORNERS),
         "batch_size": args.batch_size,
         "models": [bench_model(scorer, logos, probes, args.batch_size) for scorer in scorers],
-        "machine": machine(scorers[0].device),
+        "machine": torch_machine(scorers[0].device),
     }
     write_result(report, args.out)
     write_markdown(report, args.out.with_suffix(".md"))

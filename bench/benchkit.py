@@ -72,6 +72,22 @@ def demo_corpus_and_spark(prefix: str, rows: int, shards: int, master: str):
     return work, get_spark(master=master, conf={"spark.driver.memory": "4g"})
 
 
+def torch_machine(device) -> dict:
+    """The machine a torch benchmark ran on: CPU, threads, GPU and library versions."""
+    import open_clip
+    import torch
+
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+    }
+
+
 def write_result(result: dict, out: Path) -> None:
     """Write a benchmark's result as JSON at `out` and log it."""
     import json

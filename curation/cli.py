@@ -60,6 +60,15 @@ def _add_options_of(parser: argparse.ArgumentParser, stage: str, types: dict | N
             parser.add_argument(flag, type=kind, default=default, help=_help(stage, option))
 
 
+def _stage_folder_command(commands, stage: str, help_text: str, input_help: str, types: dict | None = None):
+    """A command that reads one stage folder and writes one, with a flag per STAGE_OPTIONS entry of `stage`."""
+    parser = commands.add_parser(stage.replace("_", "-"), help=help_text)
+    parser.add_argument("--input", required=True, type=Path, help=input_help)
+    parser.add_argument("--output", required=True, type=Path, help="stage folder to write")
+    _add_options_of(parser, stage, types)
+    return parser
+
+
 def _stage_options_from(args, stage: str) -> dict:
     return {option: getattr(args, option) for option in STAGE_OPTIONS[stage]}
 
@@ -113,38 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
                                  default=STAGE_OPTIONS["dedup_image"][option][0], help=_help("dedup_image", option))
     _add_partitions(dedup_image)
 
-    download = commands.add_parser("download", help="img2dataset download into webdataset tars; failures ledgered")
-    download.add_argument("--input", required=True, type=Path, help="stage folder of the rows to download")
-    download.add_argument("--output", required=True, type=Path, help="stage folder to write")
-    _add_options_of(download, "download", {"max_aspect_ratio": float})
+    download = _stage_folder_command(commands, "download", "img2dataset download into webdataset tars; failures "
+                                     "ledgered", "stage folder of the rows to download", {"max_aspect_ratio": float})
+    embed = _stage_folder_command(commands, "embed", "open_clip image and text embeddings and clip_score per sample",
+                                  "stage folder of downloaded rows")
+    cluster = _stage_folder_command(commands, "cluster", "spherical k-means on the image embeddings; rows gain "
+                                    "cluster", "stage folder downstream of embed", {"seed": int})
+    semdedup = _stage_folder_command(commands, "semdedup", "SemDeDup inside the clusters of a cluster stage",
+                                     "stage folder of a cluster stage (or after it)", {"target_keep_fraction": float})
+    prune = _stage_folder_command(commands, "prune", "density-based pruning over concept clusters",
+                                  "stage folder downstream of embed", {"seed": int, "keep_fraction": float,
+                                                                        "keep_count": int})
 
-    embed = commands.add_parser("embed", help="open_clip image and text embeddings and clip_score per sample")
-    embed.add_argument("--input", required=True, type=Path, help="stage folder of downloaded rows")
-    embed.add_argument("--output", required=True, type=Path, help="stage folder to write")
-    _add_options_of(embed, "embed")
-
-    cluster = commands.add_parser("cluster", help="spherical k-means on the image embeddings; rows gain cluster")
-    cluster.add_argument("--input", required=True, type=Path, help="stage folder downstream of embed")
-    cluster.add_argument("--output", required=True, type=Path, help="stage folder to write")
-    _add_options_of(cluster, "cluster", {"seed": int})
-
-    semdedup = commands.add_parser("semdedup", help="SemDeDup inside the clusters of a cluster stage")
-    semdedup.add_argument("--input", required=True, type=Path, help="stage folder of a cluster stage (or after it)")
-    semdedup.add_argument("--output", required=True, type=Path, help="stage folder to write")
-    _add_options_of(semdedup, "semdedup", {"target_keep_fraction": float})
-
-    prune = commands.add_parser("prune", help="density-based pruning over concept clusters")
-    prune.add_argument("--input", required=True, type=Path, help="stage folder downstream of embed")
-    prune.add_argument("--output", required=True, type=Path, help="stage folder to write")
-    _add_options_of(prune, "prune", {"seed": int, "keep_fraction": float, "keep_count": int})
-
-    logo_bank = commands.add_parser("logo-bank", help="SLANT logo bank: the top q of the corpus by logo score")
-    mine_logos = commands.add_parser("mine-logos", help="SLANT mining: rank bank logos by spuriousness per target")
-    flag_logos = commands.add_parser("flag-logos", help="tag or drop images carrying a mined spurious logo")
-    for sub, stage in ((logo_bank, "logo_bank"), (mine_logos, "mine_logos"), (flag_logos, "flag_logos")):
-        sub.add_argument("--input", required=True, type=Path, help="stage folder downstream of embed")
-        sub.add_argument("--output", required=True, type=Path, help="stage folder to write")
-        _add_options_of(sub, stage, {"seed": int, "floor": float, "probe_folder": str})
+    logo_types = {"seed": int, "floor": float, "probe_folder": str}
+    logo_bank = _stage_folder_command(commands, "logo_bank", "SLANT logo bank: the top q of the corpus by logo score",
+                                      "stage folder downstream of embed", logo_types)
+    mine_logos = _stage_folder_command(commands, "mine_logos", "SLANT mining: rank bank logos by spuriousness per "
+                                       "target", "stage folder downstream of embed", logo_types)
+    flag_logos = _stage_folder_command(commands, "flag_logos", "tag or drop images carrying a mined spurious logo",
+                                       "stage folder downstream of embed", logo_types)
 
     count = commands.add_parser("count", help="entry counts c_e over matched rows (artifact; rows pass through)")
     count.add_argument("--input", required=True, type=Path, help="matched stage folder")
