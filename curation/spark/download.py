@@ -1,4 +1,4 @@
-"""Spark adapter of download: img2dataset per uid-range shard, one Spark group per shard, every row ledgered.
+"""Spark adapter of download: img2dataset per uid-range shard, one Spark task per shard, every row ledgered.
 
 Rows go to shard k of S by the first 60 bits of their uid (as publish shards them), S = ceil(rows / shard_rows), so
 a shard's content depends only on the set of rows. Each shard is one call of img2dataset's `Downloader` in a Spark
@@ -64,8 +64,13 @@ def image_bytes(df, images_dir: Path, image_column: str = "jpg", partitions: int
 
 
 def _download_worker(images_dir: str, options: DownloadOptions):
-    def run(rows: pa.Table) -> pa.Table:
-        shard_id = rows.column("_shard")[0].as_py()
+    def run(shard_id: int, pairs):
+        members = [member for _, member in pairs]
+        if not members:
+            return
+        uids, urls, captions = zip(*members, strict=True)
+        rows = pa.table({UID: pa.array(uids, pa.string()), URL: pa.array(urls, pa.string()),
+                         CAPTION: pa.array(captions, pa.string())})
         statuses = download_ops.download_shard(rows, shard_id, images_dir, options)
         name = download_ops.shard_name(shard_id)
         status_values = statuses.column("status").to_pylist()
@@ -77,7 +82,7 @@ def _download_worker(images_dir: str, options: DownloadOptions):
             for reason, key, status, message in zip(reasons, keys, status_values, messages, strict=True)
         ]
         succeeded = pc.equal(statuses.column("status"), "success")
-        return pa.table({
+        table = pa.table({
             UID: statuses.column(UID),
             "image_shard": pa.array([f"{name}.tar"] * len(statuses), pa.string()),
             "image_key": pc.if_else(succeeded, statuses.column("key"), None),
@@ -89,6 +94,7 @@ def _download_worker(images_dir: str, options: DownloadOptions):
             "_reason": pa.array(reasons, pa.string()),
             "_detail": pa.array(details, pa.string()),
         })
+        yield from zip(*(column.to_pylist() for column in table.columns), strict=True)
 
     return run
 
@@ -123,16 +129,16 @@ def run_download(
             shutil.rmtree(leftover)  # an attempt killed mid-shard
         done = sum(download_ops.is_shard_done(images_dir, shard) for shard in range(shard_count))
         logger.info("download: %d rows in %d shards (%d already done) into %s", rows_in, shard_count, done, images_dir)
-        # One group per shard, in as many partitions as shards (the groupBy reuses this partitioning), so that the
-        # shards download in parallel whatever the session's shuffle partitions.
-        statuses = (
-            df.select(UID, URL, CAPTION)
-            .withColumn("_shard", F.expr(shard_of_prefix_expression(shard_count)))
-            .repartition(shard_count, "_shard")
-            .groupBy("_shard")
-            .applyInArrow(_download_worker(str(images_dir), options), _STATUS_SCHEMA)
-            .localCheckpoint()
+        # Shard i is partition i (an identity partitioner; hashing shard ids would put two or three shards in some
+        # tasks, to be downloaded one after the other, and none in others), one Spark task per shard.
+        by_shard = (
+            df.select(F.expr(shard_of_prefix_expression(shard_count)).alias("_shard"), UID, URL, CAPTION).rdd
+            .map(lambda row: (row[0], (row[1], row[2], row[3])))
+            .partitionBy(shard_count, lambda shard: shard)
         )
+        statuses = spark.createDataFrame(
+            by_shard.mapPartitionsWithIndex(_download_worker(str(images_dir), options)), _STATUS_SCHEMA
+        ).localCheckpoint()
         tagged = df.select(*data_columns).join(statuses, UID, "left")
         unreported = tagged.filter(F.col("_reason").isNull() & F.col("image_key").isNull()).limit(5).collect()
         if unreported:
