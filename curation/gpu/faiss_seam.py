@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from curation.ops.embeddings import float32_matrix
+
 logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -74,20 +76,6 @@ def _omp_threads(threads: int) -> Iterator[None]:
         faiss.omp_set_num_threads(previous)
 
 
-def _validated(vectors: np.ndarray, name: str, dimension: int | None = None) -> np.ndarray:
-    """`vectors` as a C-contiguous float32 (n, d) array, or a ValueError saying what is wrong with it."""
-    if not isinstance(vectors, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(vectors).__name__}")
-    if vectors.dtype != np.float32:
-        # Converting here would hide a full-size copy of a possibly huge array from the caller.
-        raise ValueError(f"{name} must be float32, got {vectors.dtype}; convert with .astype(np.float32)")
-    if vectors.ndim != 2 or vectors.shape[1] == 0:
-        raise ValueError(f"{name} must have shape (n, d) with d > 0, got {vectors.shape}")
-    if dimension is not None and vectors.shape[1] != dimension:
-        raise ValueError(f"{name} has dimension {vectors.shape[1]}, expected {dimension}")
-    return np.ascontiguousarray(vectors)
-
-
 def _unit_rows(vectors: np.ndarray, name: str) -> np.ndarray:
     """A normalised copy of float32 rows; rows that are non-finite or zero cannot be directions, so they raise."""
     if not np.isfinite(vectors).all():
@@ -127,7 +115,7 @@ class FlatIndex:
 
     def add(self, vectors: np.ndarray) -> None:
         """Append normalised copies of `vectors`; their ids continue from `size` in row order."""
-        vectors = _validated(vectors, "vectors", self.dimension)
+        vectors = float32_matrix(vectors, "vectors", self.dimension)
         for rows in _batches(len(vectors), self.batch_size):
             self.faiss_index.add(_unit_rows(vectors[rows], "vectors"))
 
@@ -136,7 +124,7 @@ class FlatIndex:
 
         Among equal similarities the order of ids is whatever faiss returns.
         """
-        queries = _validated(queries, "queries", self.dimension)
+        queries = float32_matrix(queries, "queries", self.dimension)
         if not 1 <= k <= self.size:
             raise ValueError(f"k must be between 1 and the index size {self.size}, got {k}")
         similarities = np.empty((len(queries), k), dtype=np.float32)
@@ -202,7 +190,7 @@ def spherical_kmeans(
     default of 256 is applied silently otherwise). With the same input, seed and threads the CPU result is
     bit-identical across runs; `threads` also bounds faiss's OpenMP threads, which Spark executors share.
     """
-    vectors = _validated(vectors, "vectors")
+    vectors = float32_matrix(vectors, "vectors")
     n, dimension = vectors.shape
     if not 1 <= k <= n:
         raise ValueError(f"k must be between 1 and the number of vectors {n}, got {k}")
@@ -265,10 +253,10 @@ def assign(
     share a call, so the returned similarity is recomputed row by row (`row_cosines`): the same row gets the same
     bits however a caller batches it (Spark's Arrow batches follow the partitioning).
     """
-    centroids = _validated(centroids, "centroids")
+    centroids = float32_matrix(centroids, "centroids")
     index = flat_index(centroids.shape[1], device=device, batch_size=batch_size)
     index.add(centroids)
-    vectors = _validated(vectors, "vectors", index.dimension)
+    vectors = float32_matrix(vectors, "vectors", index.dimension)
     _, ids = index.search(vectors, 1)
     return ids[:, 0], row_cosines(vectors, centroids[ids[:, 0]])
 
@@ -293,7 +281,7 @@ def search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest rows of `database` for each query by cosine similarity: (similarities float32 (nq, k),
     database row ids int64 (nq, k)), best first."""
-    database = _validated(database, "database")
+    database = float32_matrix(database, "database")
     index = flat_index(database.shape[1], device=device, batch_size=batch_size)
     index.add(database)
     return index.search(queries, k)

@@ -13,6 +13,21 @@ import pyarrow.parquet as pq
 EMBEDDING_COLUMN = "_embedding"
 
 
+def float32_matrix(vectors: np.ndarray, name: str, dimension: int | None = None) -> np.ndarray:
+    """`vectors` as a C-contiguous float32 (n, d) array, or a ValueError saying what is wrong with it. Shared by the
+    FAISS seam and SemDeDup, which both take embedding matrices from callers."""
+    if not isinstance(vectors, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(vectors).__name__}")
+    if vectors.dtype != np.float32:
+        # Converting here would hide a full-size copy of a possibly huge array from the caller.
+        raise ValueError(f"{name} must be float32, got {vectors.dtype}; convert with .astype(np.float32)")
+    if vectors.ndim != 2 or vectors.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (n, d) with d > 0, got {vectors.shape}")
+    if dimension is not None and vectors.shape[1] != dimension:
+        raise ValueError(f"{name} has dimension {vectors.shape[1]}, expected {dimension}")
+    return np.ascontiguousarray(vectors)
+
+
 def pack(matrix: np.ndarray) -> pa.BinaryArray:
     """Rows of a float16 (n, d) matrix as n binary values of d * 2 bytes."""
     matrix = np.ascontiguousarray(matrix, dtype="<f2")

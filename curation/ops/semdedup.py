@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from curation.ops.embeddings import float32_matrix
+
 __all__ = [
     "DEFAULT_BLOCK_ROWS",
     "DEFAULT_EPS",
@@ -293,13 +295,7 @@ def _validated_vector(values: np.ndarray, name: str, allow_minus_inf: bool = Fal
 
 def _validated_unit_rows(embeddings: np.ndarray) -> np.ndarray:
     """`embeddings` as C-contiguous float32 (m, d) finite unit rows, or a ValueError saying what is wrong."""
-    if not isinstance(embeddings, np.ndarray):
-        raise ValueError(f"embeddings must be a numpy array, got {type(embeddings).__name__}")
-    if embeddings.dtype != np.float32:
-        # Converting here would hide a full-size copy, and float64 would change the similarities' precision.
-        raise ValueError(f"embeddings must be float32, got {embeddings.dtype}; convert with .astype(np.float32)")
-    if embeddings.ndim != 2 or embeddings.shape[1] == 0:
-        raise ValueError(f"embeddings must have shape (m, d) with d > 0, got {embeddings.shape}")
+    embeddings = float32_matrix(embeddings, "embeddings")
     # Checked a slice at a time: a whole-array isfinite or norm would allocate temporaries as large as the input.
     for start in range(0, len(embeddings), _VALIDATION_ROWS):
         rows = embeddings[start : start + _VALIDATION_ROWS]
@@ -312,7 +308,7 @@ def _validated_unit_rows(embeddings: np.ndarray) -> np.ndarray:
                 f"embeddings must be L2-normalised rows (cosine = dot product); row {start + int(np.argmax(off))} "
                 f"has norm {float(norms[off][0]):.4g}, off by more than {_UNIT_NORM_TOLERANCE}"
             )
-    return np.ascontiguousarray(embeddings)
+    return embeddings
 
 
 def _uid_array(uids: Sequence[str], expected: int) -> np.ndarray:

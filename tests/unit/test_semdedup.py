@@ -311,8 +311,8 @@ def valid_cluster(members: int = 4, dimension: int = 3):
     ("change", "message"),
     [
         (lambda e, s, u, eps: (e.astype(np.float64), s, u, eps), "must be float32"),
-        (lambda e, s, u, eps: (e[:, 0].copy(), s, u, eps), r"shape \(m, d\)"),
-        (lambda e, s, u, eps: (e[:, :0].copy(), s, u, eps), r"shape \(m, d\)"),
+        (lambda e, s, u, eps: (e[:, 0].copy(), s, u, eps), r"shape \(n, d\)"),
+        (lambda e, s, u, eps: (e[:, :0].copy(), s, u, eps), r"shape \(n, d\)"),
         (lambda e, s, u, eps: (e * 10, s, u, eps), "L2-normalised"),
         (
             lambda e, s, u, eps: (np.where(np.arange(len(e))[:, None] == 1, np.nan, e).astype(np.float32), s, u, eps),
