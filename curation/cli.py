@@ -14,7 +14,8 @@ logger = logging.getLogger("curation")
 
 STAGE_COMMANDS = (
     "ingest", "dedup-exact", "dedup-text", "download", "embed", "dedup-image", "cluster", "semdedup", "prune",
-    "logo-bank", "mine-logos", "flag-logos", "match", "count", "balance", "publish",
+    "logo-bank", "mine-logos", "flag-logos", "match", "count", "balance", "publish", "filter", "nsfw",
+    "block-images", "decontaminate",
 )
 # Kept in step with curation.demo_images (not imported: it would load Pillow and numpy for every command).
 DEMO_IMAGE_PORT = 18765
@@ -44,6 +45,8 @@ def _add_ingest_options(parser: argparse.ArgumentParser) -> None:
                         help=_help("ingest", "max_caption_chars"))
     parser.add_argument("--keep-columns", nargs="*", default=[], help=_help("ingest", "keep_columns"))
     parser.add_argument("--skip-bad-files", action="store_true", help=_help("ingest", "skip_bad_files"))
+    parser.add_argument("--blocked-domains-file", help=_help("ingest", "blocked_domains_file"))
+    parser.add_argument("--blocked-urls-file", help=_help("ingest", "blocked_urls_file"))
 
 
 def _add_options_of(parser: argparse.ArgumentParser, stage: str, types: dict | None = None) -> None:
@@ -51,7 +54,10 @@ def _add_options_of(parser: argparse.ArgumentParser, stage: str, types: dict | N
     is the default's unless `types` names it."""
     for option, (default, _) in STAGE_OPTIONS[stage].items():
         flag = f"--{option.replace('_', '-')}"
-        if isinstance(default, bool):
+        if default is True:
+            parser.add_argument(f"--no-{option.replace('_', '-')}", dest=option, action="store_false",
+                                help=f"turn off: {STAGE_OPTIONS[stage][option][1]}")
+        elif isinstance(default, bool):
             parser.add_argument(flag, action="store_true", help=_help(stage, option))
         elif isinstance(default, list):
             parser.add_argument(flag, nargs="*", default=list(default), help=_help(stage, option))
@@ -142,6 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     flag_logos = _stage_folder_command(commands, "flag_logos", "tag or drop images carrying a mined spurious logo",
                                        "stage folder downstream of embed", logo_types)
 
+    filter_types = {name: float for name in ("min_clip_score", "clip_score_top_fraction", "max_aspect_ratio")}
+    filter_types.update({name: int for name in ("min_image_side", "min_caption_words", "max_caption_words",
+                                                "partitions")})
+    filter_stage = _stage_folder_command(commands, "filter", "attribute filters (CLIP score, image size, aspect "
+                                         "ratio, caption words, boilerplate captions); each rule its own reason",
+                                         "stage folder to filter", filter_types)
+    nsfw = _stage_folder_command(commands, "nsfw", "open_nsfw image score (nsfw_score) and an optional drop",
+                                 "stage folder downstream of download", {"max_score": float, "threads": int,
+                                                                         "partitions": int})
+    block_images = _stage_folder_command(commands, "block_images", "drop images on a sha256 or perceptual-hash "
+                                         "blocklist", "stage folder downstream of download", {"partitions": int})
+    decontaminate = _stage_folder_command(commands, "decontaminate", "drop near duplicates of evaluation images",
+                                          "stage folder downstream of download", {"min_cosine": float,
+                                                                                  "partitions": int})
+
     count = commands.add_parser("count", help="entry counts c_e over matched rows (artifact; rows pass through)")
     count.add_argument("--input", required=True, type=Path, help="matched stage folder")
     count.add_argument("--output", required=True, type=Path, help="stage folder to write")
@@ -167,6 +188,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path, help="run configuration (see jobs/configs/demo.yaml)")
     run.add_argument("--output", required=True, type=Path, help="run folder")
     run.add_argument("--force", action="store_true", help="redo every stage even if it is up to date")
+    run.add_argument("--dry-run", action="store_true", help="print the stages, the inputs (shards, rows, bytes) and "
+                     "an estimate of output size and time from a sample; runs nothing and starts no Spark")
+    run.add_argument("--sample-rows", type=int, default=2000, help="rows the dry run's estimate is measured on "
+                     "(default: 2000)")
+    run.add_argument("--no-report", dest="report", action="store_false",
+                     help="do not write RUN_DIR/report.html at the end")
+
+    report = commands.add_parser("report", help="write a self-contained report.html of a run folder")
+    report.add_argument("run_dir", type=Path, help="run folder (curation run --output)")
+    report.add_argument("--output", type=Path, help="HTML file to write (default: RUN_DIR/report.html)")
+
+    inspect = commands.add_parser("inspect", help="the story of one sample (--uid) or one metadata entry (--entry)")
+    inspect.add_argument("run_dir", type=Path, help="run folder")
+    what = inspect.add_mutually_exclusive_group(required=True)
+    what.add_argument("--uid", help="a sample's uid: every stage it passed, its scores, groups, or why it was dropped")
+    what.add_argument("--entry", help="a metadata entry: its counts at each count/balance stage and examples")
+    inspect.add_argument("--examples", type=int, default=5, help="example rows shown for --entry (default: 5)")
+
+    takedown = commands.add_parser("takedown", help="write a new release without the samples named in the request "
+                                   "files (unchanged shards reused byte for byte)")
+    takedown.add_argument("release", type=Path, help="published release folder (with manifest.json)")
+    takedown.add_argument("--output", required=True, type=Path, help="new release folder to write")
+    takedown.add_argument("--uids", type=Path, help="file of uids, one a line")
+    takedown.add_argument("--urls", type=Path, help="file of urls, one a line (compared after url normalisation)")
+    takedown.add_argument("--image-hashes", type=Path, help="file of image sha256 digests (64 hex) or perceptual "
+                          "hashes (16 hex), one a line")
+    takedown.add_argument("--reason", default="takedown request", help="reason recorded in the ledger "
+                          "(default: takedown request)")
 
     verify = commands.add_parser("verify", help="re-check a run (every stage) or a release: checksums, row counts, "
                                  "ledger invariant")
@@ -197,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_images.add_argument("--seed", type=int, default=0, help="image generator seed (default: 0)")
 
     for sub in (ingest, dedup_exact, dedup_text, dedup_image, download, embed, cluster, semdedup, prune, logo_bank,
-                mine_logos, flag_logos, match, count, balance, publish, run):
+                mine_logos, flag_logos, filter_stage, nsfw, block_images, decontaminate, match, count, balance,
+                publish, run):
         _add_spark_options(sub)
     return parser
 
@@ -218,7 +268,8 @@ def _ingest_config(args) -> dict:
     return {
         "url_column": args.url_column, "text_column": args.text_column,
         "max_caption_chars": args.max_caption_chars, "keep_columns": list(args.keep_columns),
-        "skip_bad_files": args.skip_bad_files,
+        "skip_bad_files": args.skip_bad_files, "blocked_domains_file": args.blocked_domains_file,
+        "blocked_urls_file": args.blocked_urls_file,
     }
 
 
@@ -260,7 +311,8 @@ def _stage_command(args) -> dict:
 
         options = _stage_options_from(args, "embed")
         return run_embed(spark, args.input, args.output, embed_options(options), {"stage": "embed", **options})
-    if args.command in ("cluster", "semdedup", "prune", "logo-bank", "mine-logos", "flag-logos"):
+    if args.command in ("cluster", "semdedup", "prune", "logo-bank", "mine-logos", "flag-logos", "filter", "nsfw",
+                        "block-images", "decontaminate"):
         return _embedding_stage_command(spark, args)
     if args.command == "dedup-image":
         options = {k: getattr(args, k) for k in ("image_column", "max_distance", "max_anchors", "full_pairs_limit")}
@@ -348,10 +400,45 @@ def _dispatch(args) -> int:
         from curation.pipeline import run_pipeline
 
         run_config = load_run_config(args.config)
+        if args.dry_run:
+            from curation.dry_run import dry_run
+
+            for line in dry_run(run_config, args.output, args.sample_rows):
+                _write(line)
+            return 0
         spark = _spark_for_run(args, run_config)
         results = run_pipeline(spark, run_config, args.output, force=args.force)
         for line in run_summary(results, args.output.resolve()):
             _write(line)
+        if args.report:
+            from curation.report import write_report
+
+            _write(f"report: {write_report(args.output)}")
+        return 0
+    if args.command == "report":
+        from curation.report import write_report
+
+        _write(f"report: {write_report(args.run_dir, args.output)}")
+        return 0
+    if args.command == "inspect":
+        from curation.inspect import InspectError, inspect_entry, inspect_uid
+
+        try:
+            lines = (inspect_uid(args.run_dir, args.uid) if args.uid is not None
+                     else inspect_entry(args.run_dir, args.entry, args.examples))
+        except InspectError as error:
+            logger.error("%s", error)
+            return 1
+        for line in lines:
+            _write(line)
+        return 0
+    if args.command == "takedown":
+        from curation.takedown import takedown_release
+
+        if not (args.uids or args.urls or args.image_hashes):
+            raise ConfigError("takedown needs at least one of --uids, --urls, --image-hashes")
+        summary = takedown_release(args.release, args.output, args.uids, args.urls, args.image_hashes, args.reason)
+        _write(json.dumps(summary, indent=2, sort_keys=True))
         return 0
     if args.command == "verify":
         from curation.manifest import locate_manifest, verify_manifest

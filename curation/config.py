@@ -29,6 +29,10 @@ STAGE_OPTIONS: dict[str, dict[str, tuple[object, str]]] = {
         "max_caption_chars": (DEFAULT_MAX_CAPTION_CHARS, "longer captions go to the ledger (caption_too_long)"),
         "keep_columns": ([], "extra raw columns carried through to the release"),
         "skip_bad_files": (False, "record unreadable shards in the manifest and go on, instead of failing"),
+        "blocked_domains_file": (None, "text file of domains, one a line: rows whose url host is one of them or a "
+                                       "subdomain go to the ledger (blocked_domain)"),
+        "blocked_urls_file": (None, "text file of urls, one a line, compared after url normalisation "
+                                    "(blocked_url)"),
         "partitions": (None, "Spark partitions for this stage (default: Spark's parallelism)"),
     },
     "dedup_exact": {
@@ -50,6 +54,49 @@ STAGE_OPTIONS: dict[str, dict[str, tuple[object, str]]] = {
         "max_distance": (4, "perceptual hashes within this Hamming distance are near duplicates"),
         "max_anchors": (8, "in a hash-chunk bucket larger than full_pairs_limit, members pair with this many anchors"),
         "full_pairs_limit": (64, "hash-chunk buckets up to this size are compared pair by pair"),
+        "partitions": (None, "Spark partitions for this stage"),
+    },
+    "filter": {
+        "min_clip_score": (None, "drop rows with clip_score below this (low_clip_score; LAION used 0.28 with "
+                                 "ViT-B/32)"),
+        "clip_score_top_fraction": (None, "keep only this top fraction of rows by clip_score, ties by uid "
+                                          "(clip_score_not_top; DataComp's CLIP-score filter, e.g. 0.3)"),
+        "min_image_side": (None, "drop images whose original shorter side is below this many pixels "
+                                 "(image_too_small; ALIGN: 200)"),
+        "max_aspect_ratio": (None, "drop images whose original long/short side ratio exceeds this "
+                                   "(extreme_aspect_ratio; ALIGN: 3)"),
+        "min_caption_words": (None, "drop captions with fewer words (too_few_caption_words; ALIGN: 3)"),
+        "max_caption_words": (None, "drop captions with more words (too_many_caption_words; ALIGN: 20)"),
+        "max_caption_repeats": (1000, "drop every row whose exact caption is shared by more than this many rows "
+                                      "of the stage's whole input (boilerplate_caption; ALIGN's boilerplate "
+                                      "rule); null turns it off"),
+        "partitions": (None, "Spark partitions for this stage"),
+    },
+    "nsfw": {
+        "max_score": (None, "drop rows whose nsfw_score exceeds this (reason nsfw); default: only add the score"),
+        "batch_size": (64, "images per onnxruntime call"),
+        "device": ("auto", "auto (CUDA execution provider when onnxruntime has it), cuda or cpu"),
+        "threads": (None, "onnxruntime intra-op threads per Spark task (default: onnxruntime's)"),
+        "jpeg_reencode": (True, "the open_nsfw reference preprocessing (a JPEG round trip) for reference scores"),
+        "partitions": (None, "Spark partitions for this stage"),
+    },
+    "block_images": {
+        "sha256_file": (None, "text file of image sha256 digests (hex), one a line: exact matches are blocked"),
+        "phash_file": (None, "text file of 64-bit perceptual hashes (16 hex digits), one a line"),
+        "max_distance": (4, "images within this Hamming distance of a blocked perceptual hash are blocked"),
+        "image_column": ("jpg", "column of encoded image bytes, if the rows carry them (else the download tars)"),
+        "partitions": (None, "Spark partitions for this stage"),
+    },
+    "decontaminate": {
+        "eval_images": (None, "evaluation images: a folder of image files or a parquet file with an image column "
+                              "(required)"),
+        "eval_image_column": ("jpg", "the image-bytes column when eval_images is a parquet file"),
+        "max_distance": (4, "images within this perceptual-hash Hamming distance of an evaluation image are "
+                            "dropped (eval_contamination)"),
+        "min_cosine": (0.95, "with embeddings upstream, images whose image-embedding cosine to an evaluation image "
+                             "is at least this are dropped too"),
+        "use_embeddings": ("auto", "auto (when an embed stage is upstream), always or never"),
+        "image_column": ("jpg", "column of encoded image bytes, if the rows carry them (else the download tars)"),
         "partitions": (None, "Spark partitions for this stage"),
     },
     "download": {
@@ -229,6 +276,8 @@ def parse_run_config(raw: dict) -> RunConfig:
     for stage in stages:
         if stage.name == "match" and not stage.options["metadata"]:
             raise ConfigError("stage match needs `metadata` (in the stage or at the top level)")
+        if stage.name == "decontaminate" and not stage.options["eval_images"]:
+            raise ConfigError("stage decontaminate needs `eval_images` (a folder of images or a parquet file)")
         if stage.name == "prune" and (stage.options["keep_fraction"] is None) == (stage.options["keep_count"] is None):
             raise ConfigError("stage prune needs exactly one of keep_fraction and keep_count")
     return RunConfig(

@@ -48,8 +48,10 @@ def build_manifest(
     *, name: str, config: dict, config_sha256: str, inputs: list[dict], skipped_inputs: list[dict],
     stages: list[dict], shards: list[dict], ledger_files: list[dict], metadata: dict | None,
     balancing: dict | None, execution: dict | None = None, replaces: str | None = None,
-    image_shards: list[dict] | None = None,
+    image_shards: list[dict] | None = None, balancing_points: list[dict] | None = None,
 ) -> dict:
+    """The manifest of a release. `balancing` is the last balance stage's summary (the distribution as published);
+    `balancing_points` holds every balance stage's summary in run order, e.g. before and after the image stages."""
     rows_in = sum(i["rows"] for i in inputs)
     published = sum(s["rows"] for s in shards)
     in_ledger = sum(f["rows"] for f in ledger_files)
@@ -80,6 +82,7 @@ def build_manifest(
         },
         "metadata": metadata,
         "balancing": balancing,
+        "balancing_points": balancing_points or [],
         "replaces": replaces,
         "volatile_fields": VOLATILE_FIELDS,
     }

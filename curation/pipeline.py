@@ -34,11 +34,16 @@ EMBED_OPTION_NAMES = ("model", "pretrained", "device", "precision", "batch_size"
 
 
 def ingest_options(options: dict) -> IngestOptions:
+    from curation.ops.blocklists import load_domain_blocklist, load_url_blocklist
+
+    domains, urls = options.get("blocked_domains_file"), options.get("blocked_urls_file")
     return IngestOptions(
         url_column=options["url_column"],
         text_column=options["text_column"],
         max_caption_chars=int(options["max_caption_chars"]),
         keep_columns=tuple(options["keep_columns"]),
+        blocked_domains=load_domain_blocklist(Path(domains)) if domains else frozenset(),
+        blocked_urls=load_url_blocklist(Path(urls)) if urls else frozenset(),
     )
 
 
@@ -81,6 +86,12 @@ def hashed_config(stage: StageConfig) -> dict:
         config["metadata_sha256"] = metadata_sha256(load_metadata(stage.options["metadata"]))
     if stage.name == "embed" and Path(stage.options["pretrained"]).is_file():
         config["checkpoint_sha256"] = sha256_of_file(Path(stage.options["pretrained"]))
+    # Files the options name: editing a blocklist or an evaluation set must redo the stage, not skip it.
+    for option in ("blocked_domains_file", "blocked_urls_file", "sha256_file", "phash_file"):
+        if stage.options.get(option):
+            config[f"{option}_sha256"] = sha256_of_file(Path(stage.options[option]))
+    if stage.name == "decontaminate":
+        config["eval_images_fingerprint"] = fingerprint_files(list_files(Path(stage.options["eval_images"])))
     if stage.name == "mine_logos":
         # Files the options name: changing a probe image or a checkpoint must redo the mining, not skip it.
         checkpoints = [Path(spec.partition(":")[2]) for spec in stage.options["models"]]
@@ -129,6 +140,22 @@ def run_stage(
             ratio=float(options["ratio"]), selection=options["selection"],
         )
         return semantic.run_prune(spark, input_location, output_dir, kmeans_options(options), prune, config)
+    if stage.name == "filter":
+        from curation.spark.filters import run_filter
+
+        return run_filter(spark, input_location, output_dir, options, partitions, config)
+    if stage.name == "nsfw":
+        from curation.spark.nsfw import run_nsfw
+
+        return run_nsfw(spark, input_location, output_dir, options, partitions, config)
+    if stage.name == "block_images":
+        from curation.spark.blocklist import run_block_images
+
+        return run_block_images(spark, input_location, output_dir, options, partitions, config)
+    if stage.name == "decontaminate":
+        from curation.spark.decontaminate import run_decontaminate
+
+        return run_decontaminate(spark, input_location, output_dir, options, partitions, config)
     if stage.name in ("logo_bank", "mine_logos", "flag_logos"):
         return run_logo_stage(spark, stage.name, options, config, input_location, output_dir)
     if stage.name == "dedup_image":

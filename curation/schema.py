@@ -70,6 +70,26 @@ class Reason:
     PRUNED_DENSE_CLUSTER = "pruned_dense_cluster"
     # flag_logos with policy drop: the image is within the cosine threshold of a mined spurious logo
     SPURIOUS_LOGO = "spurious_logo"
+    # ingest: the url's host (or a parent domain of it) is on the domain blocklist
+    BLOCKED_DOMAIN = "blocked_domain"
+    # ingest: the normalised url is on the url blocklist
+    BLOCKED_URL = "blocked_url"
+    # block_images: the image's sha256 is on the blocklist, or its perceptual hash is within max_distance of one
+    BLOCKED_IMAGE = "blocked_image"
+    # filter rules (detail: the value and the rule's threshold)
+    LOW_CLIP_SCORE = "low_clip_score"
+    CLIP_SCORE_NOT_TOP = "clip_score_not_top"
+    IMAGE_TOO_SMALL = "image_too_small"
+    EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"
+    TOO_FEW_CAPTION_WORDS = "too_few_caption_words"
+    TOO_MANY_CAPTION_WORDS = "too_many_caption_words"
+    BOILERPLATE_CAPTION = "boilerplate_caption"
+    # nsfw: nsfw_score above the stage's max_score
+    NSFW = "nsfw"
+    # decontaminate: the image is a near duplicate of an evaluation image (detail: which, by hash or cosine)
+    EVAL_CONTAMINATION = "eval_contamination"
+    # takedown: removed from a published release on request (detail: the request's reason)
+    TAKEDOWN = "takedown"
 
 
 # A duplicate_pair ledger row carries the uid of the published first occurrence by definition (same url and

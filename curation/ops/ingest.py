@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.ops.blocklists import blocked_masks
 from curation.ops.uid import compute_uids
 from curation.schema import CAPTION, UID, URL, Reason
 
@@ -46,6 +47,8 @@ class IngestOptions:
     text_column: str | None = None
     max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS
     keep_columns: tuple[str, ...] = ()
+    blocked_domains: frozenset[str] = frozenset()
+    blocked_urls: frozenset[str] = frozenset()
 
     def __post_init__(self):
         if self.max_caption_chars < 1:
@@ -172,7 +175,8 @@ def normalise_rows(
     rejected: uid, reason, detail (JSON with file and row) — one row per rejected input row, first reason wins in
     the order: missing/empty url, missing/empty caption, invalid UTF-8, a NUL character in the url or caption
     (see `_NUL`), not an http(s) url (also a url holding a control character no HTTP request can carry), caption too
-    long. Other control characters in a caption (ESC, bidi overrides) are text and are kept byte for byte.
+    long, a url on the url blocklist, a host on the domain blocklist. Other control characters in a caption (ESC,
+    bidi overrides) are text and are kept byte for byte.
     """
     url_name, text_name = resolve_columns(table.column_names, options, source)
     url_raw = _as_binary(table.column(url_name), url_name, source)
@@ -197,6 +201,10 @@ def normalise_rows(
     assign(~_filled(pc.match_substring_regex(urls, r"^[hH][tT][tT][pP][sS]?://[^/\s?#]+")), Reason.NOT_HTTP_URL)
     assign(_filled(pc.match_substring_regex(urls, _URL_CONTROL_CHARACTERS)), Reason.NOT_HTTP_URL)
     assign(_filled(pc.greater(pc.utf8_length(captions), options.max_caption_chars)), Reason.CAPTION_TOO_LONG)
+    if options.blocked_domains or options.blocked_urls:
+        by_domain, by_url = blocked_masks(urls, options.blocked_domains, options.blocked_urls)
+        assign(by_url, Reason.BLOCKED_URL)
+        assign(by_domain, Reason.BLOCKED_DOMAIN)
 
     source_rows = np.arange(first_row, first_row + rows, dtype=np.int64)
     rejected_mask = reasons != None  # noqa: E711

@@ -212,7 +212,8 @@ def run_publish(
             {**f, "fingerprint": ingest_record["input"]["fingerprint"]} for f in ingest_record["input"]["files"]
         ]
         metadata = next((r["metadata"] for _, r in reversed(chain) if r["stage"] == "match"), None)
-        balancing = next((r["balancing"] for _, r in reversed(chain) if r["stage"] == "balance"), None)
+        balancing_points = [{"stage_folder": folder.name, "rows_in": r["rows_in"], "rows_out": r["rows_out"],
+                             **r["balancing"]} for folder, r in chain if r["stage"] == "balance"]
         # Spark settings (master, partitions) change how, not what: they are recorded as volatile execution data.
         execution = {"spark": (run_config or {}).get("spark"), "spark_version": spark.version}
         config_for_manifest = (
@@ -231,7 +232,8 @@ def run_publish(
             image_shards=image_shards,
             ledger_files=[file_entry(writer.temp_dir, p) for p in ledger_paths],
             metadata=metadata and {**metadata, "path": Path(metadata["path"]).name},
-            balancing=balancing,
+            balancing=balancing_points[-1] if balancing_points else None,
+            balancing_points=balancing_points,
             execution=execution,
         )
 

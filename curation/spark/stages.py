@@ -382,10 +382,14 @@ def run_balance(
     run = StageRun("balance", STAGE_VERSIONS["balance"], config or {})
     entries = metadata_of(input_dir)
     df = read_stage_data(spark, input_dir, partitions)
-    count_dir = find_upstream(input_dir, "count")
+    # A balance stage may run again after the image stages (MetaCLIP's advice): its keep_probability replaces the
+    # earlier one, and the counts must be of the rows it balances now.
+    df = df.drop(KEEP_PROBABILITY)
+    count_dir = input_dir if read_stage_record(input_dir)["stage"] == "count" else None
     if count_dir is not None:
         counts = read_counts(count_dir / ARTIFACTS_DIR / ENTRY_COUNTS_ARTIFACT)
     else:
+        logger.info("balance: the input is not a count stage, so c_e is counted over the input's rows first")
         counts = compute_entry_counts(df, len(entries))
     threshold, threshold_source = choose_threshold(spark, df, counts, t, target_size, tail_share)
     logger.info("balancing with t = %.6g (from %s)", threshold, threshold_source)
