@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     demo_data.add_argument("--image-port", type=int, default=DEMO_IMAGE_PORT,
                            help=f"port of the demo image server the URLs point to (default: {DEMO_IMAGE_PORT})")
+    demo_data.add_argument("--requests", type=Path, help="also write the demo's blocklists and evaluation set "
+                           "(blocked_urls.txt, blocked_image_phashes.txt, eval_images/) into this folder")
 
     demo_images = commands.add_parser("demo-images", help="serve the demo corpus's generated images on 127.0.0.1")
     demo_images.add_argument("--port", type=int, default=DEMO_IMAGE_PORT, help=f"default: {DEMO_IMAGE_PORT}")
@@ -461,6 +463,10 @@ def _dispatch(args) -> int:
 
         summary = generate_demo_corpus(args.output, load_metadata(args.metadata), args.rows, args.shards, args.seed,
                                        args.image_port)
+        if args.requests is not None:
+            from curation.demo import write_demo_requests
+
+            summary["requests"] = write_demo_requests(args.requests, args.rows, args.seed, args.image_port)
         _write(json.dumps(summary, indent=2, sort_keys=True))
         return 0
     if args.command == "demo-images":

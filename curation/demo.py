@@ -300,3 +300,66 @@ def _caption_concepts(caption: str) -> set[str]:
     """The one- and two-word runs of a template caption (concepts are one or two plain words)."""
     words = caption.replace(",", " ").split()
     return set(words) | {" ".join(pair) for pair in zip(words, words[1:], strict=False)}
+
+
+# Rows whose images the demo's data-owner requests and evaluation set name: residues of primes other than the planted
+# modulus (251), so they never coincide with a planted defect's pattern; rows that are planted themselves are skipped.
+BLOCKED_URL_RULE = (997, 5)
+BLOCKED_IMAGE_RULE = (1009, 7)
+EVAL_IMAGE_RULE = (499, 11)
+EVAL_IMAGE_SCALE = 0.6
+EVAL_IMAGE_QUALITY = 75
+
+
+def _rows_of(rule: tuple[int, int], rows: int) -> list[int]:
+    from curation.demo_images import planted_kind
+
+    modulus, residue = rule
+    return [row for row in range(residue, rows, modulus) if planted_kind(row) is None]
+
+
+def write_demo_requests(output_dir: str | os.PathLike, rows: int, seed: int = 0,
+                        image_port: int = DEMO_IMAGE_PORT) -> dict:
+    """What the demo run's blocklist, block_images and decontaminate stages read, for a corpus of `rows` rows:
+
+    - `blocked_urls.txt`: urls of some rows, written with an upper-case scheme and host (url normalisation must
+      still match them);
+    - `blocked_image_phashes.txt`: perceptual hashes (16 hex digits) of some rows' images as the server sends them
+      (the stored images are resized and re-encoded by download, so only a perceptual hash can match them);
+    - `eval_images/`: an evaluation set holding resized (60%) and re-encoded (quality 75) copies of some rows'
+      images, which decontaminate must find in the corpus.
+    """
+    import io
+
+    from PIL import Image
+
+    from curation.demo_images import scene_image, scene_size
+    from curation.ops.imagehash import perceptual_hash
+
+    output_dir = Path(output_dir)
+    eval_dir = output_dir / "eval_images"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    blocked_urls = _rows_of(BLOCKED_URL_RULE, rows)
+    lines = []
+    for row in blocked_urls:
+        scheme, _, rest = demo_image_url(row, image_port).partition("://")
+        host, _, path = rest.partition("/")
+        lines.append(f"{scheme.upper()}://{host.upper()}/{path}")
+    (output_dir / "blocked_urls.txt").write_text("# demo: urls a data owner asked to remove\n"
+                                                 + "\n".join(lines) + "\n")
+
+    blocked_images = _rows_of(BLOCKED_IMAGE_RULE, rows)
+    hashes = [f"{perceptual_hash(scene_image(seed, row, *scene_size(seed, row))):016x}" for row in blocked_images]
+    (output_dir / "blocked_image_phashes.txt").write_text("# demo: perceptual hashes of images to remove\n"
+                                                          + "\n".join(hashes) + "\n")
+    eval_rows = _rows_of(EVAL_IMAGE_RULE, rows)
+    for row in eval_rows:
+        width, height = scene_size(seed, row)
+        copy = scene_image(seed, row, width, height).resize(
+            (round(width * EVAL_IMAGE_SCALE), round(height * EVAL_IMAGE_SCALE)), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        copy.save(buffer, format="JPEG", quality=EVAL_IMAGE_QUALITY)
+        (eval_dir / f"eval-{row:08d}.jpg").write_bytes(buffer.getvalue())
+    summary = {"blocked_urls": len(blocked_urls), "blocked_images": len(blocked_images), "eval_images": len(eval_rows)}
+    logger.info("demo requests in %s: %s", output_dir, summary)
+    return summary

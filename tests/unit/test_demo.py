@@ -145,3 +145,29 @@ def test_rejects_too_few_rows_or_plain_entries(tmp_path, entries):
         generate_demo_corpus(tmp_path, entries, rows=100)
     with pytest.raises(ValueError, match="plain-word entries"):
         generate_demo_corpus(tmp_path, ["u.s", "a,b", "0", "1"], rows=1_000)
+
+
+def test_demo_requests_name_real_rows_and_their_copies_hash_close(tmp_path):
+    from PIL import Image
+
+    from curation.demo import write_demo_requests
+    from curation.demo_images import demo_image_url, planted_kind, scene_image, scene_size
+    from curation.ops.blocklists import load_url_blocklist
+    from curation.ops.imagehash import hamming_distances, perceptual_hash
+    from curation.ops.urls import normalise_url
+
+    summary = write_demo_requests(tmp_path, rows=3_000, seed=0, image_port=18765)
+    assert summary == {"blocked_urls": 4, "blocked_images": 2, "eval_images": 6}
+    blocked = load_url_blocklist(tmp_path / "blocked_urls.txt")
+    assert normalise_url(demo_image_url(5, 18765)) in blocked and len(blocked) == 4
+    hashes = [int(line, 16) for line in (tmp_path / "blocked_image_phashes.txt").read_text().split()[1:]
+              if not line.startswith("#") and len(line) == 16]
+    assert len(hashes) == 2
+    for path in sorted((tmp_path / "eval_images").iterdir()):
+        row = int(path.stem.removeprefix("eval-"))
+        assert planted_kind(row) is None
+        with Image.open(path) as copy:
+            copy_hash = perceptual_hash(copy.convert("RGB"))
+        original_hash = perceptual_hash(scene_image(0, row, *scene_size(0, row)))
+        distance = hamming_distances(np.array([copy_hash], np.uint64), np.array([original_hash], np.uint64))[0]
+        assert distance <= 4, f"{path.name} hashes {distance} bits from its original"
