@@ -69,7 +69,7 @@ STAGE_OPTIONS: dict[str, dict[str, tuple[object, str]]] = {
         "max_caption_words": (None, "drop captions with more words (too_many_caption_words; ALIGN: 20)"),
         "max_caption_repeats": (1000, "drop every row whose exact caption is shared by more than this many rows "
                                       "of the stage's whole input (boilerplate_caption; ALIGN's boilerplate "
-                                      "rule); null turns it off"),
+                                      "rule); null (0 on the command line) turns it off"),
         "partitions": (None, "Spark partitions for this stage"),
     },
     "nsfw": {
@@ -226,8 +226,13 @@ class RunConfig:
     raw: dict = field(default_factory=dict)
 
 
+# Options that are on by default and turned off by null in YAML or 0 on the command line.
+OFF_BY_NULL_OR_ZERO = frozenset({"max_caption_repeats"})
+
+
 def stage_options(stage: str, given: dict | None, defaults_from_run: dict) -> dict:
-    """The full option dict of a stage: defaults, then the run-level values, then what the stage gives."""
+    """The full option dict of a stage: defaults, then the run-level values, then what the stage gives (a given
+    None means "the default", except for OFF_BY_NULL_OR_ZERO options, where None and 0 turn the option off)."""
     if stage not in STAGE_OPTIONS:
         raise ConfigError(f"unknown stage {stage!r}; stages are {sorted(STAGE_OPTIONS)}")
     given = dict(given or {})
@@ -239,6 +244,9 @@ def stage_options(stage: str, given: dict | None, defaults_from_run: dict) -> di
         if key in options and options[key] is None:
             options[key] = value
     options.update({k: v for k, v in given.items() if v is not None})
+    for key in OFF_BY_NULL_OR_ZERO & set(options):
+        if (key in given and given[key] is None) or options[key] == 0:
+            options[key] = None
     return options
 
 

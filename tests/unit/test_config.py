@@ -37,3 +37,14 @@ def test_yaml_is_loaded_safely(tmp_path):
     path.write_text("input: !!python/object/apply:os.system ['echo owned']\nstages: [ingest]\n")
     with pytest.raises(ConfigError, match="cannot read"):
         load_run_config(path)
+
+
+def test_the_boilerplate_rule_is_turned_off_by_null_in_yaml_or_zero():
+    from curation.config import stage_options
+
+    assert stage_options("filter", {}, {})["max_caption_repeats"] == 1000
+    assert stage_options("filter", {"max_caption_repeats": None}, {})["max_caption_repeats"] is None
+    assert stage_options("filter", {"max_caption_repeats": 0}, {})["max_caption_repeats"] is None
+    assert stage_options("filter", {"max_caption_repeats": 10}, {})["max_caption_repeats"] == 10
+    # other options keep "null means the default"
+    assert stage_options("nsfw", {"batch_size": None}, {})["batch_size"] == 64
