@@ -21,6 +21,7 @@ from curation.io import (
 from curation.ops.download import DownloadOptions
 from curation.ops.ingest import IngestOptions
 from curation.ops.metadata import load_metadata, metadata_sha256
+from curation.progress import spark_progress
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +225,8 @@ def run_pipeline(spark, run_config: RunConfig, run_dir: Path, force: bool = Fals
         else:
             upstream_redone = True
             logger.info("stage %s -> %s", stage.name, folder)
-            results.append((folder, run_stage(spark, stage, config, input_location, folder, run_config), False))
+            with spark_progress(spark, f"{position}/{len(run_config.stages)} {stage.name}"):
+                record = run_stage(spark, stage, config, input_location, folder, run_config)
+            results.append((folder, record, False))
         input_location = folder
     return results

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from curation.io import atomic_write_bytes, canonical_json, sha256_of_file
 from curation.ops.tars import IMAGE_EXTENSIONS, image_extension, index_tar, read_member
+from curation.progress import DEFAULT_POLL_SECONDS, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +307,8 @@ def embed_shards(
         # tears down when it exits); forkserver workers start from a clean process.
         multiprocessing_context="forkserver" if num_workers and batches else None,
     )
+    _add_shared_count(1, len(samples))
+    progress = Progress("embed", len(samples), "samples")
     try:
         for batch in loader:
             shard_index = batch["shard_index"]
@@ -320,8 +323,11 @@ def embed_shards(
             if batches_left[shard_index] == 0:
                 _write_shard(*pending[shard_index], result, model)
                 results[shard_index] = _ShardResult()  # frees the shard's embeddings
+            progress.update(len(batch["uids"]) + len(batch["failures"]))
+            _add_shared_count(0, len(batch["uids"]) + len(batch["failures"]))
     finally:
         dataset.close()
+        progress.finish()
     if pending:
         elapsed = time.perf_counter() - started
         logger.info(
@@ -567,9 +573,32 @@ def embed_shards_locally(
     if len(jobs) <= 1:
         return _embed_on_one_device(*jobs[0]) if jobs else load_model(model_name, pretrained, device, precision).record
     context = torch.multiprocessing.get_context("spawn")
-    with context.Pool(len(jobs)) as pool:
-        records = pool.starmap(_embed_on_one_device, jobs)
+    # Progress: the processes count samples done and planned into shared counters, which this one shows.
+    counts = (context.Value("q", 0), context.Value("q", 0))
+    with context.Pool(len(jobs), initializer=_share_counts, initargs=counts) as pool, \
+            Progress("embed", None, "samples") as progress:
+        running = pool.starmap_async(_embed_on_one_device, jobs)
+        while not running.ready():
+            running.wait(DEFAULT_POLL_SECONDS)
+            progress.set(counts[0].value, total=counts[1].value or None, note=f"{len(jobs)} devices")
+        records = running.get()
+        progress.set(counts[0].value, total=counts[1].value or None)
     return records[0]
+
+
+# (samples done, samples planned) shared with the process that shows the progress, in embed_shards_locally's pool.
+_SHARED_COUNTS: tuple | None = None
+
+
+def _share_counts(done, planned) -> None:
+    global _SHARED_COUNTS
+    _SHARED_COUNTS = (done, planned)
+
+
+def _add_shared_count(index: int, n: int) -> None:
+    if _SHARED_COUNTS is not None and n:
+        with _SHARED_COUNTS[index].get_lock():
+            _SHARED_COUNTS[index].value += n
 
 
 def _embed_on_one_device(model_name, pretrained, shard_paths, output_dir, device, precision, batch_size, num_workers,

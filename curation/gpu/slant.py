@@ -39,6 +39,7 @@ from torchvision.transforms import Compose, Normalize
 from curation.gpu.embed import EmbeddingModel
 from curation.io import atomic_write_bytes, canonical_json
 from curation.ops.uid import uniform
+from curation.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -422,12 +423,14 @@ def mine_logos(
         blocks = [logos[start : start + logo_block] for start in range(0, len(logos), logo_block)]
         pasted = []
         blocks_resumed = 0
-        for index, block in enumerate(blocks):
-            path = work_dir / f"block-{index:05d}.parquet" if work_dir is not None else None
-            predictions, resumed = run.cached_predictions(path, block, mining)
-            blocks_resumed += resumed
-            pasted.append(predictions)
-            logger.info("logo block %d/%d done (%d logos)", index + 1, len(blocks), len(block))
+        with Progress("mine_logos", len(blocks), "logo blocks") as progress:
+            for index, block in enumerate(blocks):
+                path = work_dir / f"block-{index:05d}.parquet" if work_dir is not None else None
+                predictions, resumed = run.cached_predictions(path, block, mining)
+                blocks_resumed += resumed
+                pasted.append(predictions)
+                logger.debug("logo block %d/%d done (%d logos)", index + 1, len(blocks), len(block))
+                progress.update(note=f"{blocks_resumed} resumed" if blocks_resumed else None)
         pasted_predictions = (np.concatenate(pasted, axis=1) if pasted
                               else np.empty((len(scorers), 0, len(CORNERS), len(mining.ids)), np.int16))
         spuriousness, flip_rate, clean_rate = _rates(pasted_predictions, mining.clean_predictions, len(targets))

@@ -22,6 +22,7 @@ from curation.io import IMAGES_DIR, StageWriter, read_stage_record
 from curation.ops import download as download_ops
 from curation.ops import tars as tar_ops
 from curation.ops.download import DownloadOptions
+from curation.progress import Progress, polling
 from curation.schema import CAPTION, TAG_REASON, UID, URL
 from curation.spark.common import StageRun, drop_where, untagged, write_tagged
 from curation.spark.publish import shard_of_prefix_expression
@@ -63,10 +64,12 @@ def image_bytes(df, images_dir: Path, image_column: str = "jpg", partitions: int
     )
 
 
-def _download_worker(images_dir: str, options: DownloadOptions):
+def _download_worker(images_dir: str, options: DownloadOptions, shards_done=None, rows_done=None):
     def run(shard_id: int, pairs):
         members = [member for _, member in pairs]
         if not members:
+            if shards_done is not None:
+                shards_done.add(1)
             return
         uids, urls, captions = zip(*members, strict=True)
         rows = pa.table({UID: pa.array(uids, pa.string()), URL: pa.array(urls, pa.string()),
@@ -94,6 +97,9 @@ def _download_worker(images_dir: str, options: DownloadOptions):
             "_reason": pa.array(reasons, pa.string()),
             "_detail": pa.array(details, pa.string()),
         })
+        if shards_done is not None:  # progress: the driver reads these as tasks finish
+            shards_done.add(1)
+            rows_done.add(len(statuses))
         yield from zip(*(column.to_pylist() for column in table.columns), strict=True)
 
     return run
@@ -136,9 +142,11 @@ def run_download(
             .map(lambda row: (row[0], (row[1], row[2], row[3])))
             .partitionBy(shard_count, lambda shard: shard)
         )
-        statuses = spark.createDataFrame(
-            by_shard.mapPartitionsWithIndex(_download_worker(str(images_dir), options)), _STATUS_SCHEMA
-        ).localCheckpoint()
+        shards_done, rows_done = spark.sparkContext.accumulator(0), spark.sparkContext.accumulator(0)
+        worker = _download_worker(str(images_dir), options, shards_done, rows_done)
+        with Progress("download", shard_count, "shards") as progress, \
+                polling(lambda: progress.set(shards_done.value, note=f"{rows_done.value:,} rows")):
+            statuses = spark.createDataFrame(by_shard.mapPartitionsWithIndex(worker), _STATUS_SCHEMA).localCheckpoint()
         tagged = df.select(*data_columns).join(statuses, UID, "left")
         unreported = tagged.filter(F.col("_reason").isNull() & F.col("image_key").isNull()).limit(5).collect()
         if unreported:
