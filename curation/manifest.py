@@ -47,7 +47,7 @@ def tar_entry(release_dir: Path, path: Path, rows: int) -> dict:
 def build_manifest(
     *, name: str, config: dict, config_sha256: str, inputs: list[dict], skipped_inputs: list[dict],
     stages: list[dict], shards: list[dict], ledger_files: list[dict], metadata: dict | None,
-    balancing: dict | None, execution: dict | None = None, replaces: str | None = None,
+    balancing: dict | None, execution: dict | None = None, replaces: dict | None = None,
     image_shards: list[dict] | None = None, balancing_points: list[dict] | None = None,
 ) -> dict:
     """The manifest of a release. `balancing` is the last balance stage's summary (the distribution as published);

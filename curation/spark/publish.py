@@ -55,7 +55,7 @@ def shard_of_uid(uid: str, shard_count: int) -> int:
     return int(uid[:15], 16) // -(-_UID_PREFIX_SPAN // shard_count)
 
 
-def _write_shard(table: pa.Table, path: Path) -> None:
+def write_parquet_shard(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
     pq.write_table(table, temporary, compression="zstd", row_group_size=SHARD_ROW_GROUP_ROWS, write_statistics=True)
@@ -76,7 +76,7 @@ def _json_value(value):
     return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 
-def _write_image_tar(table: pa.Table, images_dir: str, path: Path, reader: tar_ops.TarReader,
+def write_image_tar(table: pa.Table, images_dir: str, path: Path, reader: tar_ops.TarReader,
                      schema: pa.Schema) -> None:
     """The shard's samples as a webdataset tar (`<uid>.jpg`, `<uid>.txt`, `<uid>.json` with the row's published
     columns, binary ones left out), byte-identical for the same rows: members in uid order with fixed owner, mode
@@ -114,11 +114,11 @@ def _shard_worker(out_dir: str, prefix: str, schema: pa.Schema, images_dir: str 
         def flush():
             table = pa.Table.from_batches(pending)
             path = Path(out_dir) / f"{prefix}-{current:05d}.parquet"
-            _write_shard(table.select(schema.names).cast(schema).combine_chunks(), path)
+            write_parquet_shard(table.select(schema.names).cast(schema).combine_chunks(), path)
             tar_path = None
             if images_dir is not None:
                 tar_path = Path(out_dir).parent / IMAGE_SHARDS_DIR / f"{prefix}-{current:05d}.tar"
-                _write_image_tar(table, images_dir, tar_path, reader, schema)
+                write_image_tar(table, images_dir, tar_path, reader, schema)
             columns = [pa.array([current], pa.int32()), pa.array([str(path)]),
                        pa.array([str(tar_path) if tar_path else None], pa.string())]
             return pa.RecordBatch.from_arrays(columns, ["shard", "path", "tar"])

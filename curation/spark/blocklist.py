@@ -1,0 +1,188 @@
+"""Spark adapter of block_images: drop every image on a sha256 blocklist, or within a Hamming distance of a listed
+perceptual hash (`curation.ops.image_blocklist`), with reason `blocked_image`.
+
+The image keys come from the rows when an upstream dedup_image stage wrote them (`image_sha256`, `image_phash`), and
+are otherwise computed from the images, read as dedup_image reads them: the rows' image-bytes column
+(`image_column`), or else the upstream download stage's tars the rows point to. Only what a list needs is computed
+(sha256 of the bytes for the sha256 list, a decode and the DCT pHash for the phash list). The lists are broadcast to
+every task (they are small next to the corpus; see the ops module). An image that cannot be read or decoded is
+not hashed and so not blocked by the phash list (dedup_image is the stage that drops undecodable images); the stage
+record counts such rows (`unhashed`). Rows pass through unchanged: the stage adds no columns.
+
+Ledger detail (JSON): `{"list": "sha256", "sha256": <the blocked digest>}`, or `{"list": "phash", "blocked_phash":
+<16 hex>, "image_phash": <16 hex>, "distance": <bits>}`; an image on both lists is reported by its sha256.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from curation.io import StageWriter, downloaded_images_dir, read_stage_record
+from curation.ops.image_blocklist import (
+    PhashIndex,
+    format_phash,
+    load_phash_list,
+    load_sha256_list,
+    sha256_matches,
+)
+from curation.ops.imagehash import MAX_DISTANCE_LIMIT, DecodeFailure, decode_image, image_sha256, perceptual_hash
+from curation.schema import UID, Reason
+from curation.spark.common import StageRun, drop_where, untagged, write_tagged
+from curation.spark.stages import read_stage_data, stage_input
+
+logger = logging.getLogger(__name__)
+
+STAGE = "block_images"
+STAGE_VERSION = 1
+_KEYS_SCHEMA = f"{UID} string, _sha256 string, _phash long"
+_MATCHES_SCHEMA = f"{UID} string, _block_list string, _block_detail string"
+
+
+def _hash_worker(image_column: str, want_sha256: bool, want_phash: bool):
+    """(uid, _sha256, _phash) of each row's image bytes; null where not wanted, no image, or (phash) undecodable."""
+
+    def run(batches):
+        for batch in batches:
+            digests, hashes = [], []
+            for data in batch.column(image_column).to_pylist():
+                digests.append(image_sha256(data) if want_sha256 and data is not None else None)
+                phash = None
+                if want_phash and data is not None:
+                    decoded = decode_image(data)
+                    if not isinstance(decoded, DecodeFailure):
+                        # A signed long carries the 64 bits, as dedup_image's image_phash.
+                        phash = int(np.uint64(perceptual_hash(decoded.image)).view(np.int64))
+                hashes.append(phash)
+            yield pa.RecordBatch.from_arrays(
+                [batch.column(UID), pa.array(digests, pa.string()), pa.array(hashes, pa.int64())],
+                names=[UID, "_sha256", "_phash"],
+            )
+
+    return run
+
+
+def _match_worker(sha256_broadcast, phash_broadcast, max_distance: int):
+    """(uid, list, detail) of the rows whose image is blocked; other rows are left out."""
+
+    def run(batches):
+        blocked_sha256 = sha256_broadcast.value
+        index = PhashIndex(phash_broadcast.value, max_distance)
+        for batch in batches:
+            digests = batch.column("_sha256").to_pylist()
+            by_sha256 = sha256_matches(digests, blocked_sha256)
+            phashes = batch.column("_phash")
+            has_phash = np.asarray(phashes.is_valid())
+            distance, nearest = index.nearest(np.asarray(phashes.fill_null(0)).view(np.uint64))
+            by_phash = has_phash & (distance >= 0) & ~by_sha256
+            rows = np.flatnonzero(by_sha256 | by_phash)
+            if len(rows) == 0:
+                continue
+            uids = batch.column(UID).take(pa.array(rows))
+            lists, details = [], []
+            for row in rows:
+                if by_sha256[row]:
+                    lists.append("sha256")
+                    details.append(json.dumps({"list": "sha256", "sha256": digests[row].lower()}, sort_keys=True))
+                else:
+                    lists.append("phash")
+                    details.append(json.dumps({
+                        "list": "phash", "blocked_phash": format_phash(nearest[row]),
+                        "image_phash": format_phash(phashes[int(row)].as_py()), "distance": int(distance[row]),
+                    }, sort_keys=True))
+            yield pa.RecordBatch.from_arrays([uids, pa.array(lists, pa.string()), pa.array(details, pa.string())],
+                                             names=[UID, "_block_list", "_block_detail"])
+
+    return run
+
+
+def _image_keys(spark, df, input_dir: Path, image_column: str, want_sha256: bool, want_phash: bool,
+                partitions: int | None):
+    """(uid, _sha256, _phash) for every row, from the rows' precomputed columns where they have them, else from the
+    images; and where the keys came from."""
+    from pyspark.sql import functions as F
+
+    from curation.spark.download import image_bytes
+
+    compute_sha256 = want_sha256 and "image_sha256" not in df.columns
+    compute_phash = want_phash and "image_phash" not in df.columns
+    precomputed = df.select(
+        UID,
+        (F.col("image_sha256") if want_sha256 and not compute_sha256 else F.lit(None)).cast("string").alias("_sha256"),
+        (F.col("image_phash") if want_phash and not compute_phash else F.lit(None)).cast("long").alias("_phash"),
+    )
+    if not (compute_sha256 or compute_phash):
+        return precomputed, {"sha256": "column image_sha256" if want_sha256 else None,
+                             "phash": "column image_phash" if want_phash else None}
+    if image_column in df.columns:
+        images, source = df.select(UID, image_column), f"column {image_column}"
+    elif "image_shard" in df.columns:
+        images = image_bytes(df, downloaded_images_dir(input_dir), image_column, partitions)
+        source = "download tars"
+    else:
+        raise ValueError(f"{input_dir} rows have neither an image column {image_column!r}, nor image_sha256 / "
+                         f"image_phash from dedup_image, nor images downloaded by a download stage; columns are "
+                         f"{df.columns}")
+    computed = images.mapInArrow(_hash_worker(image_column, compute_sha256, compute_phash), _KEYS_SCHEMA)
+    keys = precomputed.join(computed.select(UID, F.col("_sha256").alias("_c_sha256"),
+                                            F.col("_phash").alias("_c_phash")), UID, "left")
+    keys = keys.select(UID, F.coalesce("_sha256", "_c_sha256").alias("_sha256"),
+                       F.coalesce("_phash", "_c_phash").alias("_phash"))
+    sources = {"sha256": (source if compute_sha256 else "column image_sha256") if want_sha256 else None,
+               "phash": (source if compute_phash else "column image_phash") if want_phash else None}
+    return keys, sources
+
+
+def run_block_images(spark, input_dir: Path, output_dir: Path, options: dict, partitions: int | None = None,
+                     config: dict | None = None) -> dict:
+    """Drop the rows whose image is on the sha256 list (`options["sha256_file"]`) or within
+    `options["max_distance"]` bits of a hash on the perceptual-hash list (`options["phash_file"]`); at least one
+    list is required. Returns the stage record."""
+    from pyspark.sql import functions as F
+
+    sha256_file, phash_file = options.get("sha256_file"), options.get("phash_file")
+    if not sha256_file and not phash_file:
+        raise ValueError("block_images needs sha256_file or phash_file (or both): text files of image hashes")
+    max_distance = int(options.get("max_distance", 4))
+    if not 0 <= max_distance <= MAX_DISTANCE_LIMIT:
+        raise ValueError(f"block_images max_distance must be in 0..{MAX_DISTANCE_LIMIT}, got {max_distance}")
+    image_column = options.get("image_column") or "jpg"
+    blocked_sha256 = load_sha256_list(Path(sha256_file)) if sha256_file else frozenset()
+    blocked_phash = load_phash_list(Path(phash_file)) if phash_file else np.zeros(0, dtype=np.uint64)
+    logger.info("block_images: %d sha256 digests, %d perceptual hashes (max distance %d)", len(blocked_sha256),
+                len(blocked_phash), max_distance)
+
+    run = StageRun(STAGE, STAGE_VERSION, config or {})
+    df = read_stage_data(spark, input_dir, partitions)
+    want_sha256, want_phash = bool(blocked_sha256), len(blocked_phash) > 0
+    summary = {"sha256_entries": len(blocked_sha256), "phash_entries": int(len(blocked_phash)),
+               "max_distance": max_distance, "matched_by": {"sha256": 0, "phash": 0}, "unhashed": 0}
+    tagged = untagged(df)
+    if want_sha256 or want_phash:
+        keys, summary["key_sources"] = _image_keys(spark, df, input_dir, image_column, want_sha256, want_phash,
+                                                   partitions)
+        keys = keys.localCheckpoint()
+        unhashed = F.lit(False)
+        if want_sha256:
+            unhashed = unhashed | F.col("_sha256").isNull()
+        if want_phash:
+            unhashed = unhashed | F.col("_phash").isNull()
+        summary["unhashed"] = keys.filter(unhashed).count()
+        sha256_broadcast = spark.sparkContext.broadcast(blocked_sha256)
+        phash_broadcast = spark.sparkContext.broadcast(blocked_phash)
+        matches = keys.mapInArrow(_match_worker(sha256_broadcast, phash_broadcast, max_distance),
+                                  _MATCHES_SCHEMA).localCheckpoint()
+        summary["matched_by"].update({row[0]: row[1] for row in matches.groupBy("_block_list").count().collect()})
+        tagged = drop_where(tagged.join(matches, UID, "left"), F.col("_block_detail").isNotNull(), STAGE,
+                            Reason.BLOCKED_IMAGE, None, F.col("_block_detail"))
+    else:
+        logger.warning("block_images: the lists hold no hash; every row passes")
+
+    with StageWriter(output_dir) as writer:
+        rows_out, drops = write_tagged(tagged, df.columns, str(writer.temp_dir), str(writer.ledger_dir))
+        rows_in = read_stage_record(input_dir)["rows_out"]
+        record = run.record(stage_input(input_dir, writer), rows_in, rows_out, drops, block_images=summary)
+        writer.commit(record)
+    return record
