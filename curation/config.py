@@ -74,7 +74,8 @@ STAGE_OPTIONS: dict[str, dict[str, tuple[object, str]]] = {
     },
     "nsfw": {
         "max_score": (None, "drop rows whose nsfw_score exceeds this (reason nsfw); default: only add the score"),
-        "batch_size": (64, "images per onnxruntime call"),
+        "batch_size": (64, "images per onnxruntime call on CUDA (the CPU runs one image per call, which is as "
+                           "fast there and independent of batch composition); also the preprocessing chunk"),
         "device": ("auto", "auto (CUDA execution provider when onnxruntime has it), cuda or cpu"),
         "threads": (None, "onnxruntime intra-op threads per Spark task (default: onnxruntime's)"),
         "jpeg_reencode": (True, "the open_nsfw reference preprocessing (a JPEG round trip) for reference scores"),

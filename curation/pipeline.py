@@ -91,6 +91,10 @@ def hashed_config(stage: StageConfig) -> dict:
     for option in ("blocked_domains_file", "blocked_urls_file", "sha256_file", "phash_file"):
         if stage.options.get(option):
             config[f"{option}_sha256"] = sha256_of_file(Path(stage.options[option]))
+    if stage.name == "nsfw":
+        from curation.gpu.nsfw import model_identity
+
+        config["model_sha256"] = model_identity()["model_sha256"]
     if stage.name == "decontaminate":
         config["eval_images_fingerprint"] = fingerprint_files(list_files(Path(stage.options["eval_images"])))
     if stage.name == "mine_logos":
@@ -153,6 +157,10 @@ def run_stage(
         from curation.spark.blocklist import run_block_images
 
         return run_block_images(spark, input_location, output_dir, options, partitions, config)
+    if stage.name == "nsfw":
+        from curation.gpu.nsfw import model_identity
+
+        config["model_sha256"] = model_identity()["model_sha256"]
     if stage.name == "decontaminate":
         from curation.spark.decontaminate import run_decontaminate
 
