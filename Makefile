@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(VENV_PYTHON) bench/bench_embed.py batch
 	$(VENV_PYTHON) bench/bench_semdedup.py --out bench/results/semdedup.json
 	$(VENV_PYTHON) bench/bench_slant.py --out bench/results/slant.json
+	$(VENV_PYTHON) bench/bench_nsfw.py --out bench/results/nsfw.json
 
 clean:
 	rm -rf build $(VENV)
