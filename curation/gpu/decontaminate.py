@@ -1,0 +1,106 @@
+"""Decontamination by image embedding: embed the evaluation images with the embed stage's own model, and find each
+corpus image's nearest evaluation image by cosine through the FAISS seam (torch, open_clip and faiss live here).
+
+The evaluation images must land in the same space as the corpus embeddings, so they go through exactly what the
+embed stage did to a downloaded image (`curation.gpu.embed`): `Image.open` on the bytes, the model's own open_clip
+`preprocess`, `encode_image`, L2 normalisation in float32 and rounding to float16 (the stored precision). The model
+is rebuilt from the embed stage's record: model name, weights (pretrained tag, checkpoint, or `random`: seeded
+random init, so the same weights), device and precision. Only the device may differ: the evaluation set is embedded
+on the driver, and when the embed stage ran on CUDA executors but the driver has no GPU, the driver uses the CPU in
+float32 (the reference; CUDA autocast differs by float16 rounding, far below any useful threshold).
+
+Search: an exact inner-product index (`faiss_seam.flat_index`, GPU when faiss has one) over the m unit evaluation
+vectors, queried with each batch of corpus vectors for the single nearest one; the cosine reported is then
+recomputed row by row (`faiss_seam.row_cosines`), so a row's value, and whether it passes `min_cosine`, never
+depends on which rows shared its batch. Cost: m x d multiply-adds per corpus image (m = 1e5, d = 512: 5e7, about
+10-50 ms per thousand images on a CPU core with BLAS, far less on a GPU); the evaluation vectors are broadcast as
+float16, m x d x 2 bytes (100 MiB for 1e5 x 512), and each task adds them to its index once.
+"""
+
+import io
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from curation.gpu import faiss_seam
+from curation.gpu.embed import EmbeddingModel, load_model
+from curation.ops.decontaminate import EvalImage
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 64
+
+
+def model_like_embed_stage(embed_options: dict) -> EmbeddingModel:
+    """The embed stage's model, from the `options` of its record (EmbedOptions fields), built in this process."""
+    from curation.spark.embed import EmbedOptions
+
+    options = EmbedOptions(**embed_options)
+    device, precision = options.device, options.precision
+    if not torch.cuda.is_available():
+        if device.startswith("cuda"):
+            logger.warning("the embed stage ran on %s, but this process sees no CUDA device: the evaluation images "
+                           "are embedded on the CPU in float32", device)
+        device, precision = "cpu", "fp32"
+    return load_model(options.model, options.weights, device, precision)
+
+
+def _pixels(model: EmbeddingModel, image: EvalImage) -> torch.Tensor:
+    # As the embed stage reads a sample: the bytes opened by Pillow, then the model's preprocess (RGB, resize, crop,
+    # normalise). Evaluation images were checked by `hash_eval_set` already; a failure here is still named.
+    try:
+        with Image.open(io.BytesIO(image.data)) as opened:
+            return model.preprocess(opened)
+    except Exception as error:
+        raise ValueError(f"evaluation image {image.label} could not be preprocessed for {model.record['model']}: "
+                         f"{type(error).__name__}: {error}") from error
+
+
+def _encode_images(model: EmbeddingModel, pixels: torch.Tensor) -> np.ndarray:
+    with (
+        torch.inference_mode(),
+        torch.autocast(model.device.type, dtype=model.autocast_dtype, enabled=model.autocast_dtype is not None),
+    ):
+        features = model.model.encode_image(pixels.to(model.device, non_blocking=True))
+    return F.normalize(features.float(), dim=-1).half().cpu().numpy()
+
+
+def embed_eval_images(model: EmbeddingModel, images: Iterable[EvalImage],
+                      batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+    """float16 (m, d) unit image embeddings of the evaluation images, in their order."""
+    chunks: list[np.ndarray] = []
+    batch: list[torch.Tensor] = []
+    for image in images:
+        batch.append(_pixels(model, image))
+        if len(batch) == batch_size:
+            chunks.append(_encode_images(model, torch.stack(batch)))
+            batch.clear()
+    if batch:
+        chunks.append(_encode_images(model, torch.stack(batch)))
+    if not chunks:
+        return np.empty((0, model.embed_dim), dtype=np.float16)
+    return np.concatenate(chunks)
+
+
+class EvalEmbeddingIndex:
+    """The evaluation embeddings in an exact inner-product index, for nearest-evaluation-image queries."""
+
+    def __init__(self, eval_vectors: np.ndarray, device: str = "auto"):
+        self.vectors = np.ascontiguousarray(eval_vectors, dtype=np.float32)
+        if self.vectors.ndim != 2 or not len(self.vectors):
+            raise ValueError(f"no evaluation embeddings to search (shape {self.vectors.shape})")
+        self.index = faiss_seam.flat_index(self.vectors.shape[1], device=device)
+        self.index.add(self.vectors)
+
+    def nearest(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(index int64, cosine float32) of the nearest evaluation image of each row of `vectors` (float32)."""
+        if not len(vectors):
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        _, ids = self.index.search(vectors, 1)
+        nearest = ids[:, 0]
+        return nearest, faiss_seam.row_cosines(vectors, self.vectors[nearest])
