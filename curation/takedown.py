@@ -44,8 +44,8 @@ from curation.io import StageWriter, atomic_write_json, is_complete, sha256_of_f
 from curation.manifest import MANIFEST_NAME, build_manifest, file_entry, locate_manifest, tar_entry
 from curation.ops import tars as tar_ops
 from curation.ops.blocklists import BlocklistError, load_url_blocklist
-from curation.ops.image_blocklist import PhashIndex, load_image_hash_list
-from curation.ops.imagehash import DecodeFailure, decode_image, image_sha256, perceptual_hash
+from curation.ops.image_blocklist import load_image_hash_list
+from curation.ops.imagehash import DecodeFailure, PhashIndex, decode_image, image_sha256, perceptual_hash
 from curation.ops.urls import normalise_urls
 from curation.schema import LEDGER_SCHEMA, UID, URL, Reason
 from curation.spark.common import StageRun
@@ -123,6 +123,7 @@ class _Request:
         self.found_uids: set[str] = set()
         self.found_urls: set[str] = set()
         self.found_sha256: set[str] = set()
+        # Indexes of the listed phashes matched: the list is distinct, so the unmatched ones are counted from it.
         self.found_phash: set[int] = set()
 
     @property
@@ -152,9 +153,9 @@ class _Request:
             if len(self.phash):
                 valid = np.asarray([p is not None for p in phashes], dtype=bool)
                 values = np.asarray([p if p is not None else 0 for p in phashes], dtype=np.uint64)
-                distance, nearest = self.phash.nearest(values)
-                by_phash = valid & (distance == 0)
-                self.found_phash.update(int(v) for v in nearest[by_phash])
+                nearest, _ = self.phash.nearest(values)
+                by_phash = valid & (nearest >= 0)
+                self.found_phash.update(nearest[by_phash].tolist())
         matched = [[name for name, hit in (("uid", by_uid[i]), ("url", by_url[i]), ("image_sha256", by_sha256[i]),
                                            ("image_phash", by_phash[i])) if hit] for i in range(rows)]
         return by_uid | by_url | by_sha256 | by_phash, matched
@@ -188,7 +189,6 @@ class _Request:
     def report(self) -> dict:
         unknown = sorted(self.uids - self.found_uids)
         unmatched_urls = sorted(self.urls - self.found_urls)
-        found_phash = {int(v) for v in self.found_phash}
         return {
             "requested": {"uids": len(self.uids), "urls": len(self.urls), "image_sha256": len(self.sha256),
                           "image_phash": len(self.phash)},
@@ -197,7 +197,7 @@ class _Request:
             "unmatched_urls": len(unmatched_urls),
             "unmatched_urls_listed": unmatched_urls[:_LISTED],
             "unmatched_image_hashes": (len(self.sha256 - self.found_sha256)
-                                       + sum(1 for v in self.phash.blocked if int(v) not in found_phash)),
+                                       + len(self.phash) - len(self.found_phash)),
         }
 
 

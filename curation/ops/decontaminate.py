@@ -1,5 +1,5 @@
-"""Evaluation-set decontamination, the pure layer: read an evaluation set, hash it, and find the corpus images within
-a perceptual-hash Hamming distance of any of its images (numpy / Pillow / pyarrow; no Spark, no torch).
+"""Evaluation-set decontamination, the pure layer: read an evaluation set and hash it, so that the corpus images within
+a perceptual-hash Hamming distance of any of its images can be found (numpy / Pillow / pyarrow; no Spark, no torch).
 
 A zero-shot evaluation is only honest if its images were not in the training data. The decontaminate stage drops
 every corpus image that is a near duplicate of an evaluation image: within `max_distance` of one by 64-bit DCT
@@ -18,23 +18,14 @@ be hashed cannot be protected, and a silently smaller evaluation set would make 
 remove the file. An evaluation set without any image is an error too. Decoding is `decode_image`'s (the same web
 formats and pixel limit as the corpus), so an evaluation image and its copy in the corpus hash alike.
 
-Matching (`PhashIndex`): the evaluation hashes are indexed by the pigeonhole principle, as dedup_image shuffles:
-split the 64 bits into d + 1 chunks, and a corpus hash within distance d of an evaluation hash equals it in at least
-one chunk. Each chunk's evaluation values are sorted once; a corpus hash looks up its d + 1 chunk values
-(`np.searchsorted`), and only the evaluation hashes found there are compared bit by bit. The result is exact (every
-evaluation hash within d is a candidate) and is the nearest evaluation image, ties by the lowest evaluation index.
+Matching: the evaluation hashes are indexed once per task (`curation.ops.imagehash.PhashIndex`: exact, by the
+pigeonhole split dedup_image shuffles on) and each corpus hash gets the nearest evaluation image within `max_distance`,
+ties by the lowest evaluation index. For m = 1e5 evaluation images at d = 4 a corpus image costs about 60
+xor-popcounts instead of m, and never more than the m of a brute-force scan (roughly 1e9 per second and core).
 
-Cost, m evaluation images and n corpus images: the index is (d + 1) sorted int64 arrays of m values (m = 1e5:
-about 4 MB for d = 4), built in milliseconds; each corpus image costs (d + 1) binary searches of log2 m steps plus
-one xor-popcount per candidate. With evenly spread bits a chunk of w = 64 / (d + 1) bits matches m / 2^w evaluation
-hashes by chance (d = 4: w ~ 13, so about 12 per chunk and 60 per image for m = 1e5), against m for a brute-force
-scan: roughly 1,000x less work. pHash bits are not perfectly even (flat and near-flat images share hashes), so the
-candidate count is measured per block and a block whose candidates would exceed a full scan is scanned directly
-(`hamming_distances` over the whole (rows, m) matrix, in blocks of about 4M pairs): the cost is never worse than
-brute force, n x m xor-popcounts, which numpy does at roughly 1e9 per second and core. Decoding and hashing the
-evaluation set happens once, on the driver, in a thread pool (Pillow releases the GIL while decoding and
-resizing): about 5-10 ms per web-sized image and core, i.e. minutes for 1e5 images. The hashes are broadcast to the
-workers as 8 bytes per image.
+Cost of the evaluation set: decoding and hashing it happens once, on the driver, in a thread pool (Pillow releases
+the GIL while decoding and resizing): about 5-10 ms per web-sized image and core, i.e. minutes for 1e5 images. The
+hashes are broadcast to the workers as 8 bytes per image.
 """
 
 import concurrent.futures
@@ -50,26 +41,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.io import list_files
-from curation.ops.imagehash import (
-    HASH_BITS,
-    MAX_DISTANCE_LIMIT,
-    DecodeFailure,
-    decode_image,
-    hamming_distances,
-    perceptual_hash,
-    pigeonhole_chunks,
-)
+from curation.ops.imagehash import MAX_DISTANCE_LIMIT, DecodeFailure, decode_image, perceptual_hash
 
 __all__ = [
     "EVAL_IMAGE_EXTENSIONS",
-    "NO_MATCH",
     "TEST_COSINE",
     "TEST_PHASH",
     "DecontaminateOptions",
     "EvalImage",
     "EvalSet",
     "EvalSetError",
-    "PhashIndex",
     "hash_eval_set",
     "iter_eval_images",
     "match_detail",
@@ -81,11 +62,8 @@ USE_EMBEDDINGS = ("auto", "always", "never")
 # The `test` of a ledger detail: which comparison found the evaluation image.
 TEST_PHASH = "phash"
 TEST_COSINE = "cosine"
-NO_MATCH = -1
 # Rows read from an evaluation parquet file at a time (bounds the driver's memory, not the result).
 _PARQUET_BATCH_ROWS = 256
-# Pairs compared per step of a match: 4M pairs are 32 MiB of uint64 xor, whichever path is taken.
-_PAIRS_PER_STEP = 1 << 22
 
 
 class EvalSetError(ValueError):
@@ -264,98 +242,3 @@ def match_detail(eval_set_files: list[str], eval_set_rows: list, index: int, tes
     measure = {"distance": int(value)} if test == TEST_PHASH else {"cosine": round(float(value), 6)}
     return json.dumps({"test": test, "eval_file": eval_set_files[index], "eval_row": eval_set_rows[index],
                        "eval_index": int(index), **measure})
-
-
-# --------------------------------------------------------------------------------------------------
-# Matching
-
-
-class PhashIndex:
-    """The evaluation hashes indexed for `nearest` queries within `max_distance` (module docstring: pigeonhole
-    chunks, exact)."""
-
-    def __init__(self, eval_hashes: np.ndarray, max_distance: int):
-        self.hashes = np.ascontiguousarray(np.asarray(eval_hashes, dtype=np.uint64).reshape(-1))
-        self.max_distance = int(max_distance)
-        self.chunks = pigeonhole_chunks(self.max_distance)  # checks 0..MAX_DISTANCE_LIMIT
-        self._order = []
-        self._sorted = []
-        for offset, width in self.chunks:
-            values = self._chunk(self.hashes, offset, width)
-            order = np.argsort(values, kind="stable")
-            self._order.append(order)
-            self._sorted.append(values[order])
-
-    def __len__(self) -> int:
-        return len(self.hashes)
-
-    @staticmethod
-    def _chunk(hashes: np.ndarray, offset: int, width: int) -> np.ndarray:
-        mask = np.uint64((1 << width) - 1) if width < HASH_BITS else np.uint64(0xFFFF_FFFF_FFFF_FFFF)
-        return (hashes >> np.uint64(offset)) & mask
-
-    def nearest(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(index of the nearest evaluation hash within max_distance, or NO_MATCH; its distance, or NO_MATCH), both
-        int64 of len(hashes). Among evaluation hashes at the same distance the lowest index wins."""
-        queries = np.ascontiguousarray(np.asarray(hashes, dtype=np.uint64).reshape(-1))
-        best_index = np.full(len(queries), NO_MATCH, dtype=np.int64)
-        best_distance = np.full(len(queries), NO_MATCH, dtype=np.int64)
-        if not len(queries) or not len(self.hashes):
-            return best_index, best_distance
-        lows = np.empty((len(self.chunks), len(queries)), dtype=np.int64)
-        highs = np.empty_like(lows)
-        for c, (offset, width) in enumerate(self.chunks):
-            values = self._chunk(queries, offset, width)
-            lows[c] = np.searchsorted(self._sorted[c], values, side="left")
-            highs[c] = np.searchsorted(self._sorted[c], values, side="right")
-        candidates = (highs - lows).sum(axis=0)
-        # A query with as many candidates as evaluation hashes is cheaper to compare with all of them.
-        scanned = np.flatnonzero(candidates >= len(self.hashes))
-        step = max(1, _PAIRS_PER_STEP // len(self.hashes))
-        for first in range(0, len(scanned), step):
-            rows = scanned[first : first + step]
-            best_index[rows], best_distance[rows] = self._scan(queries[rows])
-        looked_up = np.flatnonzero(candidates < len(self.hashes))
-        if len(looked_up):
-            # Groups of consecutive queries with about _PAIRS_PER_STEP candidates in all (one query at least).
-            group = (np.cumsum(candidates[looked_up]) - 1) // _PAIRS_PER_STEP
-            for rows in np.split(looked_up, np.flatnonzero(np.diff(group)) + 1):
-                best_index[rows], best_distance[rows] = self._lookup(queries[rows], lows[:, rows], highs[:, rows])
-        return best_index, best_distance
-
-    def _scan(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        distances = hamming_distances(queries[:, None], self.hashes[None, :])
-        nearest = distances.argmin(axis=1).astype(np.int64)  # the first (lowest) index among equal distances
-        found = distances[np.arange(len(queries)), nearest].astype(np.int64)
-        within = found <= self.max_distance
-        return np.where(within, nearest, NO_MATCH), np.where(within, found, NO_MATCH)
-
-    def _lookup(self, queries: np.ndarray, lows: np.ndarray, highs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        best_index = np.full(len(queries), NO_MATCH, dtype=np.int64)
-        best_distance = np.full(len(queries), NO_MATCH, dtype=np.int64)
-        query_rows, eval_rows = [], []
-        for c in range(len(self.chunks)):
-            counts = highs[c] - lows[c]
-            total = int(counts.sum())
-            if not total:
-                continue
-            # Position j of query r's run of equal chunk values is lows[c, r] + (j - where r's run starts).
-            run_starts = np.repeat(np.cumsum(counts) - counts, counts)
-            positions = np.repeat(lows[c], counts) + (np.arange(total) - run_starts)
-            query_rows.append(np.repeat(np.arange(len(queries)), counts))
-            eval_rows.append(self._order[c][positions])
-        if not query_rows:
-            return best_index, best_distance
-        query_row = np.concatenate(query_rows)
-        eval_row = np.concatenate(eval_rows).astype(np.int64)
-        distances = hamming_distances(queries[query_row], self.hashes[eval_row]).astype(np.int64)
-        within = distances <= self.max_distance
-        if within.any():
-            # One int64 key per pair, smallest = nearest, then lowest evaluation index (indexes fit in 32 bits).
-            keys = (distances[within] << 32) | eval_row[within]
-            best = np.full(len(queries), np.iinfo(np.int64).max, dtype=np.int64)
-            np.minimum.at(best, query_row[within], keys)
-            matched = best != np.iinfo(np.int64).max
-            best_index[matched] = best[matched] & 0xFFFF_FFFF
-            best_distance[matched] = best[matched] >> 32
-        return best_index, best_distance

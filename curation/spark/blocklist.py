@@ -21,14 +21,15 @@ import numpy as np
 import pyarrow as pa
 
 from curation.io import StageWriter, downloaded_images_dir, read_stage_record
-from curation.ops.image_blocklist import (
+from curation.ops.image_blocklist import format_phash, load_phash_list, load_sha256_list, sha256_matches
+from curation.ops.imagehash import (
+    MAX_DISTANCE_LIMIT,
+    DecodeFailure,
     PhashIndex,
-    format_phash,
-    load_phash_list,
-    load_sha256_list,
-    sha256_matches,
+    decode_image,
+    image_sha256,
+    perceptual_hash,
 )
-from curation.ops.imagehash import MAX_DISTANCE_LIMIT, DecodeFailure, decode_image, image_sha256, perceptual_hash
 from curation.schema import UID, Reason
 from curation.spark.common import StageRun, drop_where, untagged, write_tagged
 from curation.spark.stages import read_stage_data, stage_input
@@ -69,14 +70,15 @@ def _match_worker(sha256_broadcast, phash_broadcast, max_distance: int):
 
     def run(batches):
         blocked_sha256 = sha256_broadcast.value
-        index = PhashIndex(phash_broadcast.value, max_distance)
+        blocked_phash = phash_broadcast.value
+        index = PhashIndex(blocked_phash, max_distance)
         for batch in batches:
             digests = batch.column("_sha256").to_pylist()
             by_sha256 = sha256_matches(digests, blocked_sha256)
             phashes = batch.column("_phash")
             has_phash = np.asarray(phashes.is_valid())
-            distance, nearest = index.nearest(np.asarray(phashes.fill_null(0)).view(np.uint64))
-            by_phash = has_phash & (distance >= 0) & ~by_sha256
+            nearest, distance = index.nearest(np.asarray(phashes.fill_null(0)).view(np.uint64))
+            by_phash = has_phash & (nearest >= 0) & ~by_sha256
             rows = np.flatnonzero(by_sha256 | by_phash)
             if len(rows) == 0:
                 continue
@@ -89,7 +91,7 @@ def _match_worker(sha256_broadcast, phash_broadcast, max_distance: int):
                 else:
                     lists.append("phash")
                     details.append(json.dumps({
-                        "list": "phash", "blocked_phash": format_phash(nearest[row]),
+                        "list": "phash", "blocked_phash": format_phash(blocked_phash[nearest[row]]),
                         "image_phash": format_phash(phashes[int(row)].as_py()), "distance": int(distance[row]),
                     }, sort_keys=True))
             yield pa.RecordBatch.from_arrays([uids, pa.array(lists, pa.string()), pa.array(details, pa.string())],

@@ -6,8 +6,9 @@ zero-shot evaluations on that set stay honest (reason `eval_contamination`).
 2. Perceptual test, every row: the corpus image's 64-bit pHash is the rows' `image_phash` when an upstream
    dedup_image wrote it (the signed int64 view of the unsigned hash), else it is computed from the rows' image
    bytes (`image_column`) or from the download stage's tars. A row is dropped when its hash is within
-   `max_distance` of an evaluation hash (`PhashIndex`: exact, pigeonhole-indexed). A corpus image that does not
-   decode cannot be compared: it is kept and counted (`unhashed_rows`); dedup_image drops those earlier anyway.
+   `max_distance` of an evaluation hash (`curation.ops.imagehash.PhashIndex`: exact, pigeonhole-indexed). A corpus
+   image that does not decode cannot be compared: it is kept and counted (`unhashed_rows`); dedup_image drops those
+   earlier anyway.
 3. Embedding test, with an embed stage upstream (`use_embeddings` auto) or required (`always`): the evaluation
    images are embedded on the driver with the embed stage's own model and preprocessing
    (`curation.gpu.decontaminate`), and every row's stored image embedding is compared with all of them through the
@@ -37,12 +38,11 @@ from curation.ops.decontaminate import (
     TEST_COSINE,
     TEST_PHASH,
     DecontaminateOptions,
-    PhashIndex,
     hash_eval_set,
     iter_eval_images,
     match_detail,
 )
-from curation.ops.imagehash import perceptual_hashes
+from curation.ops.imagehash import PhashIndex, perceptual_hashes
 from curation.schema import UID, Reason
 from curation.spark.common import StageRun, drop_where, untagged, write_tagged
 from curation.spark.stages import read_stage_data, stage_input

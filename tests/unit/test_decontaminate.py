@@ -1,4 +1,5 @@
-"""decontaminate's pure layer (evaluation sets, pHash matching) and its embedding layer (tiny-clip, random init)."""
+"""decontaminate's pure layer (evaluation sets, pHash matching of real photos) and its embedding layer (tiny-clip,
+random init). The index itself (`PhashIndex`) is tested in test_imagehash."""
 
 import io
 import json
@@ -7,117 +8,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from PIL import Image
 
-from curation.ops import decontaminate as decon
 from curation.ops.decontaminate import (
-    NO_MATCH,
     DecontaminateOptions,
     EvalSetError,
-    PhashIndex,
     hash_eval_set,
     iter_eval_images,
     match_detail,
 )
-from curation.ops.imagehash import MAX_DISTANCE_LIMIT, decode_image, hamming_distances, perceptual_hash
+from curation.ops.imagehash import NO_MATCH, PhashIndex, decode_image, perceptual_hash
 from tests import imagekit
-
-HASHES = st.integers(min_value=0, max_value=2**64 - 1)
-
-
-def brute_force(queries, eval_hashes, max_distance):
-    """The reference: every pair compared; nearest, lowest index among ties."""
-    queries = np.asarray(queries, dtype=np.uint64)
-    eval_hashes = np.asarray(eval_hashes, dtype=np.uint64)
-    if not len(queries) or not len(eval_hashes):
-        return np.full(len(queries), NO_MATCH), np.full(len(queries), NO_MATCH)
-    distances = hamming_distances(queries[:, None], eval_hashes[None, :]).astype(np.int64)
-    nearest = distances.argmin(axis=1)
-    found = distances[np.arange(len(queries)), nearest]
-    return np.where(found <= max_distance, nearest, NO_MATCH), np.where(found <= max_distance, found, NO_MATCH)
-
-
-def flip(value: int, bits) -> int:
-    for bit in bits:
-        value ^= 1 << bit
-    return value
-
-
-# ---------------------------------------------------------------------------------------------------- matching
-
-
-@pytest.mark.parametrize("max_distance", [0, 1, 4, 7, MAX_DISTANCE_LIMIT])
-def test_a_hash_matches_exactly_up_to_max_distance(max_distance):
-    original = 0x9F3A_5C7E_0123_ABCD
-    # Bits spread over the whole hash, so that every chunk of the pigeonhole split is hit.
-    spread = [(7 * i + 3) % 64 for i in range(max_distance + 2)]
-    queries = [flip(original, spread[:k]) for k in range(max_distance + 2)]
-    index, distance = PhashIndex(np.array([original], np.uint64), max_distance).nearest(np.array(queries, np.uint64))
-    assert distance.tolist() == [*range(max_distance + 1), NO_MATCH]
-    assert index.tolist() == [0] * (max_distance + 1) + [NO_MATCH]
-
-
-def test_the_nearest_evaluation_hash_wins_then_the_lowest_index():
-    base = 0x0F0F_0F0F_F0F0_F0F0
-    eval_hashes = np.array([flip(base, [1, 2, 3]), flip(base, [40]), flip(base, [50]), base ^ (2**64 - 1)], np.uint64)
-    index, distance = PhashIndex(eval_hashes, 4).nearest(np.array([base, flip(base, [1, 2])], np.uint64))
-    # base: eval 1 and eval 2 are both 1 bit away (the lower index wins); eval 0 is 3 away.
-    assert index.tolist() == [1, 0] and distance.tolist() == [1, 1]
-
-
-def test_empty_corpus_and_empty_evaluation_set():
-    index, distance = PhashIndex(np.array([1, 2, 3], np.uint64), 4).nearest(np.array([], np.uint64))
-    assert index.shape == distance.shape == (0,) and index.dtype == distance.dtype == np.int64
-    index, distance = PhashIndex(np.array([], np.uint64), 4).nearest(np.array([5, 6], np.uint64))
-    assert index.tolist() == distance.tolist() == [NO_MATCH, NO_MATCH]
-
-
-def test_max_distance_out_of_range_is_refused():
-    with pytest.raises(ValueError, match="max_distance"):
-        PhashIndex(np.array([1], np.uint64), MAX_DISTANCE_LIMIT + 1)
-    with pytest.raises(ValueError, match="max_distance"):
-        DecontaminateOptions(eval_images="x", max_distance=-1)
-
-
-@given(
-    eval_hashes=st.lists(HASHES, min_size=1, max_size=40),
-    picks=st.lists(st.tuples(st.integers(0, 39), st.lists(st.integers(0, 63), max_size=8)), max_size=40),
-    strangers=st.lists(HASHES, max_size=10),
-    max_distance=st.integers(0, 10),
-)
-def test_pigeonhole_index_equals_brute_force(eval_hashes, picks, strangers, max_distance):
-    # Queries near evaluation hashes (a few bits flipped) and unrelated ones.
-    queries = [flip(eval_hashes[i % len(eval_hashes)], bits) for i, bits in picks] + strangers
-    expected = brute_force(queries, eval_hashes, max_distance)
-    found = PhashIndex(np.array(eval_hashes, np.uint64), max_distance).nearest(np.array(queries, np.uint64))
-    assert found[0].tolist() == expected[0].tolist() and found[1].tolist() == expected[1].tolist()
-
-
-def test_crowded_chunks_and_small_steps_still_give_the_exact_answer(monkeypatch):
-    rng = np.random.default_rng(0)
-    eval_hashes = rng.integers(0, 2**63, size=300, dtype=np.int64).astype(np.uint64)
-    eval_hashes[:200] = eval_hashes[0]  # many equal hashes (flat images): their chunks are crowded
-    one_bit = np.uint64(1) << rng.integers(0, 64, 500).astype(np.uint64)
-    queries = eval_hashes[rng.integers(0, 300, size=500)] ^ one_bit
-    queries[:50] = rng.integers(0, 2**63, size=50, dtype=np.int64).astype(np.uint64)
-    expected = brute_force(queries, eval_hashes, 4)
-    # Steps of a few pairs: both the direct scan (crowded queries) and the lookups run in many small groups.
-    monkeypatch.setattr(decon, "_PAIRS_PER_STEP", 64)
-    found = PhashIndex(eval_hashes, 4).nearest(queries)
-    assert found[0].tolist() == expected[0].tolist() and found[1].tolist() == expected[1].tolist()
-    assert (found[0] == 0).sum() > 50  # the crowded hash was found, as the lowest index among its equals
-
-
-def test_signed_int64_hashes_match_as_their_unsigned_bits():
-    # dedup_image stores image_phash as the int64 view of the uint64 hash; the top bit makes it negative.
-    value = np.array([0xF000_0000_0000_0001], np.uint64)
-    as_stored = value.view(np.int64)
-    assert as_stored[0] < 0
-    index, distance = PhashIndex(value, 0).nearest(as_stored.view(np.uint64))
-    assert index.tolist() == [0] and distance.tolist() == [0]
-
 
 # ---------------------------------------------------------------------------------------------------- eval sets
 
@@ -234,6 +135,8 @@ def test_options_are_checked():
                 {"eval_images": "/x", "min_cosine": 1.5}):
         with pytest.raises(ValueError):
             DecontaminateOptions.from_options(bad)
+    with pytest.raises(ValueError, match="max_distance"):
+        DecontaminateOptions(eval_images="x", max_distance=-1)
 
 
 # ---------------------------------------------------------------------------------------------------- real photos

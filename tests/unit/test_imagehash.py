@@ -14,8 +14,10 @@ from PIL import Image
 from curation.ops import imagehash
 from curation.ops.imagehash import (
     MAX_DISTANCE_LIMIT,
+    NO_MATCH,
     DecodedImage,
     DecodeFailure,
+    PhashIndex,
     chunk_keys,
     decode_image,
     hamming_distances,
@@ -475,3 +477,147 @@ def test_d_plus_one_flips_can_escape_every_chunk(max_distance):
     assert hamming_distances(pair[0], pair[1]) == max_distance + 1
     keys = chunk_keys(pair, max_distance)
     assert not (keys[0] == keys[1]).any()
+
+
+# --------------------------------------------------------------------------------------------------
+# Nearest hash of a fixed list (PhashIndex)
+
+
+def brute_force(queries, hashes, max_distance):
+    """The reference: every pair compared; nearest, lowest index among ties; NO_MATCH beyond max_distance."""
+    queries = np.asarray(queries, dtype=np.uint64)
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    if not len(queries) or not len(hashes):
+        return np.full(len(queries), NO_MATCH), np.full(len(queries), NO_MATCH)
+    distances = hamming_distances(queries[:, None], hashes[None, :]).astype(np.int64)
+    nearest = distances.argmin(axis=1)
+    found = distances[np.arange(len(queries)), nearest]
+    return np.where(found <= max_distance, nearest, NO_MATCH), np.where(found <= max_distance, found, NO_MATCH)
+
+
+def both_paths(hashes, max_distance: int) -> list[PhashIndex]:
+    """The index as built for these hashes, and one forced onto the chunk tables however few hashes or narrow
+    chunks it has, so that every test covers both the full scan and the pigeonhole lookup."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(imagehash, "_SMALL_INDEX", 0)
+        patch.setattr(imagehash, "_CANDIDATE_COST", 0)
+        forced = PhashIndex(hashes, max_distance)
+    return [PhashIndex(hashes, max_distance), forced]
+
+
+def flip(value: int, bits) -> int:
+    for bit in bits:
+        value ^= 1 << bit
+    return value
+
+
+def assert_nearest(index: PhashIndex, queries, expected) -> None:
+    found = index.nearest(queries)
+    assert found[0].dtype == found[1].dtype == np.int64
+    assert found[0].tolist() == list(expected[0]) and found[1].tolist() == list(expected[1])
+
+
+@pytest.mark.parametrize("max_distance", [0, 1, 4, 7, MAX_DISTANCE_LIMIT])
+def test_a_hash_matches_exactly_up_to_max_distance(max_distance):
+    original = 0x9F3A_5C7E_0123_ABCD
+    # Bits spread over the whole hash, so that every chunk of the pigeonhole split is hit.
+    spread = [(7 * i + 3) % 64 for i in range(max_distance + 2)]
+    queries = np.array([flip(original, spread[:k]) for k in range(max_distance + 2)], np.uint64)
+    expected = [0] * (max_distance + 1) + [NO_MATCH], [*range(max_distance + 1), NO_MATCH]
+    for index in both_paths(np.array([original], np.uint64), max_distance):
+        assert_nearest(index, queries, expected)
+
+
+def test_the_nearest_hash_wins_then_the_lowest_index():
+    base = 0x0F0F_0F0F_F0F0_F0F0
+    hashes = [flip(base, [1, 2, 3]), flip(base, [40]), flip(base, [50]), base ^ (2**64 - 1)]
+    # base: hashes 1 and 2 are both 1 bit away (the lower index wins); hash 0 is 3 away.
+    for index in both_paths(np.array(hashes, np.uint64), 4):
+        assert_nearest(index, np.array([base, flip(base, [1, 2])], np.uint64), ([1, 0], [1, 1]))
+    # Three hashes 1 bit from the probe, among far ones that share no chunk with it (so that the chunk tables
+    # are used, not a full scan): the first listed wins, not the smallest value.
+    far = np.random.default_rng(0).integers(2**40, 2**64 - 1, size=200, dtype=np.uint64)
+    listed = np.concatenate([np.array([0b1100, 0b1010, 0b1001], np.uint64), far])
+    for index in both_paths(listed, 1):
+        assert_nearest(index, np.array([0b1000], np.uint64), ([0], [1]))
+
+
+def test_no_queries_and_no_hashes_match_nothing():
+    for index in both_paths(np.array([1, 2, 3], np.uint64), 4):
+        assert_nearest(index, np.array([], np.uint64), ([], []))
+    for index in both_paths([], 4):
+        assert len(index) == 0
+        assert_nearest(index, np.array([5, 6], np.uint64), ([NO_MATCH] * 2, [NO_MATCH] * 2))
+
+
+@pytest.mark.parametrize("max_distance", [-1, MAX_DISTANCE_LIMIT + 1])
+def test_an_index_refuses_an_out_of_range_distance(max_distance):
+    with pytest.raises(ValueError, match=f"max_distance must be in 0..{MAX_DISTANCE_LIMIT}"):
+        PhashIndex([1], max_distance)
+
+
+def test_signed_int64_hashes_match_as_their_unsigned_bits():
+    # dedup_image stores image_phash as the int64 view of the uint64 hash; the top bit makes it negative.
+    value = np.array([0xF000_0000_0000_0001, 1 << 63], np.uint64)
+    as_stored = value.view(np.int64)
+    assert (as_stored < 0).all()
+    for index in (*both_paths(value, 0), *both_paths(as_stored, 0), *both_paths(as_stored.tolist(), 0)):
+        assert index.hashes.tolist() == value.tolist()
+        assert_nearest(index, as_stored, ([0, 1], [0, 0]))
+        assert_nearest(index, value, ([0, 1], [0, 0]))
+
+
+@SETTINGS
+@given(
+    hashes=st.lists(HASH_STRATEGY, min_size=1, max_size=40),
+    picks=st.lists(st.tuples(st.integers(0, 39), st.lists(st.integers(0, 63), max_size=8)), max_size=40),
+    strangers=st.lists(HASH_STRATEGY, max_size=10),
+    max_distance=st.integers(0, 10),
+)
+def test_nearest_equals_brute_force(hashes, picks, strangers, max_distance):
+    # Queries near listed hashes (a few bits flipped) and unrelated ones.
+    queries = np.array([flip(hashes[i % len(hashes)], bits) for i, bits in picks] + strangers, np.uint64)
+    expected = brute_force(queries, hashes, max_distance)
+    for index in both_paths(np.array(hashes, np.uint64), max_distance):
+        assert_nearest(index, queries, expected)
+
+
+@pytest.mark.parametrize("max_distance", [0, 1, 4, 8, 9, 16, MAX_DISTANCE_LIMIT])
+@pytest.mark.parametrize("listed", [1, 40, 3_000])
+def test_nearest_equals_brute_force_on_large_lists(max_distance, listed):
+    rng = np.random.default_rng(max_distance * 1000 + listed)
+    hashes = rng.integers(0, 2**64, size=listed, dtype=np.uint64)
+    probes = [rng.integers(0, 2**64, size=200, dtype=np.uint64)]
+    for bits in {0, 1, max(0, max_distance - 1), max_distance, max_distance + 1, max_distance + 3}:
+        near = hashes[rng.integers(0, listed, size=20)]
+        for i in range(len(near)):
+            near[i] = flip(int(near[i]), rng.choice(64, size=bits, replace=False).tolist())
+        probes.append(near)
+    queries = np.concatenate(probes)
+    expected = brute_force(queries, hashes, max_distance)
+    assert (expected[0] >= 0).sum() >= 20, "the planted near hashes are found"
+    for index in both_paths(hashes, max_distance):
+        assert_nearest(index, queries, expected)
+
+
+def test_a_large_list_at_small_distances_uses_the_chunk_tables_and_a_small_one_compares_all():
+    large = np.random.default_rng(0).integers(0, 2**64, size=5_000, dtype=np.uint64)
+    assert not PhashIndex(large, 4).brute_force and not PhashIndex(large, 0).brute_force
+    assert not PhashIndex(large, 7).brute_force and PhashIndex(large, 8).brute_force
+    assert PhashIndex(large[:10], 4).brute_force
+
+
+def test_crowded_chunks_and_small_steps_still_give_the_exact_answer(monkeypatch):
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**63, size=300, dtype=np.int64).astype(np.uint64)
+    hashes[:200] = hashes[0]  # many equal hashes (flat images): their chunks are crowded
+    one_bit = np.uint64(1) << rng.integers(0, 64, 500).astype(np.uint64)
+    queries = hashes[rng.integers(0, 300, size=500)] ^ one_bit
+    queries[:50] = rng.integers(0, 2**63, size=50, dtype=np.int64).astype(np.uint64)
+    expected = brute_force(queries, hashes, 4)
+    # Steps of a few pairs: both the direct scan (crowded queries) and the lookups run in many small groups.
+    monkeypatch.setattr(imagehash, "_PAIRS_PER_STEP", 64)
+    index = PhashIndex(hashes, 4)
+    assert not index.brute_force
+    assert_nearest(index, queries, expected)
+    assert (expected[0] == 0).sum() > 50  # the crowded hash was found, as the lowest index among its equals
