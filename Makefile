@@ -31,11 +31,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV_PYTHON) -m curation metadata build --output $(DEMO_DIR)/metadata.json
 	$(VENV_PYTHON) -m curation demo-data --metadata $(DEMO_DIR)/metadata.json --output $(DEMO_DIR)/corpus \
-		--rows $(DEMO_ROWS) --image-port $(DEMO_IMAGE_PORT)
+		--rows $(DEMO_ROWS) --image-port $(DEMO_IMAGE_PORT) --requests $(DEMO_DIR)/requests
 	$(VENV_PYTHON) -m curation demo-images --port $(DEMO_IMAGE_PORT) & server=$$!; trap 'kill $$server' EXIT; \
 		sleep 3; kill -0 $$server || { echo "the demo image server did not start (port $(DEMO_IMAGE_PORT) in use?)"; \
 		exit 1; }; $(VENV_PYTHON) -m curation run jobs/configs/demo.yaml --output $(DEMO_DIR)/run
 	$(VENV_PYTHON) -m curation verify $(DEMO_DIR)/run
+	@echo "report: $(abspath $(DEMO_DIR))/run/report.html"
 
 test: $(STAMP)
 	$(VENV_PYTHON) -m ruff check .

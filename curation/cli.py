@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"port of the demo image server the URLs point to (default: {DEMO_IMAGE_PORT})")
     demo_data.add_argument("--requests", type=Path, help="also write the demo's blocklists and evaluation set "
                            "(blocked_urls.txt, blocked_image_phashes.txt, eval_images/) into this folder")
+    demo_data.add_argument("--image-seed", type=int, default=0, help="seed of the demo image server the requests "
+                           "describe (curation demo-images --seed; default: 0)")
 
     demo_images = commands.add_parser("demo-images", help="serve the demo corpus's generated images on 127.0.0.1")
     demo_images.add_argument("--port", type=int, default=DEMO_IMAGE_PORT, help=f"default: {DEMO_IMAGE_PORT}")
@@ -466,7 +468,7 @@ def _dispatch(args) -> int:
         if args.requests is not None:
             from curation.demo import write_demo_requests
 
-            summary["requests"] = write_demo_requests(args.requests, args.rows, args.seed, args.image_port)
+            summary["requests"] = write_demo_requests(args.requests, args.rows, args.image_seed, args.image_port)
         _write(json.dumps(summary, indent=2, sort_keys=True))
         return 0
     if args.command == "demo-images":

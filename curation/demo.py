@@ -320,7 +320,8 @@ def _rows_of(rule: tuple[int, int], rows: int) -> list[int]:
 
 def write_demo_requests(output_dir: str | os.PathLike, rows: int, seed: int = 0,
                         image_port: int = DEMO_IMAGE_PORT) -> dict:
-    """What the demo run's blocklist, block_images and decontaminate stages read, for a corpus of `rows` rows:
+    """What the demo run's blocklist, block_images and decontaminate stages read, for a corpus of `rows` rows whose
+    images the demo image server serves with `seed` (`curation demo-images --seed`):
 
     - `blocked_urls.txt`: urls of some rows, written with an upper-case scheme and host (url normalisation must
       still match them);

@@ -56,9 +56,13 @@ def _image_bytes_worker(images_dir: str, image_column: str):
 
 
 def image_bytes(df, images_dir: Path, image_column: str = "jpg", partitions: int | None = None):
-    """(uid, `image_column`) with the encoded image of every row of `df`, read from the download stage's tars."""
+    """(uid, `image_column`) with the encoded image of every row of `df`, read from the download stage's tars.
+
+    With `partitions`, the rows are range-partitioned by (tar, key), so that a tar may be split over several tasks
+    (finer progress and balance for expensive per-image work) while each task still reads its tars in order."""
     by_shard = df.select(UID, "image_shard", "image_key")
-    by_shard = by_shard.repartition(partitions, "image_shard") if partitions else by_shard.repartition("image_shard")
+    by_shard = (by_shard.repartitionByRange(partitions, "image_shard", "image_key") if partitions
+                else by_shard.repartition("image_shard"))
     return by_shard.sortWithinPartitions("image_shard", "image_key").mapInArrow(
         _image_bytes_worker(str(images_dir), image_column), f"{UID} string, {image_column} binary"
     )

@@ -83,6 +83,9 @@ def _options(options: dict) -> tuple[float | None, int, str, int | None, bool, s
             str(options.get("image_column") or DEFAULT_IMAGE_COLUMN))
 
 
+ROWS_PER_SCORING_TASK = 1000
+
+
 def run_nsfw(spark, input_dir: Path, output_dir: Path, options: dict, partitions: int | None, config: dict) -> dict:
     """Add `nsfw_score` (float32 in [0, 1]) to every row, replacing an existing one; with `options["max_score"]`
     drop the rows above it (`nsfw`); drop rows whose image does not decode (`undecodable_image`)."""
@@ -97,7 +100,11 @@ def run_nsfw(spark, input_dir: Path, output_dir: Path, options: dict, partitions
     if image_column in df.columns:
         images, source = df.select(UID, image_column), f"column {image_column}"
     elif "image_shard" in df.columns:
-        images = image_bytes(df, downloaded_images_dir(input_dir), image_column, partitions)
+        # About ROWS_PER_SCORING_TASK images per task: the model costs ~10 ms an image on a CPU core, so this keeps
+        # tasks (and the progress, which counts finished tasks) to seconds, not minutes.
+        tasks = partitions or max(spark.sparkContext.defaultParallelism,
+                                  -(-read_stage_record(input_dir)["rows_out"] // ROWS_PER_SCORING_TASK))
+        images = image_bytes(df, downloaded_images_dir(input_dir), image_column, tasks)
         source = "download tars"
     else:
         raise ValueError(f"{input_dir} rows have neither an image column {image_column!r} nor images downloaded by a "

@@ -21,16 +21,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from curation.demo import generate_demo_corpus
+from curation.demo import generate_demo_corpus, write_demo_requests
 from curation.demo_images import demo_resolver
 from curation.image_server import ImageServer
 from curation.manifest import without_volatile
 from curation.ops.metadata import build_metadata, write_metadata
+from tests.demo_stages import demo_stage_options
 
 pytestmark = pytest.mark.spark
 
 STAGES = [
-    ("ingest", {"keep_columns": ["WIDTH", "HEIGHT"]}),
+    ("ingest", {"keep_columns": ["WIDTH", "HEIGHT"], "blocked_urls_file": "{requests}/blocked_urls.txt"}),
     ("dedup_exact", {}),
     ("dedup_text", {}),
     ("match", {}),
@@ -39,9 +40,15 @@ STAGES = [
     ("download", {"image_size": 64, "resize_mode": "keep_ratio", "shard_rows": 150, "thread_count": 8}),
     ("embed", {"model": "tiny-clip", "pretrained": "random", "device": "cpu", "num_workers": 0, "batch_size": 64}),
     ("dedup_image", {}),
+    ("block_images", {"phash_file": "{requests}/blocked_image_phashes.txt"}),
+    ("decontaminate", {"eval_images": "{requests}/eval_images", "use_embeddings": "never"}),
+    ("filter", {"min_image_side": 100, "max_caption_words": 20, "max_caption_repeats": 5}),
+    ("nsfw", {"max_score": 0.9, "threads": 1}),
     ("cluster", {"k": 8, "threads": 1, "device": "cpu"}),
     ("semdedup", {"target_keep_fraction": 0.9}),
     ("prune", {"k": 4, "keep_fraction": 0.8, "threads": 1, "device": "cpu"}),
+    ("count", {}),
+    ("balance", {"t": 10}),
     ("logo_bank", {"q": 0.02, "duplicate_similarity": 0.998}),
     ("mine_logos", {"models": ["toy"], "probe_count": 8, "max_logos": 6, "logo_block": 2, "device": "cpu"}),
     ("flag_logos", {"min_spuriousness": -1.0, "top": 2, "threshold": 0.999}),
@@ -60,11 +67,12 @@ def demo_setup(tmp_path_factory):
     write_metadata(root / "metadata.json", entries)
     with ImageServer(demo_resolver(seed=0)) as server:
         generate_demo_corpus(root / "corpus", entries, rows=2_000, shards=2, seed=3, image_port=server.port)
+        write_demo_requests(root / "requests", rows=2_000, seed=0, image_port=server.port)
         config = {
             "name": "faults", "input": str(root / "corpus"), "metadata": str(root / "metadata.json"), "seed": 0,
             "spark": {"master": "local[2]", "partitions": 2},
-            "stages": [{name: (options if name != "download" else
-                               {**options, "allow_hosts": [f"127.0.0.1:{server.port}"]})} for name, options in STAGES],
+            "stages": [{name: demo_stage_options(name, options, server.port, root / "requests")}
+                       for name, options in STAGES],
         }
         (root / "run.yaml").write_text(yaml.safe_dump(config))
         reference = root / "reference"
