@@ -26,34 +26,10 @@ from curation.demo_images import demo_resolver
 from curation.image_server import ImageServer
 from curation.manifest import without_volatile
 from curation.ops.metadata import build_metadata, write_metadata
-from tests.demo_stages import demo_stage_options
+from tests.demo_stages import DEMO_STAGES, demo_stage_options
 
 pytestmark = pytest.mark.spark
 
-STAGES = [
-    ("ingest", {"keep_columns": ["WIDTH", "HEIGHT"], "blocked_urls_file": "{requests}/blocked_urls.txt"}),
-    ("dedup_exact", {}),
-    ("dedup_text", {}),
-    ("match", {}),
-    ("count", {}),
-    ("balance", {"t": 20}),
-    ("download", {"image_size": 64, "resize_mode": "keep_ratio", "shard_rows": 150, "thread_count": 8}),
-    ("embed", {"model": "tiny-clip", "pretrained": "random", "device": "cpu", "num_workers": 0, "batch_size": 64}),
-    ("dedup_image", {}),
-    ("block_images", {"phash_file": "{requests}/blocked_image_phashes.txt"}),
-    ("decontaminate", {"eval_images": "{requests}/eval_images", "use_embeddings": "never"}),
-    ("filter", {"min_image_side": 100, "max_caption_words": 20, "max_caption_repeats": 5}),
-    ("nsfw", {"max_score": 0.9, "threads": 1}),
-    ("cluster", {"k": 8, "threads": 1, "device": "cpu"}),
-    ("semdedup", {"target_keep_fraction": 0.9}),
-    ("prune", {"k": 4, "keep_fraction": 0.8, "threads": 1, "device": "cpu"}),
-    ("count", {}),
-    ("balance", {"t": 10}),
-    ("logo_bank", {"q": 0.02, "duplicate_similarity": 0.998}),
-    ("mine_logos", {"models": ["toy"], "probe_count": 8, "max_logos": 6, "logo_block": 2, "device": "cpu"}),
-    ("flag_logos", {"min_spuriousness": -1.0, "top": 2, "threshold": 0.999}),
-    ("publish", {"shard_rows": 400}),
-]
 KILL_POINTS = ("mid_write", "after_task", "between_stages")
 # Stages whose finished shards survive a kill in a work folder (`.<stage>.work/<kind>/<files>`).
 WORK_FILES = {"download": "images/*_stats.json", "embed": "embeddings/*.parquet", "mine_logos": "blocks/block-*"}
@@ -72,7 +48,7 @@ def demo_setup(tmp_path_factory):
             "name": "faults", "input": str(root / "corpus"), "metadata": str(root / "metadata.json"), "seed": 0,
             "spark": {"master": "local[2]", "partitions": 2},
             "stages": [{name: demo_stage_options(name, options, server.port, root / "requests")}
-                       for name, options in STAGES],
+                       for name, options in DEMO_STAGES],
         }
         (root / "run.yaml").write_text(yaml.safe_dump(config))
         reference = root / "reference"
@@ -151,7 +127,7 @@ def _kill_chain(demo_setup, tmp_path, choose_point) -> list[tuple[str, str, str]
     root, reference = demo_setup
     run_dir = tmp_path / "run"
     outcomes = []
-    for position, (stage, _) in enumerate(STAGES, start=1):
+    for position, (stage, _) in enumerate(DEMO_STAGES, start=1):
         point = choose_point(stage)
         outcomes.append((stage, point, _run_until_killed(root / "run.yaml", run_dir, position, stage, point)))
     _run(root / "run.yaml", run_dir)
@@ -168,7 +144,7 @@ def test_a_seeded_kill_in_every_stage_resumes_to_identical_output(demo_setup, tm
         return chooser.choice(points)
 
     outcomes = _kill_chain(demo_setup, tmp_path, choose)
-    assert sum(outcome == "killed" for _, _, outcome in outcomes) >= len(STAGES) - 2, outcomes
+    assert sum(outcome == "killed" for _, _, outcome in outcomes) >= len(DEMO_STAGES) - 2, outcomes
 
 
 @pytest.mark.slow

@@ -224,15 +224,15 @@ def test_publish_writers_reproduce_a_published_shard_and_tar_byte_for_byte(first
     import pyarrow as pa
 
     from curation.ops import tars as tar_ops
-    from curation.spark.publish import _write_image_tar, _write_shard
+    from curation.spark.publish import write_image_tar, write_parquet_shard
 
     release = first["release"]
     table = _shard(release, 1)
-    _write_shard(table.combine_chunks(), tmp_path / "shard.parquet")
+    write_parquet_shard(table.combine_chunks(), tmp_path / "shard.parquet")
     tar = release / "images" / "shard-00001.tar"
     pointers = table.append_column("image_shard", pa.array([tar.name] * table.num_rows))
     pointers = pointers.append_column("image_key", table.column("uid"))
     with tar_ops.TarReader() as reader:
-        _write_image_tar(pointers, str(tar.parent), tmp_path / "shard.tar", reader, table.schema)
+        write_image_tar(pointers, str(tar.parent), tmp_path / "shard.tar", reader, table.schema)
     assert sha256_of_file(tmp_path / "shard.parquet") == sha256_of_file(release / "shards" / "shard-00001.parquet")
     assert sha256_of_file(tmp_path / "shard.tar") == sha256_of_file(tar)
