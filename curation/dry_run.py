@@ -87,7 +87,7 @@ ASSUMED_RATES: dict[str, Assumption] = {
                                              "slant.json when present)", per="per model"),
     "flag_logos": Assumption(200_000, "rows/s", "cosine to the mined logos (guess)"),
     "filter": Assumption(200_000, "rows/s", "column rules (guess)", None),
-    "nsfw": Assumption(20, "images/s", "open_nsfw on onnxruntime, one CPU core (guess)"),
+    "nsfw": Assumption(90, "images/s", "open_nsfw on onnxruntime, one CPU core (bench/results/nsfw.json if present)"),
     "block_images": Assumption(300, "images/s", "image hashing against the blocklist (guess)", None),
     "decontaminate": Assumption(300, "images/s", "image hashing against the evaluation set (guess)", None),
     "publish": Assumption(100_000, "rows/s", "uid-range shards written with zstd (guess)"),
@@ -351,6 +351,13 @@ def bench_rates() -> dict[str, tuple[float, str]]:
             cores = _bench_cores(report)
             rates["embed"] = (per_second / cores,
                               f"bench/results/{path.name}: {per_second:,.1f} images/s on {cores} CPU threads")
+    nsfw = _read_json("nsfw.json")
+    cpu_runs = [run for run in (nsfw or {}).get("runs") or [] if run.get("provider") == "CPUExecutionProvider"]
+    per_cpu_second = [run["end_to_end_download"]["images_per_cpu_second"] for run in cpu_runs
+                      if (run.get("end_to_end_download") or {}).get("images_per_cpu_second")]
+    if per_cpu_second:
+        rates["nsfw"] = (max(per_cpu_second), f"bench/results/nsfw.json: {max(per_cpu_second):,.0f} images per "
+                         "CPU-second, decode to score")
     slant = _read_json("slant.json")
     if slant:
         for model in slant.get("models") or []:
