@@ -427,6 +427,7 @@ class Estimator:
     embedding_bytes: float = 0.0
     table: pa.Table | None = None  # the sample's rows as they stand after the stages estimated so far
     entries: list[str] | None = None
+    balance_passes: int = 0
 
     def rate(self, stage: str) -> tuple[float, str]:
         if stage in self.rates:
@@ -530,7 +531,9 @@ class Estimator:
             threshold = float(options["t"] if options["t"] is not None else balance_ops.METACLIP_T)
             source = "t"
         probability = balance_ops.keep_probabilities(offsets, values, np.maximum(counts, 1e-9), threshold)
-        keep = uniform(int(options["seed"]), self.table.column(UID), balance_ops.BALANCE_PURPOSE) < probability
+        purpose = balance_ops.balance_purpose(self.balance_passes)
+        self.balance_passes += 1
+        keep = uniform(int(options["seed"]), self.table.column(UID), purpose) < probability
         seconds_taken = max(time.perf_counter() - started, 1e-6)
         per_core = self.table.num_rows / seconds_taken
         table = self.table.drop_columns([c for c in (KEEP_PROBABILITY,) if c in self.table.column_names])

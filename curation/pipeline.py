@@ -157,10 +157,6 @@ def run_stage(
         from curation.spark.blocklist import run_block_images
 
         return run_block_images(spark, input_location, output_dir, options, partitions, config)
-    if stage.name == "nsfw":
-        from curation.gpu.nsfw import model_identity
-
-        config["model_sha256"] = model_identity()["model_sha256"]
     if stage.name == "decontaminate":
         from curation.spark.decontaminate import run_decontaminate
 

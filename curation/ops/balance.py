@@ -2,7 +2,8 @@
 
 c_e = number of matched texts containing entry e; p_e = min(1, t / c_e);
 P(keep text) = 1 - prod_{e in matches(text)} (1 - p_e); a text is kept iff u(seed, uid, "balance") < P.
-A text without matches has P = 0.
+A text without matches has P = 0. A later balance pass (after the image stages) draws with its own purpose
+(`balance_purpose`).
 """
 
 import numpy as np
@@ -10,6 +11,13 @@ import pyarrow as pa
 
 BALANCE_PURPOSE = "balance"
 METACLIP_T = 20_000
+
+
+def balance_purpose(earlier_passes: int) -> str:
+    """The purpose of the keep draw of a balance pass with `earlier_passes` balance stages upstream. Each pass draws
+    independently: with one shared draw, the rows a first pass kept all have u < P1, so a second pass would keep
+    each with probability min(1, P2 / P1) instead of P2 and leave the head entries almost untouched."""
+    return BALANCE_PURPOSE if earlier_passes == 0 else f"{BALANCE_PURPOSE}:{earlier_passes + 1}"
 
 
 def list_parts(entry_ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,7 @@ from curation.io import (
     list_files,
     read_stage_record,
     resolve_data_dir,
+    stage_chain,
 )
 from curation.ops import balance as balance_ops
 from curation.ops.ingest import IngestOptions, normalise_rows
@@ -342,14 +343,14 @@ def solve_threshold_for_target(spark, df, counts: np.ndarray, target_size: int) 
         entry_ids.unpersist()
 
 
-def _balance_worker(counts_broadcast, t: float, seed: int, schema: pa.Schema):
+def _balance_worker(counts_broadcast, t: float, seed: int, purpose: str, schema: pa.Schema):
     def run(batches):
         counts = counts_broadcast.value
         for batch in batches:
             table = pa.Table.from_batches([batch])
             offsets, values = balance_ops.list_parts(table.column(ENTRY_IDS))
             probability = balance_ops.keep_probabilities(offsets, values, counts, t)
-            draws = uniform(seed, table.column(UID), balance_ops.BALANCE_PURPOSE)
+            draws = uniform(seed, table.column(UID), purpose)
             keep = draws < probability
             kept = table.filter(pa.array(keep)).append_column(KEEP_PROBABILITY, pa.array(probability[keep]))
             yield tag_kept(kept, schema)
@@ -392,6 +393,7 @@ def run_balance(
         logger.info("balance: the input is not a count stage, so c_e is counted over the input's rows first")
         counts = compute_entry_counts(df, len(entries))
     threshold, threshold_source = choose_threshold(spark, df, counts, t, target_size, tail_share)
+    purpose = balance_ops.balance_purpose(sum(record["stage"] == "balance" for _, record in stage_chain(input_dir)))
     logger.info("balancing with t = %.6g (from %s)", threshold, threshold_source)
 
     data_schema = arrow_schema_of(df)
@@ -399,7 +401,8 @@ def run_balance(
     schema = with_tags(data_schema)
     counts_broadcast = spark.sparkContext.broadcast(counts)
     try:
-        tagged = df.mapInArrow(_balance_worker(counts_broadcast, threshold, seed, schema), spark_schema(schema))
+        tagged = df.mapInArrow(_balance_worker(counts_broadcast, threshold, seed, purpose, schema),
+                               spark_schema(schema))
         with StageWriter(output_dir) as writer:
             rows_out, drops = write_tagged(tagged, data_schema.names, str(writer.temp_dir), str(writer.ledger_dir))
             counts_after = compute_entry_counts(spark.read.parquet(str(writer.temp_dir)), len(entries))
@@ -412,6 +415,7 @@ def run_balance(
                 "t": threshold,
                 "t_from": threshold_source,
                 "seed": seed,
+                "draw_purpose": purpose,
                 "tail_share_before": balance_ops.tail_share(counts, threshold),
                 "tail_share_after": balance_ops.tail_share(counts_after, threshold),
                 "top_entries_before": balance_ops.top_entries(counts, entries, 50),
