@@ -278,11 +278,19 @@ def _ingest_config(args) -> dict:
 
 
 def _stage_command(args) -> dict:
+    """Run one stage command with the same progress reporting as a stage of `curation run`."""
+    from curation.progress import spark_progress
+
+    spark = _spark(args)
+    with spark_progress(spark, args.command):
+        return _run_stage_command(spark, args)
+
+
+def _run_stage_command(spark, args) -> dict:
     from curation.io import is_stage_folder
     from curation.pipeline import ingest_options
     from curation.spark import dedup, image_dedup, publish, stages
 
-    spark = _spark(args)
     input_dir, raw_ingest = None, None
     if args.command in ("match", "dedup-exact", "dedup-text"):
         if len(args.input) == 1 and is_stage_folder(Path(args.input[0])):
