@@ -53,6 +53,13 @@ DEDUP_STAGES = {"dedup_exact": "exact duplicates", "dedup_text": "near-duplicate
                 "dedup_image": "duplicate images", "semdedup": "semantic duplicates"}
 MAX_SHOWN_ENTRIES = 30
 MAX_TEXT_CHARS = 300
+# C0 and C1 controls and DEL (tab and newlines too: a line holds one value) as Python escapes; the bidi embedding,
+# override and isolate characters as \uNNNN. Other Unicode is shown as it is.
+_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))},
+    **{ord(char): escape for char, escape in (("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))},
+    **{code: f"\\u{code:04x}" for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))},
+}
 UID_HEX_CHARS = 32
 
 
@@ -158,9 +165,14 @@ def _displayable(schema: pa.Schema) -> list[str]:
 
 
 def _text(value, limit: int = MAX_TEXT_CHARS) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    text = text.replace("\n", "\\n").replace("\r", "\\r")
+    text = _printable(value if isinstance(value, str) else repr(value))
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _printable(text: str) -> str:
+    """`text` with its control and bidi characters escaped, so that a crawled caption or url cannot drive the
+    terminal (an OSC 52 clipboard write, a screen clear) or reorder what is shown around it."""
+    return text.translate(_ESCAPES)
 
 
 def _value(value) -> str:
@@ -315,6 +327,12 @@ def _raw_source(stage: _Stage, detail: str | None) -> list[str]:
 
 def inspect_uid(run_dir: Path, uid: str) -> list[str]:
     """The story of one sample in the run at `run_dir`, as lines to print; InspectError for an unknown uid."""
+    # Values are escaped where they are formatted; this pass covers the rest read from the run (ledger reasons,
+    # related uids, paths, a raw shard's error message).
+    return [_printable(line) for line in _sample_story(run_dir, uid)]
+
+
+def _sample_story(run_dir: Path, uid: str) -> list[str]:
     run_dir = Path(run_dir).resolve()
     stages = _chain(run_dir)
     uid = uid.strip().lower()
@@ -482,6 +500,11 @@ def _close_matches(entry: str, entries: list[str]) -> list[str]:
 
 def inspect_entry(run_dir: Path, entry: str, examples: int = 5) -> list[str]:
     """An entry's id, its counts at each count/balance stage, rows holding it by stage, and example rows."""
+    # As inspect_uid: uids and paths read from the run are escaped too.
+    return [_printable(line) for line in _entry_story(run_dir, entry, examples)]
+
+
+def _entry_story(run_dir: Path, entry: str, examples: int) -> list[str]:
     run_dir = Path(run_dir)
     stages = _chain(run_dir)
     metadata = _metadata_entries(stages)

@@ -10,11 +10,14 @@ on the driver, and when the embed stage ran on CUDA executors but the driver has
 float32 (the reference; CUDA autocast differs by float16 rounding, far below any useful threshold).
 
 Search: an exact inner-product index (`faiss_seam.flat_index`, GPU when faiss has one) over the m unit evaluation
-vectors, queried with each batch of corpus vectors for the single nearest one; the cosine reported is then
-recomputed row by row (`faiss_seam.row_cosines`), so a row's value, and whether it passes `min_cosine`, never
-depends on which rows shared its batch. Cost: m x d multiply-adds per corpus image (m = 1e5, d = 512: 5e7, about
-10-50 ms per thousand images on a CPU core with BLAS, far less on a GPU); the evaluation vectors are broadcast as
-float16, m x d x 2 bytes (100 MiB for 1e5 x 512), and each task adds them to its index once.
+vectors, queried with each batch of corpus vectors for its NEAREST_CANDIDATES best candidates. faiss's float32
+products are blocked by how many queries share a call, so near-ties among evaluation images (and so its single
+best id) can change with the Arrow batch sizes, which follow partitioning. Each candidate's cosine is therefore
+recomputed in float64 row by row and the largest wins, ties to the lowest evaluation index: a row's evaluation
+image and cosine, and whether it passes `min_cosine`, never depend on which rows shared its batch. Cost: m x d
+multiply-adds per corpus image (m = 1e5, d = 512: 5e7, about 10-50 ms per thousand images on a CPU core with BLAS,
+far less on a GPU) plus NEAREST_CANDIDATES x d in float64; the evaluation vectors are broadcast as float16,
+m x d x 2 bytes (100 MiB for 1e5 x 512), and each task adds them to its index once.
 """
 
 import io
@@ -33,6 +36,9 @@ from curation.ops.decontaminate import EvalImage
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 64
+# Candidates per query taken from faiss before the exact float64 comparison: faiss's float32 error (~1e-7) only
+# reorders near-ties, and this many covers them unless the evaluation set holds that many near-copies of one image.
+NEAREST_CANDIDATES = 8
 
 
 def model_like_embed_stage(embed_options: dict) -> EmbeddingModel:
@@ -95,12 +101,29 @@ class EvalEmbeddingIndex:
             raise ValueError(f"no evaluation embeddings to search (shape {self.vectors.shape})")
         self.index = faiss_seam.flat_index(self.vectors.shape[1], device=device)
         self.index.add(self.vectors)
+        self.norms = _norms(self.vectors.astype(np.float64))
 
     def nearest(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(index int64, cosine float32) of the nearest evaluation image of each row of `vectors` (float32)."""
+        """(index int64, cosine float32) of the nearest evaluation image of each row of `vectors` (float32): the
+        largest float64 cosine among faiss's top candidates, ties to the lowest evaluation index."""
         if not len(vectors):
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        _, ids = self.index.search(vectors, 1)
-        nearest = ids[:, 0]
-        return nearest, faiss_seam.row_cosines(vectors, self.vectors[nearest])
+        _, ids = self.index.search(vectors, min(NEAREST_CANDIDATES, len(self.vectors)))
+        # einsum, not matmul: BLAS blocking would make a row's products depend on the other rows of the call. One
+        # candidate rank at a time, so that a batch of 10,000 rows holds (10,000, d) float64, not 8 times that.
+        queries = vectors.astype(np.float64)
+        query_norms = _norms(queries)
+        cosines = np.empty(ids.shape, dtype=np.float64)
+        for rank in range(ids.shape[1]):
+            dots = np.einsum("nd,nd->n", queries, self.vectors[ids[:, rank]].astype(np.float64))
+            cosines[:, rank] = dots / (query_norms * self.norms[ids[:, rank]])
+        # lexsort's last key is the primary one: the largest cosine first, then the lowest evaluation index.
+        best = np.lexsort((ids, -cosines))[:, 0]
+        rows = np.arange(len(ids))
+        return ids[rows, best].astype(np.int64), cosines[rows, best].astype(np.float32)
+
+
+def _norms(vectors: np.ndarray) -> np.ndarray:
+    """The float64 L2 norm of each row, row by row (einsum, no BLAS blocking)."""
+    return np.sqrt(np.einsum("nd,nd->n", vectors, vectors))

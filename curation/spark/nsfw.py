@@ -84,6 +84,21 @@ def _options(options: dict) -> tuple[float | None, int, str, int | None, bool, s
 
 
 ROWS_PER_SCORING_TASK = 1000
+# At most this many scoring tasks per core. Each range partition costs the driver ~100 sampled rows for the bounds
+# (rangeExchange.sampleSizePerPartition) plus its tracking and one shuffle block per map task, and a task opens again
+# the tars it shares with its neighbours; 16 waves already balance the cores and show progress, so beyond that
+# more tasks only add those costs.
+MAX_SCORING_TASKS_PER_CORE = 16
+
+
+def scoring_tasks(rows: int, parallelism: int, partitions: int | None) -> int:
+    """Tasks scoring images read from the download tars: `partitions` when given, else about
+    ROWS_PER_SCORING_TASK images a task (the model costs ~10 ms an image on a CPU core, so a task, and the progress,
+    which counts finished tasks, moves in seconds, not minutes), at least one per core and at most
+    MAX_SCORING_TASKS_PER_CORE per core (400M rows would otherwise be 400,000 range partitions)."""
+    if partitions:
+        return partitions
+    return max(parallelism, min(-(-rows // ROWS_PER_SCORING_TASK), parallelism * MAX_SCORING_TASKS_PER_CORE))
 
 
 def run_nsfw(spark, input_dir: Path, output_dir: Path, options: dict, partitions: int | None, config: dict) -> dict:
@@ -100,10 +115,8 @@ def run_nsfw(spark, input_dir: Path, output_dir: Path, options: dict, partitions
     if image_column in df.columns:
         images, source = df.select(UID, image_column), f"column {image_column}"
     elif "image_shard" in df.columns:
-        # About ROWS_PER_SCORING_TASK images per task: the model costs ~10 ms an image on a CPU core, so this keeps
-        # tasks (and the progress, which counts finished tasks) to seconds, not minutes.
-        tasks = partitions or max(spark.sparkContext.defaultParallelism,
-                                  -(-read_stage_record(input_dir)["rows_out"] // ROWS_PER_SCORING_TASK))
+        tasks = scoring_tasks(read_stage_record(input_dir)["rows_out"], spark.sparkContext.defaultParallelism,
+                              partitions)
         images = image_bytes(df, downloaded_images_dir(input_dir), image_column, tasks)
         source = "download tars"
     else:

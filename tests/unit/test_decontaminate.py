@@ -215,6 +215,39 @@ def test_the_nearest_evaluation_embedding_by_cosine_does_not_depend_on_the_batch
     assert index.nearest(np.empty((0, 32), np.float32))[0].shape == (0,)
 
 
+def test_ties_and_near_ties_between_evaluation_images_resolve_the_same_in_any_batch():
+    from curation.gpu.decontaminate import EvalEmbeddingIndex
+
+    rng = np.random.default_rng(7)
+    eval_vectors = rng.normal(size=(20, 64)).astype(np.float32)
+    eval_vectors[11] = eval_vectors[4]  # an exact tie: the lowest index, 4, must win
+    eval_vectors[15] = eval_vectors[6]
+    eval_vectors[15, 0] = np.nextafter(eval_vectors[6, 0], np.float32(np.inf))  # a near-tie below float32 products
+    tie_query = (eval_vectors[4] + rng.normal(scale=0.01, size=64)).astype(np.float32)
+    near_query = (eval_vectors[6] + rng.normal(scale=0.01, size=64)).astype(np.float32)
+    index = EvalEmbeddingIndex(eval_vectors, "cpu")
+
+    def exact(query: np.ndarray, ids: list[int]) -> dict[int, float]:
+        query64, others = query.astype(np.float64), eval_vectors[ids].astype(np.float64)
+        return dict(zip(ids, (others @ query64 / np.linalg.norm(others, axis=1) / np.linalg.norm(query64)).tolist(),
+                        strict=True))
+
+    near = exact(near_query, [6, 15])
+    expected = {"tie": (4, np.float32(exact(tie_query, [4])[4])),
+                "near": (max(near, key=lambda i: (near[i], -i)), np.float32(max(near.values())))}
+    for name, query in (("tie", tie_query), ("near", near_query)):
+        ids, cosines = index.nearest(query[None])
+        assert (ids[0], cosines[0]) == expected[name], name
+        for others in (1, 7, 300):
+            batch = rng.normal(size=(others + 1, 64)).astype(np.float32)
+            for position in (0, others // 2, others):
+                batch[position] = query
+                ids, cosines = index.nearest(batch)
+                assert ids.dtype == np.int64 and cosines.dtype == np.float32
+                assert (ids[position], cosines[position]) == expected[name], (name, others, position)
+                batch[position] = rng.normal(size=64)
+
+
 def test_an_embed_stage_run_on_cuda_is_rebuilt_on_the_cpu_of_a_driver_without_one(caplog):
     import torch
 

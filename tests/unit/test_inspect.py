@@ -222,3 +222,33 @@ def test_unknown_entry_suggests_close_matches(run, capsys):
         inspect_entry(run, "zzzzzz")
     assert cli_main(["inspect", str(run), "--entry", "phot"]) == 1
     assert capsys.readouterr().out == ""
+
+
+HOSTILE = "\x1b]52;c;cm0gLXJmIH4=\x07caption\x1b[2J\tend\n\x9b31m \u202eevil\u202c \u2066x\u2069 \x00\x7f"
+SHOWN = "\\x1b]52;c;cm0gLXJmIH4=\\x07caption\\x1b[2J\\tend\\n\\x9b31m \\u202eevil\\u202c \\u2066x\\u2069 \\x00\\x7f"
+
+
+def test_control_and_bidi_characters_from_the_data_are_escaped_and_other_unicode_is_kept(tmp_path):
+    """A caption, url, ledger detail or reason holding terminal escapes (an OSC 52 clipboard write, a screen clear)
+    or bidi overrides is shown escaped; accents and CJK stay as they are."""
+    kept, dropped = uid(100), uid(101)
+    caption, url = f"café 東京 {HOSTILE}", "http://example.com/\x1b[2J\u202egpj.exe"
+    ingest = write_stage(tmp_path, 1, "ingest", [
+        {"uid": kept, "url": url, "caption": caption, "note": HOSTILE},
+        {"uid": dropped, "url": "http://example.com/b.jpg", "caption": "b", "note": "b"},
+    ], None)
+    write_stage(tmp_path, 2, "match", [{"uid": kept, "url": url, "caption": caption, "entry_ids": [0]}], ingest,
+                [ledger(dropped, "match", "reason\x1b[2J", kept, {"why": HOSTILE})],
+                {"metadata.json": lambda path: path.write_text(json.dumps([f"dog{HOSTILE}"]))})
+    lines = [*inspect_uid(tmp_path, kept), *inspect_uid(tmp_path, dropped),
+             *inspect_entry(tmp_path, f"dog{HOSTILE}")]
+    escaped = {*map(chr, range(0x20)), *map(chr, range(0x7F, 0xA0)), *"\u202a\u202b\u202c\u202d\u202e",
+               *"\u2066\u2067\u2068\u2069"}
+    assert not [line for line in lines if escaped & set(line)]
+    text = text_of(lines)
+    assert f"caption: café 東京 {SHOWN}" in lines
+    assert "url: http://example.com/\\x1b[2J\\u202egpj.exe" in lines
+    assert f"note={SHOWN}" in text
+    assert f"detail: why={SHOWN}" in text
+    assert "reason\\x1b[2J" in text
+    assert f"  {kept}  café 東京 {SHOWN}" in lines

@@ -141,3 +141,15 @@ def test_fixed_shape_calls_pad_the_last_batch_and_keep_each_images_score(model, 
     np.testing.assert_allclose(fixed_shape.score_pixels(pixels), model.score_pixels(pixels), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(fixed_shape.score(photo_bytes[:5]).scores, model.score(photo_bytes[:5]).scores,
                                rtol=1e-5, atol=1e-7)
+
+
+def test_scoring_tasks_follow_the_rows_between_one_and_sixteen_per_core_unless_partitions_are_given():
+    from curation.spark.nsfw import scoring_tasks
+
+    assert scoring_tasks(0, 8, None) == 8
+    assert scoring_tasks(5_000, 8, None) == 8  # fewer tasks than cores would leave cores idle
+    assert scoring_tasks(50_001, 8, None) == 51  # about 1000 rows a task
+    assert scoring_tasks(400_000_000, 8, None) == 128  # not 400,000 range partitions
+    assert scoring_tasks(400_000_000, 64, None) == 1024
+    assert scoring_tasks(400_000_000, 8, 3) == 3
+    assert scoring_tasks(10, 8, 500) == 500
