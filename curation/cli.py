@@ -212,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     takedown.add_argument("--output", required=True, type=Path, help="new release folder to write")
     takedown.add_argument("--uids", type=Path, help="file of uids, one a line")
     takedown.add_argument("--urls", type=Path, help="file of urls, one a line (compared after url normalisation)")
-    takedown.add_argument("--image-hashes", type=Path, help="file of image sha256 digests (64 hex) or perceptual "
-                          "hashes (16 hex), one a line")
+    takedown.add_argument("--image-hashes", type=Path, help="file of image sha256 digests (64 hex; of the published "
+                          "image or of the original as served) or perceptual hashes (16 hex, exact), one a line")
     takedown.add_argument("--reason", default="takedown request", help="reason recorded in the ledger "
                           "(default: takedown request)")
 

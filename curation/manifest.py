@@ -104,9 +104,14 @@ def locate_manifest(path: Path) -> Path:
     raise FileNotFoundError(f"no {MANIFEST_NAME} at {path} (nor in {path}/publish)")
 
 
-def _safe_member(release_dir: Path, relative: str) -> Path:
+def safe_member(release_dir: Path, relative: str) -> Path:
+    """`release_dir / relative` for a path read from a manifest; ValueError when it is not a relative path inside
+    the release folder (absolute, with a `..` part, empty or not a string), since a manifest is input that anything
+    reading or rewriting a release must not let address files elsewhere."""
+    if not isinstance(relative, str) or not PurePosixPath(relative).parts:
+        raise ValueError(f"manifest path {relative!r} is not a file path inside the release folder")
     posix = PurePosixPath(relative)
-    if posix.is_absolute() or ".." in posix.parts or not relative:
+    if posix.is_absolute() or ".." in posix.parts:
         raise ValueError(f"manifest path {relative!r} escapes the release folder")
     return release_dir / posix
 
@@ -131,7 +136,7 @@ def verify_manifest(manifest_path: Path) -> list[str]:
 
     duplicates = 0
     for entry in manifest["shards"]:
-        uids = pq.read_table(_safe_member(release_dir, entry["path"]), columns=[UID]).column(UID).to_pylist()
+        uids = pq.read_table(safe_member(release_dir, entry["path"]), columns=[UID]).column(UID).to_pylist()
         before = len(published_uids)
         published_uids.update(uids)
         duplicates += len(uids) - (len(published_uids) - before)
@@ -139,7 +144,7 @@ def verify_manifest(manifest_path: Path) -> list[str]:
         problems.append(f"{duplicates} uid(s) published more than once")
     both = 0
     for entry in manifest["ledger"]["files"]:
-        ledger = pq.read_table(_safe_member(release_dir, entry["path"]), columns=[UID, "reason"]).to_pydict()
+        ledger = pq.read_table(safe_member(release_dir, entry["path"]), columns=[UID, "reason"]).to_pydict()
         both += sum(
             1 for uid, reason in zip(ledger[UID], ledger["reason"], strict=True)
             if uid in published_uids and reason not in REASONS_SHARING_KEPT_UID
@@ -171,7 +176,7 @@ def _check_tar(release_dir: Path, entry: dict) -> list[str]:
     if problems:
         return problems
     try:
-        with tarfile.open(_safe_member(release_dir, entry["path"]), "r:") as tar:
+        with tarfile.open(safe_member(release_dir, entry["path"]), "r:") as tar:
             samples = {member.name.split(".", 1)[0] for member in tar if member.isfile()}
     except tarfile.TarError as error:
         return [f"image shard {entry['path']}: unreadable tar ({error})"]
@@ -182,7 +187,7 @@ def _check_tar(release_dir: Path, entry: dict) -> list[str]:
 
 def _check_file(release_dir: Path, kind: str, entry: dict, parquet: bool = True) -> list[str]:
     try:
-        path = _safe_member(release_dir, entry["path"])
+        path = safe_member(release_dir, entry["path"])
     except ValueError as error:
         return [str(error)]
     if not path.is_file():

@@ -1,16 +1,18 @@
 """`curation takedown RELEASE --output NEW_RELEASE`: a new release without the samples a takedown request names.
 
 A request is up to three lists (at least one), each a UTF-8 text file, one entry a line, blank lines and lines
-starting with '#' ignored:
+starting with '#' ignored, anything after an entry's first whitespace a comment:
 - uids (`--uids`): 32 hex digits each;
 - urls (`--urls`): compared after the url normalisation of dedup_exact and the ingest blocklist
   (`curation.ops.urls.normalise_url`: scheme and host case, default port, fragment);
 - image hashes (`--image-hashes`): the sha256 of a published image's bytes (64 hex digits: `sha256sum` of the
-  `<uid>.jpg` in the release's tar), or its 64-bit perceptual hash (16 hex digits, `curation.ops.imagehash`; the
-  `image_phash` column viewed unsigned), matched exactly (Hamming distance 0): a takedown removes the images that
-  were named, while the block_images stage is the place for near-duplicate matching before a release is built.
-  The hashes are the shards' `image_sha256` / `image_phash` columns when dedup_image ran (the sha256 of the same
-  bytes the tars hold), else they are computed from the images in the tars.
+  `<uid>.jpg` in the release's tar) or of the original file as it was downloaded (the shards' `image_source_sha256`
+  column, written by the download stage: a data owner hashes the file they published, not the resized copy the
+  release holds), or its 64-bit perceptual hash (16 hex digits, `curation.ops.imagehash`; the `image_phash` column
+  viewed unsigned), matched exactly (Hamming distance 0): a takedown removes the images that were named, while the
+  block_images stage is the place for near-duplicate matching before a release is built. The published image's
+  hashes are the shards' `image_sha256` / `image_phash` columns when dedup_image ran (the sha256 of the same bytes
+  the tars hold), else they are computed from the images in the tars.
 
 Every sample matching any list is removed. The new release keeps the old one's layout: shard k holds the same
 uid range, so a shard and its image tar with nothing removed are copied byte for byte (checked against the old
@@ -18,10 +20,15 @@ manifest's sha256 while copying), and a changed shard and its tar are rewritten 
 remaining rows: byte-identical to what publish writes for those rows. A shard left empty is dropped, as publish
 writes no empty shard. The old ledger files are copied; the removed rows go to a new ledger file
 `ledger/takedown-NNNNN.parquet` (NNNNN counts the takedowns in the release's lineage; stage `takedown`, reason
-`takedown`, detail JSON `{"request_reason": ..., "matched": [lists that matched], ...}`), so rows in = rows
-published + rows in the ledger still holds. The manifest gains a `takedown` stage summary and a `takedown`
-section (the request's files with their sha256, counts, unknown uids), and `replaces` names the release it
-supersedes (dataset name, manifest path and sha256, created), so successive takedowns chain.
+`takedown`, detail JSON `{"request_reason": ..., "matched": [lists that matched: uid, url, image_sha256,
+image_source_sha256, image_phash], ...}`), so rows in = rows published + rows in the ledger still holds. The
+manifest gains a `takedown` stage summary and a `takedown` section (the request's files with their sha256, counts,
+unknown uids), and `replaces` names the release it supersedes (dataset name, manifest path and sha256, created), so
+successive takedowns chain.
+
+Every shard, image tar and ledger path of the old manifest is checked (`curation.manifest.safe_member`, the rule
+`curation verify` applies) before anything is read or written: the manifest is input, and a path that is absolute or
+climbs out with `..` would otherwise make the copy overwrite a file outside the release.
 
 The new release is built in a hidden temporary folder beside `output_dir` and renamed into place with `_SUCCESS`
 written last (`curation.io.StageWriter`), like a published release; the old release is never modified. No Spark:
@@ -41,10 +48,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.io import StageWriter, atomic_write_json, is_complete, sha256_of_file
-from curation.manifest import MANIFEST_NAME, build_manifest, file_entry, locate_manifest, tar_entry
+from curation.manifest import MANIFEST_NAME, build_manifest, file_entry, locate_manifest, safe_member, tar_entry
 from curation.ops import tars as tar_ops
 from curation.ops.blocklists import BlocklistError, load_url_blocklist
-from curation.ops.image_blocklist import load_image_hash_list
+from curation.ops.image_blocklist import load_image_hash_list, sha256_matches
 from curation.ops.imagehash import DecodeFailure, PhashIndex, decode_image, image_sha256, perceptual_hash
 from curation.ops.urls import normalise_urls
 from curation.schema import LEDGER_SCHEMA, UID, URL, Reason
@@ -54,7 +61,8 @@ from curation.spark.publish import write_image_tar, write_parquet_shard
 logger = logging.getLogger(__name__)
 
 STAGE = "takedown"
-TAKEDOWN_VERSION = 1
+# 2: a listed sha256 also matches the shards' image_source_sha256, counted and named in the detail as its own list.
+TAKEDOWN_VERSION = 2
 LEDGER_PREFIX = "takedown"
 _UID = re.compile(r"[0-9a-fA-F]{32}")
 _COPY_CHUNK = 1 << 20
@@ -144,12 +152,14 @@ class _Request:
             normalised = normalise_urls(table.column(URL)).to_pylist()
             by_url = np.fromiter((u is not None and u in self.urls for u in normalised), dtype=bool, count=rows)
             self.found_urls.update(u for u, hit in zip(normalised, by_url, strict=True) if hit)
-        by_sha256, by_phash = np.zeros(rows, dtype=bool), np.zeros(rows, dtype=bool)
+        by_sha256, by_source, by_phash = (np.zeros(rows, dtype=bool) for _ in range(3))
         if self.wants_images and rows:
-            digests, phashes = self._image_keys(table, tar_path, uids)
+            digests, sources, phashes = self._image_keys(table, tar_path, uids)
             if self.sha256:
-                by_sha256 = np.fromiter((d is not None and d in self.sha256 for d in digests), dtype=bool, count=rows)
+                by_sha256 = sha256_matches(digests, self.sha256)
+                by_source = sha256_matches(sources, self.sha256)
                 self.found_sha256.update(d for d, hit in zip(digests, by_sha256, strict=True) if hit)
+                self.found_sha256.update(d for d, hit in zip(sources, by_source, strict=True) if hit)
             if len(self.phash):
                 valid = np.asarray([p is not None for p in phashes], dtype=bool)
                 values = np.asarray([p if p is not None else 0 for p in phashes], dtype=np.uint64)
@@ -157,14 +167,20 @@ class _Request:
                 by_phash = valid & (nearest >= 0)
                 self.found_phash.update(nearest[by_phash].tolist())
         matched = [[name for name, hit in (("uid", by_uid[i]), ("url", by_url[i]), ("image_sha256", by_sha256[i]),
-                                           ("image_phash", by_phash[i])) if hit] for i in range(rows)]
-        return by_uid | by_url | by_sha256 | by_phash, matched
+                                           ("image_source_sha256", by_source[i]), ("image_phash", by_phash[i])) if hit]
+                   for i in range(rows)]
+        return by_uid | by_url | by_sha256 | by_source | by_phash, matched
 
     def _image_keys(self, table: pa.Table, tar_path: Path | None, uids: list[str]):
-        """sha256 (lowercase hex) and unsigned phash of each row's image, None where not needed or not known."""
+        """sha256 of each row's published image, sha256 of its original file (both lowercase hex) and unsigned phash
+        of its published image, None where not needed or not known (the original's only from image_source_sha256:
+        the original bytes are not in the release)."""
         rows = table.num_rows
         digests: list = [None] * rows
+        sources: list = [None] * rows
         phashes: list = [None] * rows
+        if self.sha256 and "image_source_sha256" in table.column_names:
+            sources = [d.lower() if d else None for d in table.column("image_source_sha256").to_pylist()]
         need_sha256 = bool(self.sha256) and "image_sha256" not in table.column_names
         need_phash = len(self.phash) > 0 and "image_phash" not in table.column_names
         if self.sha256 and not need_sha256:
@@ -184,7 +200,7 @@ class _Request:
                     decoded = decode_image(data)
                     if not isinstance(decoded, DecodeFailure):
                         phashes[row] = perceptual_hash(decoded.image)
-        return digests, phashes
+        return digests, sources, phashes
 
     def report(self) -> dict:
         unknown = sorted(self.uids - self.found_uids)
@@ -212,6 +228,20 @@ def _check_output(release_dir: Path, output_dir: Path) -> None:
         raise ValueError(f"{output_dir} exists and is not a release folder: refusing to replace it")
 
 
+def _check_member_paths(manifest_path: Path, manifest: dict) -> None:
+    """ValueError naming the manifest and the entry when a shard, image tar or ledger path would leave the release
+    folder; called before anything is read or written, so that the plain joins on these paths afterwards are safe."""
+    sections = (("shards", manifest["shards"]), ("image_shards", manifest.get("image_shards", [])),
+                ("ledger files", manifest["ledger"]["files"]))
+    for section, entries in sections:
+        for entry in entries:
+            try:
+                safe_member(manifest_path.parent, entry.get("path"))
+            except ValueError as error:
+                raise ValueError(f"{manifest_path}: {section} entry {entry!r}: {error}; refusing to read or write "
+                                 "through it (run `curation verify` on the release)") from error
+
+
 def _twin_tars(manifest: dict) -> dict[str, dict]:
     """The image tar entry of each shard path (shards/shard-k.parquet -> images/shard-k.tar)."""
     by_stem = {Path(entry["path"]).stem: entry for entry in manifest.get("image_shards", [])}
@@ -232,6 +262,7 @@ def takedown_release(
     _check_output(release_dir, output_dir)
     request = _Request(uids_file, urls_file, image_hashes_file)
     manifest = json.loads(manifest_path.read_text())
+    _check_member_paths(manifest_path, manifest)
     manifest_sha256 = sha256_of_file(manifest_path)
     previous = manifest.get("takedown") or {}
     sequence = int(previous.get("sequence", 0)) + 1
@@ -246,7 +277,7 @@ def takedown_release(
     rows_before = sum(entry["rows"] for entry in manifest["shards"])
     removed_uids: list[str] = []
     removed_details: list[str] = []
-    by_list = {"uid": 0, "url": 0, "image_sha256": 0, "image_phash": 0}
+    by_list = {"uid": 0, "url": 0, "image_sha256": 0, "image_source_sha256": 0, "image_phash": 0}
     shards, image_shards = [], []
     counts = {"shards_reused": 0, "shards_rewritten": 0, "shards_dropped": 0}
     with StageWriter(output_dir) as writer:
@@ -257,7 +288,8 @@ def takedown_release(
             tar_path = release_dir / tar["path"] if tar else None
             # Only the columns the lists are matched on are read; a shard with a match is read whole afterwards.
             names = pq.read_schema(source).names
-            keys = pq.read_table(source, columns=[c for c in (UID, URL, "image_sha256", "image_phash") if c in names])
+            keys = pq.read_table(source, columns=[c for c in (UID, URL, "image_sha256", "image_source_sha256",
+                                                              "image_phash") if c in names])
             remove, matched = request.matches(keys, tar_path)
             if not remove.any():
                 _copy_verified(source, root / entry["path"], entry)

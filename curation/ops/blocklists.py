@@ -4,7 +4,10 @@ A blocklist file is UTF-8 text, one entry a line; blank lines and lines starting
 entry blocks that host and every subdomain of it (`example.com` blocks `img.example.com`, not `badexample.com`);
 a leading `*.` or `.` is accepted and means the same. A URL entry blocks exactly that URL after the same
 normalisation `dedup_exact` uses (`curation.ops.urls`), so case in the scheme and host, a default port or a
-fragment do not let a blocked URL through.
+fragment do not let a blocked URL through. In a URL list anything after the first whitespace of a line is a comment
+(`http://example.com/a.jpg  # request 42`, as in the uid and image-hash lists): a valid URL holds no raw whitespace,
+and a note kept in the entry would make it match nothing, silently. A domain line is the domain alone (trailing text
+is an error).
 """
 
 from pathlib import Path
@@ -36,14 +39,21 @@ def load_domain_blocklist(path: Path) -> frozenset[str]:
         domain = entry.lower().removeprefix("*.").lstrip(".").rstrip(".")
         if not domain or any(c in domain for c in "/:@ \t") or "." not in domain and domain != "localhost":
             raise BlocklistError(f"{path}:{number}: {entry!r} is not a domain (write e.g. example.com)")
-        domains.add(domain.encode("idna").decode("ascii") if not domain.isascii() else domain)
+        if not domain.isascii():
+            try:
+                domain = domain.encode("idna").decode("ascii")
+            except UnicodeError as error:
+                raise BlocklistError(f"{path}:{number}: {entry!r} is not a valid internationalised domain "
+                                     f"({error})") from error
+        domains.add(domain)
     return frozenset(domains)
 
 
 def load_url_blocklist(path: Path) -> frozenset[str]:
-    """The normalised URLs of a URL blocklist file."""
+    """The normalised URLs of a URL blocklist file (the first word of each line; the rest is a comment)."""
     urls = set()
-    for number, entry in _entries(path):
+    for number, line in _entries(path):
+        entry = line.split(None, 1)[0]
         if "://" not in entry:
             raise BlocklistError(f"{path}:{number}: {entry!r} is not a URL (write it with its scheme)")
         urls.add(normalise_url(entry))

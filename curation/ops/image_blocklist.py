@@ -6,7 +6,9 @@ and lines starting with '#' are ignored, and anything after the first whitespace
 (`<hash>  <note>`, as `sha256sum` writes its output).
 
 - sha256 list: the 64 hex digits of sha256 over the image bytes exactly as stored (the published `.jpg`, the
-  download stage's tar member, the rows' image-bytes column); upper or lower case.
+  download stage's tar member, the rows' image-bytes column) or over the original file as served (the download
+  stage's `image_source_sha256`, before resizing and re-encoding: what a data owner can hash); upper or lower case.
+  block_images and takedown match a listed digest against both where the rows carry `image_source_sha256`.
 - perceptual-hash list: 16 hex digits, the 64-bit DCT pHash of `curation.ops.imagehash.perceptual_hash` (which is
   `imagehash.phash`'s value), the same bits dedup_image stores in `image_phash` (a signed long there: view it as
   unsigned, `format(value & (2**64 - 1), "016x")`). An optional `0x` prefix is accepted.

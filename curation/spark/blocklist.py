@@ -1,6 +1,10 @@
 """Spark adapter of block_images: drop every image on a sha256 blocklist, or within a Hamming distance of a listed
 perceptual hash (`curation.ops.image_blocklist`), with reason `blocked_image`.
 
+A listed sha256 is matched against both the stored image's sha256 and, where the rows carry it, the download
+stage's `image_source_sha256` (of the original file as served, before resizing and re-encoding): a data owner hashes
+the file they published, which is not the bytes this pipeline stores.
+
 The image keys come from the rows when an upstream dedup_image stage wrote them (`image_sha256`, `image_phash`), and
 are otherwise computed from the images, read as dedup_image reads them: the rows' image-bytes column
 (`image_column`), or else the upstream download stage's tars the rows point to. Only what a list needs is computed
@@ -9,8 +13,10 @@ every task (they are small next to the corpus; see the ops module). An image tha
 not hashed and so not blocked by the phash list (dedup_image is the stage that drops undecodable images); the stage
 record counts such rows (`unhashed`). Rows pass through unchanged: the stage adds no columns.
 
-Ledger detail (JSON): `{"list": "sha256", "sha256": <the blocked digest>}`, or `{"list": "phash", "blocked_phash":
-<16 hex>, "image_phash": <16 hex>, "distance": <bits>}`; an image on both lists is reported by its sha256.
+Ledger detail (JSON): `{"list": "sha256", "matched": "image_sha256" | "image_source_sha256", "sha256": <the blocked
+digest>}` (which of the row's two digests was listed; the stored one when both were), or `{"list": "phash",
+"blocked_phash": <16 hex>, "image_phash": <16 hex>, "distance": <bits>}`; an image on both lists is reported by its
+sha256.
 """
 
 import json
@@ -37,7 +43,8 @@ from curation.spark.stages import read_stage_data, stage_input
 logger = logging.getLogger(__name__)
 
 STAGE = "block_images"
-STAGE_VERSION = 1
+# 2: a listed sha256 also matches image_source_sha256, and the ledger detail says which digest matched.
+STAGE_VERSION = 2
 _KEYS_SCHEMA = f"{UID} string, _sha256 string, _phash long"
 _MATCHES_SCHEMA = f"{UID} string, _block_list string, _block_detail string"
 
@@ -74,7 +81,10 @@ def _match_worker(sha256_broadcast, phash_broadcast, max_distance: int):
         index = PhashIndex(blocked_phash, max_distance)
         for batch in batches:
             digests = batch.column("_sha256").to_pylist()
-            by_sha256 = sha256_matches(digests, blocked_sha256)
+            sources = batch.column("_source_sha256").to_pylist()
+            by_stored = sha256_matches(digests, blocked_sha256)
+            by_source = sha256_matches(sources, blocked_sha256) & ~by_stored
+            by_sha256 = by_stored | by_source
             phashes = batch.column("_phash")
             has_phash = np.asarray(phashes.is_valid())
             nearest, distance = index.nearest(np.asarray(phashes.fill_null(0)).view(np.uint64))
@@ -86,8 +96,11 @@ def _match_worker(sha256_broadcast, phash_broadcast, max_distance: int):
             lists, details = [], []
             for row in rows:
                 if by_sha256[row]:
+                    matched, digest = (("image_sha256", digests[row]) if by_stored[row]
+                                       else ("image_source_sha256", sources[row]))
                     lists.append("sha256")
-                    details.append(json.dumps({"list": "sha256", "sha256": digests[row].lower()}, sort_keys=True))
+                    details.append(json.dumps({"list": "sha256", "matched": matched, "sha256": digest.lower()},
+                                              sort_keys=True))
                 else:
                     lists.append("phash")
                     details.append(json.dumps({
@@ -102,22 +115,26 @@ def _match_worker(sha256_broadcast, phash_broadcast, max_distance: int):
 
 def _image_keys(spark, df, input_dir: Path, image_column: str, want_sha256: bool, want_phash: bool,
                 partitions: int | None):
-    """(uid, _sha256, _phash) for every row, from the rows' precomputed columns where they have them, else from the
-    images; and where the keys came from."""
+    """(uid, _sha256, _source_sha256, _phash) for every row, from the rows' precomputed columns where they have them,
+    else from the images; and where the keys came from. `_source_sha256` is only ever a column (the download stage's
+    image_source_sha256): the original bytes are not kept, so it cannot be computed."""
     from pyspark.sql import functions as F
 
     from curation.spark.download import image_bytes
 
     compute_sha256 = want_sha256 and "image_sha256" not in df.columns
     compute_phash = want_phash and "image_phash" not in df.columns
+    use_source = want_sha256 and "image_source_sha256" in df.columns
     precomputed = df.select(
         UID,
         (F.col("image_sha256") if want_sha256 and not compute_sha256 else F.lit(None)).cast("string").alias("_sha256"),
+        (F.col("image_source_sha256") if use_source else F.lit(None)).cast("string").alias("_source_sha256"),
         (F.col("image_phash") if want_phash and not compute_phash else F.lit(None)).cast("long").alias("_phash"),
     )
+    source_sha256 = "column image_source_sha256" if use_source else None
     if not (compute_sha256 or compute_phash):
         return precomputed, {"sha256": "column image_sha256" if want_sha256 else None,
-                             "phash": "column image_phash" if want_phash else None}
+                             "source_sha256": source_sha256, "phash": "column image_phash" if want_phash else None}
     if image_column in df.columns:
         images, source = df.select(UID, image_column), f"column {image_column}"
     elif "image_shard" in df.columns:
@@ -130,9 +147,10 @@ def _image_keys(spark, df, input_dir: Path, image_column: str, want_sha256: bool
     computed = images.mapInArrow(_hash_worker(image_column, compute_sha256, compute_phash), _KEYS_SCHEMA)
     keys = precomputed.join(computed.select(UID, F.col("_sha256").alias("_c_sha256"),
                                             F.col("_phash").alias("_c_phash")), UID, "left")
-    keys = keys.select(UID, F.coalesce("_sha256", "_c_sha256").alias("_sha256"),
+    keys = keys.select(UID, F.coalesce("_sha256", "_c_sha256").alias("_sha256"), "_source_sha256",
                        F.coalesce("_phash", "_c_phash").alias("_phash"))
     sources = {"sha256": (source if compute_sha256 else "column image_sha256") if want_sha256 else None,
+               "source_sha256": source_sha256,
                "phash": (source if compute_phash else "column image_phash") if want_phash else None}
     return keys, sources
 

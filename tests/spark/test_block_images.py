@@ -1,5 +1,6 @@
 """block_images on Spark over the demo run's stage folders: keys computed from the download tars, keys taken from
-dedup_image's columns (through the CLI), keys from an image-bytes column; the ledger says which list matched."""
+dedup_image's columns (through the CLI), keys from an image-bytes column, a listed sha256 of the original file
+(image_source_sha256); the ledger says which list and which digest matched."""
 
 import json
 import os
@@ -71,7 +72,7 @@ def lists(demo_run, tmp_path_factory):
     expected = {}
     for uid, (digest, phash) in keys.items():
         if digest in blocked_sha256:
-            expected[uid] = {"list": "sha256", "sha256": digest}
+            expected[uid] = {"list": "sha256", "matched": "image_sha256", "sha256": digest}
         else:
             distance = int(hamming_distances(np.uint64(phash), np.uint64(near)))
             if distance <= MAX_DISTANCE:
@@ -97,7 +98,8 @@ def test_images_read_from_the_download_tars_are_blocked_by_sha256_and_by_phash_d
     assert _ledger(tmp_path / "blocked") == lists["expected"]
     assert record["drops"] == {Reason.BLOCKED_IMAGE: len(lists["expected"])}
     summary = record["block_images"]
-    assert summary["key_sources"] == {"sha256": "download tars", "phash": "download tars"}
+    assert summary["key_sources"] == {"sha256": "download tars", "source_sha256": "column image_source_sha256",
+                                      "phash": "download tars"}
     assert summary["sha256_entries"] == 2 and summary["phash_entries"] == 2 and summary["unhashed"] == 0
     assert sum(summary["matched_by"].values()) == len(lists["expected"])
     kept = pq.read_table(tmp_path / "blocked")
@@ -113,7 +115,9 @@ def test_dedup_image_columns_are_used_through_the_cli_and_agree_with_the_tars(de
                      "--sha256-file", str(root / "sha256.txt"), "--phash-file", str(root / "phash.txt"),
                      "--max-distance", str(MAX_DISTANCE), "--partitions", "2"]) == 0
     record = read_stage_record(tmp_path / "blocked")
-    assert record["block_images"]["key_sources"] == {"sha256": "column image_sha256", "phash": "column image_phash"}
+    assert record["block_images"]["key_sources"] == {"sha256": "column image_sha256",
+                                                     "source_sha256": "column image_source_sha256",
+                                                     "phash": "column image_phash"}
     assert record["config"]["sha256_file"] == str(root / "sha256.txt")
     present = set(pq.read_table(resolve_data_dir(source), columns=["uid"]).column("uid").to_pylist())
     assert _ledger(tmp_path / "blocked") == {uid: d for uid, d in lists["expected"].items() if uid in present}
@@ -141,12 +145,37 @@ def test_an_image_bytes_column_is_hashed_and_an_undecodable_image_is_counted_not
     record = run_block_images(spark, tmp_path / "ingest", tmp_path / "blocked",
                               _options(sha256_file=str(tmp_path / "sha256.txt"),
                                        phash_file=str(tmp_path / "phash.txt")))
-    assert record["block_images"]["key_sources"] == {"sha256": "column jpg", "phash": "column jpg"}
+    assert record["block_images"]["key_sources"] == {"sha256": "column jpg", "source_sha256": None,
+                                                     "phash": "column jpg"}
     assert record["block_images"]["unhashed"] == 1, "the truncated image has a sha256 but no perceptual hash"
     details = sorted(_ledger(tmp_path / "blocked").values(), key=lambda d: d["list"])
     assert [d["list"] for d in details] == ["phash", "sha256"]
     assert details[0]["distance"] == 2 and details[1]["sha256"] == image_sha256(photos[4])
     assert record["rows_out"] == 3
+
+
+def test_a_listed_sha256_of_the_original_file_blocks_its_row(spark, tmp_path):
+    """Data owners hash the file they published, not the re-encoded copy stored: the list holds row 1's
+    image_source_sha256 (the download stage's digest of the bytes as served) and row 2's stored digest."""
+    photos = [imagekit.jpeg(photo) for photo in imagekit.photos(4)]
+    originals = [imagekit.jpeg(photo, quality=95) for photo in imagekit.photos(4)]
+    assert not {image_sha256(o) for o in originals} & {image_sha256(p) for p in photos}
+    pq.write_table(pa.table({"url": [f"https://img.example/{i}.jpg" for i in range(len(photos))],
+                             "caption": [f"photo {i}" for i in range(len(photos))],
+                             "jpg": pa.array(photos, pa.binary()),
+                             "image_source_sha256": [image_sha256(o) for o in originals]}), tmp_path / "raw.parquet")
+    run_ingest(spark, [str(tmp_path / "raw.parquet")], tmp_path / "ingest",
+               IngestOptions(keep_columns=("jpg", "image_source_sha256")))
+    (tmp_path / "sha256.txt").write_text(f"{image_sha256(originals[1]).upper()}  owner's original\n"
+                                         f"{image_sha256(photos[2])}\n")
+    record = run_block_images(spark, tmp_path / "ingest", tmp_path / "blocked",
+                              _options(sha256_file=str(tmp_path / "sha256.txt")))
+    assert record["block_images"]["key_sources"] == {"sha256": "column jpg",
+                                                     "source_sha256": "column image_source_sha256", "phash": None}
+    details = sorted(_ledger(tmp_path / "blocked").values(), key=lambda d: d["matched"])
+    assert details == [{"list": "sha256", "matched": "image_sha256", "sha256": image_sha256(photos[2])},
+                       {"list": "sha256", "matched": "image_source_sha256", "sha256": image_sha256(originals[1])}]
+    assert record["rows_out"] == 2 and record["block_images"]["matched_by"] == {"sha256": 2, "phash": 0}
 
 
 def test_lists_are_required_and_checked(spark, demo_run, tmp_path):

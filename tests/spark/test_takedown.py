@@ -124,7 +124,8 @@ def test_the_manifest_names_the_release_it_replaces_and_the_request(first):
     takedown = manifest["takedown"]
     assert takedown["reason"] == "DMCA request 42" and takedown["sequence"] == 1
     assert takedown["rows_removed"] == 5
-    assert takedown["removed_by_list"] == {"uid": 3, "url": 1, "image_sha256": 1, "image_phash": 0}
+    assert takedown["removed_by_list"] == {"uid": 3, "url": 1, "image_sha256": 1, "image_source_sha256": 0,
+                                           "image_phash": 0}
     assert takedown["unknown_uids"] == 1 and takedown["unknown_uids_listed"] == ["0" * 32]
     assert takedown["unmatched_urls"] == 0 and takedown["unmatched_image_hashes"] == 0
     assert takedown["lists"]["uids"]["sha256"] == sha256_of_file(first["root"] / "uids.txt")
@@ -177,6 +178,20 @@ def test_a_request_matching_nothing_still_writes_a_valid_release(first, tmp_path
     old, now = _files(first["release"]), _files(tmp_path / "same")
     assert all(now[path] == old[path] for path in now if path.startswith(("shards/", "images/", "ledger/")))
     assert verify_manifest(tmp_path / "same") == []
+
+
+def test_a_listed_sha256_of_the_original_file_takes_its_sample_down(first, tmp_path):
+    """Data owners hash the file they published: the release keeps the download stage's image_source_sha256, which
+    differs from the re-encoded image the tar holds."""
+    row = _shard(first["release"], 1).to_pylist()[2]
+    published = hashlib.sha256(_tar_image(first["release"], 1, row["uid"])).hexdigest()
+    assert row["image_source_sha256"] != row["image_sha256"] == published
+    (tmp_path / "hashes.txt").write_text(row["image_source_sha256"] + "  owner's original\n")
+    summary = takedown_release(first["release"], tmp_path / "new", None, None, tmp_path / "hashes.txt", "owner")
+    assert summary["rows_removed"] == 1 and summary["removed_by_list"]["image_source_sha256"] == 1
+    (ledger,) = pq.read_table(tmp_path / "new" / summary["ledger_file"]).to_pylist()
+    assert ledger["uid"] == row["uid"] and json.loads(ledger["detail"])["matched"] == ["image_source_sha256"]
+    assert verify_manifest(tmp_path / "new") == []
 
 
 def test_image_hashes_are_computed_from_the_tars_when_the_shards_lack_the_columns(first, tmp_path):

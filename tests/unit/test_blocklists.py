@@ -42,6 +42,26 @@ def test_url_file_is_normalised_and_needs_a_scheme(tmp_path):
         load_url_blocklist(_write(tmp_path, "bad.txt", "example.com/a.jpg\n"))
 
 
+@pytest.mark.parametrize("line", ["bücher..de", "ü" * 64 + ".de"])
+def test_a_domain_idna_cannot_encode_is_a_blocklist_error_naming_file_and_line(tmp_path, line):
+    path = _write(tmp_path, "domains.txt", f"bücher.de\n{line}\n")
+    with pytest.raises(BlocklistError, match=r"domains.txt:2: .* is not a valid internationalised domain"):
+        load_domain_blocklist(path)
+
+
+def test_an_idn_domain_is_stored_as_punycode_and_blocks_its_hosts(tmp_path):
+    domains = load_domain_blocklist(_write(tmp_path, "domains.txt", "*.Bücher.de\n"))
+    assert domains == frozenset({"xn--bcher-kva.de"})
+    assert is_blocked_host(host_of("http://img.bücher.de/x.jpg"), domains)
+
+
+def test_url_lines_end_at_the_first_whitespace_so_a_trailing_note_still_matches(tmp_path):
+    path = _write(tmp_path, "urls.txt", "http://a.example/b.jpg  # req 42\nHTTPS://B.example/c.jpg\tDMCA 7\n")
+    assert load_url_blocklist(path) == frozenset({"http://a.example/b.jpg", "https://b.example/c.jpg"})
+    with pytest.raises(BlocklistError, match=r"bad.txt:1: 'a.example/b.jpg' is not a URL"):
+        load_url_blocklist(_write(tmp_path, "bad.txt", "a.example/b.jpg http://a.example/b.jpg\n"))
+
+
 def test_a_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(BlocklistError, match="cannot read blocklist"):
         load_domain_blocklist(tmp_path / "absent.txt")
