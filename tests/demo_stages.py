@@ -1,5 +1,5 @@
-"""What the tests that run the whole demo pipeline share: options that name the run's image server and the demo's
-request files (`curation.demo.write_demo_requests`)."""
+"""What the tests that run the whole demo pipeline share: the stage list, its inputs (metadata, corpus and the demo's
+request files, `curation.demo.write_demo_requests`) and the run configuration naming the run's image server."""
 
 from pathlib import Path
 
@@ -38,3 +38,22 @@ def demo_stage_options(stage: str, options: dict, image_port: int, requests_dir:
     if stage == "download":
         resolved["allow_hosts"] = [f"127.0.0.1:{image_port}"]
     return resolved
+
+
+def write_demo_inputs(root: Path, rows: int, image_port: int) -> None:
+    """Metadata (wordfreq only), a `rows`-row demo corpus whose urls point at 127.0.0.1:`image_port`, and the
+    demo's requests, under `root`."""
+    from curation.demo import generate_demo_corpus, write_demo_requests
+    from curation.ops.metadata import build_metadata, write_metadata
+
+    entries, _ = build_metadata(wordfreq_top_n=20_000, wordnet_dir=None)
+    write_metadata(root / "metadata.json", entries)
+    generate_demo_corpus(root / "corpus", entries, rows=rows, shards=2, seed=3, image_port=image_port)
+    write_demo_requests(root / "requests", rows=rows, seed=0, image_port=image_port)
+
+
+def demo_run_config(root: Path, name: str, image_port: int, spark: dict) -> dict:
+    """The run configuration (as `curation run` reads it from YAML) of every demo stage over `write_demo_inputs`."""
+    return {"name": name, "input": str(root / "corpus"), "metadata": str(root / "metadata.json"), "seed": 0,
+            "spark": spark, "stages": [{stage: demo_stage_options(stage, options, image_port, root / "requests")}
+                                       for stage, options in DEMO_STAGES]}

@@ -21,12 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from curation.demo import generate_demo_corpus, write_demo_requests
 from curation.demo_images import demo_resolver
 from curation.image_server import ImageServer
 from curation.manifest import without_volatile
-from curation.ops.metadata import build_metadata, write_metadata
-from tests.demo_stages import DEMO_STAGES, demo_stage_options
+from tests.demo_stages import DEMO_STAGES, demo_run_config, write_demo_inputs
 
 pytestmark = pytest.mark.spark
 
@@ -39,17 +37,9 @@ RUN_TIMEOUT_S = 600
 @pytest.fixture(scope="module")
 def demo_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    entries, _ = build_metadata(wordfreq_top_n=20_000, wordnet_dir=None)
-    write_metadata(root / "metadata.json", entries)
     with ImageServer(demo_resolver(seed=0)) as server:
-        generate_demo_corpus(root / "corpus", entries, rows=2_000, shards=2, seed=3, image_port=server.port)
-        write_demo_requests(root / "requests", rows=2_000, seed=0, image_port=server.port)
-        config = {
-            "name": "faults", "input": str(root / "corpus"), "metadata": str(root / "metadata.json"), "seed": 0,
-            "spark": {"master": "local[2]", "partitions": 2},
-            "stages": [{name: demo_stage_options(name, options, server.port, root / "requests")}
-                       for name, options in DEMO_STAGES],
-        }
+        write_demo_inputs(root, 2_000, server.port)
+        config = demo_run_config(root, "faults", server.port, {"master": "local[2]", "partitions": 2})
         (root / "run.yaml").write_text(yaml.safe_dump(config))
         reference = root / "reference"
         _run(root / "run.yaml", reference)
