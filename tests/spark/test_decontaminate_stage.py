@@ -51,9 +51,10 @@ def _copies(photo: Image.Image) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
+def planted(tmp_path_factory, shared_data):
     """Evaluation photos in a folder and in a parquet file; a corpus of the other photos plus copies of the
-    evaluation photos (captions say which)."""
+    evaluation photos (captions say which). Needs the real photos (skipped without them): the thresholds and the
+    separation of copies from other photos are measured on real pictures, not on generated stand-ins."""
     root = tmp_path_factory.mktemp("decontaminate")
     photos = imagekit.photos(16)
     evaluation, others = photos[:EVAL_PHOTOS], photos[EVAL_PHOTOS:]

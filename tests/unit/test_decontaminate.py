@@ -157,7 +157,7 @@ def _copies(photo: Image.Image) -> dict[str, bytes]:
     }
 
 
-def test_copies_of_real_evaluation_photos_match_and_other_photos_do_not(tmp_path):
+def test_copies_of_real_evaluation_photos_match_and_other_photos_do_not(tmp_path, shared_data):
     photos = imagekit.photos(16)
     evaluation, others = photos[: len(photos) // 2], photos[len(photos) // 2 :]
     for i, photo in enumerate(evaluation):
