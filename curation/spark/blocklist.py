@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from curation.io import StageWriter, downloaded_images_dir, read_stage_record
+from curation.io import StageWriter, read_stage_record
 from curation.ops.image_blocklist import format_phash, load_phash_list, load_sha256_list, sha256_matches
 from curation.ops.imagehash import (
     MAX_DISTANCE_LIMIT,
@@ -120,7 +120,7 @@ def _image_keys(spark, df, input_dir: Path, image_column: str, want_sha256: bool
     image_source_sha256): the original bytes are not kept, so it cannot be computed."""
     from pyspark.sql import functions as F
 
-    from curation.spark.download import image_bytes
+    from curation.spark.download import row_images
 
     compute_sha256 = want_sha256 and "image_sha256" not in df.columns
     compute_phash = want_phash and "image_phash" not in df.columns
@@ -135,15 +135,8 @@ def _image_keys(spark, df, input_dir: Path, image_column: str, want_sha256: bool
     if not (compute_sha256 or compute_phash):
         return precomputed, {"sha256": "column image_sha256" if want_sha256 else None,
                              "source_sha256": source_sha256, "phash": "column image_phash" if want_phash else None}
-    if image_column in df.columns:
-        images, source = df.select(UID, image_column), f"column {image_column}"
-    elif "image_shard" in df.columns:
-        images = image_bytes(df, downloaded_images_dir(input_dir), image_column, partitions)
-        source = "download tars"
-    else:
-        raise ValueError(f"{input_dir} rows have neither an image column {image_column!r}, nor image_sha256 / "
-                         f"image_phash from dedup_image, nor images downloaded by a download stage; columns are "
-                         f"{df.columns}")
+    images, source = row_images(df, input_dir, image_column, partitions,
+                                ", nor image_sha256 / image_phash from dedup_image,")
     computed = images.mapInArrow(_hash_worker(image_column, compute_sha256, compute_phash), _KEYS_SCHEMA)
     keys = precomputed.join(computed.select(UID, F.col("_sha256").alias("_c_sha256"),
                                             F.col("_phash").alias("_c_phash")), UID, "left")

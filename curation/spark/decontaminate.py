@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from curation.io import StageWriter, downloaded_images_dir, find_upstream, read_stage_record
+from curation.io import StageWriter, find_upstream, read_stage_record
 from curation.ops import embeddings as embedding_ops
 from curation.ops.decontaminate import (
     TEST_COSINE,
@@ -115,16 +115,12 @@ def _cosine_worker(eval_broadcast, min_cosine: float):
 
 def _corpus_images(df, input_dir: Path, image_column: str, partitions: int | None):
     """(rows of (uid, image_phash) or (uid, image bytes), whether they are bytes, where they came from)."""
-    from curation.spark.download import image_bytes
+    from curation.spark.download import row_images
 
     if PHASH_COLUMN in df.columns:
-        return df.select(UID, PHASH_COLUMN), False, "image_phash column"
-    if image_column in df.columns:
-        return df.select(UID, image_column), True, f"{image_column} column"
-    if "image_shard" in df.columns:
-        return image_bytes(df, downloaded_images_dir(input_dir), image_column, partitions), True, "download tars"
-    raise ValueError(f"{input_dir} rows have neither {PHASH_COLUMN!r}, nor an image column {image_column!r}, nor "
-                     f"images downloaded by a download stage; columns are {df.columns}")
+        return df.select(UID, PHASH_COLUMN), False, "column image_phash"
+    images, source = row_images(df, input_dir, image_column, partitions, f", nor {PHASH_COLUMN!r},")
+    return images, True, source
 
 
 def _eval_embeddings(embed_dir: Path, options: DecontaminateOptions, images: int) -> tuple[np.ndarray, dict]:

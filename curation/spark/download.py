@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.io import IMAGES_DIR, StageWriter, read_stage_record
+from curation.io import IMAGES_DIR, StageWriter, downloaded_images_dir, read_stage_record
 from curation.ops import download as download_ops
 from curation.ops import tars as tar_ops
 from curation.ops.download import DownloadOptions
@@ -53,6 +53,19 @@ def _image_bytes_worker(images_dir: str, image_column: str):
                                                  names=[UID, image_column])
 
     return run
+
+
+def row_images(df, input_dir: Path, image_column: str = "jpg", partitions: int | None = None,
+               alternatives: str = "") -> tuple[object, str]:
+    """((uid, `image_column`) with every row's encoded image, where they came from): the rows' own
+    `image_column` if they carry one, else the tars of the download stage upstream of `input_dir` (read by
+    `image_bytes` with `partitions`). `alternatives` names what else the caller could have used, for the error."""
+    if image_column in df.columns:
+        return df.select(UID, image_column), f"column {image_column}"
+    if "image_shard" in df.columns:
+        return image_bytes(df, downloaded_images_dir(input_dir), image_column, partitions), "download tars"
+    raise ValueError(f"{input_dir} rows have neither an image column {image_column!r}{alternatives} nor images "
+                     f"downloaded by a download stage; columns are {df.columns}")
 
 
 def image_bytes(df, images_dir: Path, image_column: str = "jpg", partitions: int | None = None):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from curation.io import StageWriter, downloaded_images_dir, read_stage_record
+from curation.io import StageWriter, read_stage_record
 from curation.ops.imagehash import (
     DecodeFailure,
     chunk_keys,
@@ -24,7 +24,7 @@ from curation.schema import TAG_REASON, UID, Reason
 from curation.spark.common import StageRun, drop_where, untagged, write_tagged
 from curation.spark.components import connected_components
 from curation.spark.dedup import keep_first_per_key, pair_worker
-from curation.spark.download import image_bytes
+from curation.spark.download import row_images
 from curation.spark.stages import read_stage_data, stage_input
 
 logger = logging.getLogger(__name__)
@@ -102,13 +102,7 @@ def run_dedup_image(
         raise ValueError(f"max_distance must be in 0..31, got {max_distance}")
     run = StageRun("dedup_image", STAGE_VERSION, config or {})
     df = read_stage_data(spark, input_dir, partitions)
-    if image_column in df.columns:
-        images = df.select(UID, image_column)
-    elif "image_shard" in df.columns:
-        images = image_bytes(df, downloaded_images_dir(input_dir), image_column, partitions)
-    else:
-        raise ValueError(f"{input_dir} rows have neither an image column {image_column!r} nor images downloaded "
-                         f"by a download stage; columns are {df.columns}")
+    images, _ = row_images(df, input_dir, image_column, partitions)
     data_columns = [c for c in df.columns if c not in IMAGE_COLUMNS]
     fingerprints = images.mapInArrow(
         _fingerprint_worker,

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from curation.io import StageWriter, downloaded_images_dir, read_stage_record
+from curation.io import StageWriter, read_stage_record
 from curation.schema import UID, Reason
 from curation.spark.common import StageRun, drop_where, untagged, write_tagged
-from curation.spark.download import image_bytes
+from curation.spark.download import row_images
 from curation.spark.stages import read_stage_data, stage_input
 
 logger = logging.getLogger(__name__)
@@ -112,16 +112,9 @@ def run_nsfw(spark, input_dir: Path, output_dir: Path, options: dict, partitions
     run = StageRun(STAGE, STAGE_VERSION, config or {})
     model_path()  # fail here, not in every task, when the model file is missing or not the pinned one
     df = read_stage_data(spark, input_dir, partitions)
-    if image_column in df.columns:
-        images, source = df.select(UID, image_column), f"column {image_column}"
-    elif "image_shard" in df.columns:
-        tasks = scoring_tasks(read_stage_record(input_dir)["rows_out"], spark.sparkContext.defaultParallelism,
-                              partitions)
-        images = image_bytes(df, downloaded_images_dir(input_dir), image_column, tasks)
-        source = "download tars"
-    else:
-        raise ValueError(f"{input_dir} rows have neither an image column {image_column!r} nor images downloaded by a "
-                         f"download stage; columns are {df.columns}")
+    tasks = scoring_tasks(read_stage_record(input_dir)["rows_out"], spark.sparkContext.defaultParallelism,
+                          partitions)
+    images, source = row_images(df, input_dir, image_column, tasks)
     data_columns = [c for c in df.columns if c != SCORE_COLUMN]
 
     started = time.perf_counter()

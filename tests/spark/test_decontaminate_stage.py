@@ -128,7 +128,7 @@ def test_copies_are_dropped_with_an_evaluation_folder(planted, jpg_ingest):
     summary = record["decontaminate"]
     assert summary["eval_set"]["images"] == EVAL_PHOTOS and summary["eval_set"]["ignored_files"] == 1
     assert len(summary["eval_set"]["fingerprint"]) == 64
-    assert summary["hash_source"] == "jpg column" and summary["embeddings"] is None
+    assert summary["hash_source"] == "column jpg" and summary["embeddings"] is None
     assert summary["drops_by_test"] == {"phash": copies, "cosine": 0} and summary["unhashed_rows"] == 0
     # Rows pass through unchanged, columns included.
     assert pq.read_schema(next(output.glob("*.parquet"))).names == pq.read_schema(
@@ -150,7 +150,7 @@ def test_precomputed_image_phash_is_used_after_dedup_image(spark, planted, jpg_i
     run_dedup_image(spark, jpg_ingest, root / "dedup_image")
     record = run_decontaminate(spark, root / "dedup_image", root / "decon_after_dedup",
                                {"eval_images": str(planted["folder"])})
-    assert record["decontaminate"]["hash_source"] == "image_phash column"
+    assert record["decontaminate"]["hash_source"] == "column image_phash"
     survivors = _kept(root / "dedup_image")
     kept = _kept(root / "decon_after_dedup")
     # dedup_image left one copy per evaluation photo; decontaminate drops it; every other photo stays.
