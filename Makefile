@@ -18,7 +18,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo test test-unit test-slow lint docs bench clean
 
 install: $(STAMP)
 
@@ -42,11 +42,19 @@ test: $(STAMP)
 	$(VENV_PYTHON) -m ruff check .
 	$(VENV_PYTHON) -m pytest -q -p no:cacheprovider
 
+# The unit tests: no Spark session, no servers.
+test-unit: $(STAMP)
+	$(VENV_PYTHON) -m pytest -q -p no:cacheprovider tests/unit
+
 test-slow: $(STAMP)
 	$(VENV_PYTHON) -m pytest -q -p no:cacheprovider -m slow
 
 lint: $(STAMP)
 	$(VENV_PYTHON) -m ruff check .
+
+# The README's stage, option and stage-command tables, from the stage declarations (curation/stages/).
+docs: $(STAMP)
+	$(VENV_PYTHON) -m curation.readme_tables README.md
 
 bench: $(STAMP)
 	$(VENV_PYTHON) bench/bench_match.py --out bench/results/match.json

@@ -26,15 +26,14 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from curation.ops.ingest import IngestOptions
-    from curation.spark import dedup, stages
+    from curation.pipeline import run_one_stage
 
     work, spark = demo_corpus_and_spark("bench-dedup-", args.rows, 8, args.master)
-    stages.run_ingest(spark, [str(work / "raw")], work / "ingest", IngestOptions())
+    run_one_stage(spark, "ingest", [str(work / "raw")], work / "ingest")
     memory = PeakMemory()
     memory.start()
     started = time.perf_counter()
-    record = dedup.run_dedup_text(spark, work / "ingest", work / "dedup_text")
+    record = run_one_stage(spark, "dedup_text", work / "ingest", work / "dedup_text")
     seconds = time.perf_counter() - started
     peak = memory.stop()
     result = {

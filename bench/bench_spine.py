@@ -26,9 +26,8 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from curation.ops.ingest import IngestOptions
     from curation.ops.metadata import load_metadata
-    from curation.spark import stages
+    from curation.pipeline import run_one_stage
 
     work, spark = demo_corpus_and_spark("bench-spine-", args.rows, args.shards, args.master)
     entries = load_metadata(work / "metadata.json")
@@ -37,10 +36,11 @@ def main() -> int:
     timings = {}
     started = time.perf_counter()
     for name, call in (
-        ("ingest", lambda: stages.run_ingest(spark, [str(work / "raw")], work / "ingest", IngestOptions())),
-        ("match", lambda: stages.run_match(spark, work / "ingest", work / "match", work / "metadata.json")),
-        ("count", lambda: stages.run_count(spark, work / "match", work / "count")),
-        ("balance", lambda: stages.run_balance(spark, work / "count", work / "balance", t=args.t)),
+        ("ingest", lambda: run_one_stage(spark, "ingest", [str(work / "raw")], work / "ingest")),
+        ("match", lambda: run_one_stage(spark, "match", work / "ingest", work / "match",
+                                        {"metadata": str(work / "metadata.json")})),
+        ("count", lambda: run_one_stage(spark, "count", work / "match", work / "count")),
+        ("balance", lambda: run_one_stage(spark, "balance", work / "count", work / "balance", {"t": args.t})),
     ):
         stage_started = time.perf_counter()
         stage_record = call()

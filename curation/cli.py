@@ -1,5 +1,5 @@
 """`curation ...` (also `python -m curation` and the spark-submit jobs in jobs/): one command per stage, plus
-run, verify, metadata and demo. Stage options are documented in curation.config.STAGE_OPTIONS."""
+run, verify, metadata and demo. The stage commands and their flags come from the stage registry (curation.stages)."""
 
 import argparse
 import json
@@ -8,22 +8,31 @@ import os
 import sys
 from pathlib import Path
 
-from curation.config import STAGE_OPTIONS, ConfigError, load_run_config
+from curation.config import ConfigError
+from curation.pipeline import COMMAND_RUN_DEFAULTS, INGEST
+from curation.stage import OptionSpec, Stage
+from curation.stages import all_stages, get_stage, load_run_config
 
 logger = logging.getLogger("curation")
 
-STAGE_COMMANDS = (
-    "ingest", "dedup-exact", "dedup-text", "download", "embed", "dedup-image", "cluster", "semdedup", "prune",
-    "logo-bank", "mine-logos", "flag-logos", "match", "count", "balance", "publish", "filter", "nsfw",
-    "block-images", "decontaminate",
-)
+# `curation <command>` -> its stage, for every declared stage.
+STAGE_COMMANDS = {stage.command: stage for stage in all_stages()}
+
 # Kept in step with curation.demo_images (not imported: it would load Pillow and numpy for every command).
 DEMO_IMAGE_PORT = 18765
 
 
-def _help(stage: str, option: str) -> str:
-    default, text = STAGE_OPTIONS[stage][option]
-    return f"{text} (default: {default})" if default not in (None, [], False) else text
+def _option_help(spec: OptionSpec) -> str:
+    text = spec.help
+    if spec.choices is not None:
+        text += f"; one of {', '.join(map(str, spec.choices))}"
+    default = spec.describe_default()
+    if spec.from_run:
+        run_default = COMMAND_RUN_DEFAULTS.get(spec.name)
+        if run_default is None:
+            return f"{text} (required)"
+        default = str(run_default)
+    return text if default in ("none", "[]", "false") else f"{text} (default: {default})"
 
 
 def _add_spark_options(parser: argparse.ArgumentParser) -> None:
@@ -34,55 +43,45 @@ def _add_spark_options(parser: argparse.ArgumentParser) -> None:
                        help="extra Spark configuration, repeatable")
 
 
-def _add_partitions(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--partitions", type=int, help="Spark partitions of this stage (default: Spark's parallelism)")
-
-
-def _add_ingest_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url-column", help=_help("ingest", "url_column"))
-    parser.add_argument("--text-column", help=_help("ingest", "text_column"))
-    parser.add_argument("--max-caption-chars", type=int, default=STAGE_OPTIONS["ingest"]["max_caption_chars"][0],
-                        help=_help("ingest", "max_caption_chars"))
-    parser.add_argument("--keep-columns", nargs="*", default=[], help=_help("ingest", "keep_columns"))
-    parser.add_argument("--skip-bad-files", action="store_true", help=_help("ingest", "skip_bad_files"))
-    parser.add_argument("--blocked-domains-file", help=_help("ingest", "blocked_domains_file"))
-    parser.add_argument("--blocked-urls-file", help=_help("ingest", "blocked_urls_file"))
-
-
-def _add_options_of(parser: argparse.ArgumentParser, stage: str, types: dict | None = None) -> None:
-    """One flag per STAGE_OPTIONS entry of `stage`: booleans are switches, lists take several values, and the type
-    is the default's unless `types` names it."""
-    for option, (default, _) in STAGE_OPTIONS[stage].items():
-        flag = f"--{option.replace('_', '-')}"
-        if default is True:
-            parser.add_argument(f"--no-{option.replace('_', '-')}", dest=option, action="store_false",
-                                help=f"turn off: {STAGE_OPTIONS[stage][option][1]}")
-        elif isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help=_help(stage, option))
-        elif isinstance(default, list):
-            parser.add_argument(flag, nargs="*", default=list(default), help=_help(stage, option))
+def _add_option_flags(parser, stage: Stage, skip: frozenset = frozenset()) -> None:
+    """One flag per option of `stage`: booleans are switches (`--no-NAME` for those on by default), lists take
+    several values. A flag not given is left out, so the stage's own default (or the run-level value) applies."""
+    group = parser.add_argument_group(f"{stage.name} options")
+    for spec in stage.specs():
+        if spec.name in skip:
+            continue
+        if spec.kind is bool and spec.default is True:
+            group.add_argument(f"--no-{spec.name.replace('_', '-')}", dest=spec.name, action="store_false",
+                               default=None, help=f"turn off: {spec.help}")
+        elif spec.kind is bool:
+            group.add_argument(spec.flag, dest=spec.name, action="store_true", default=None, help=_option_help(spec))
+        elif spec.kind is list:
+            group.add_argument(spec.flag, dest=spec.name, nargs="*", metavar="VALUE", help=_option_help(spec))
         else:
-            kind = (types or {}).get(option, type(default) if default is not None else str)
-            parser.add_argument(flag, type=kind, default=default, help=_help(stage, option))
+            group.add_argument(spec.flag, dest=spec.name, type=spec.kind, help=_option_help(spec))
 
 
-def _stage_folder_command(commands, stage: str, help_text: str, input_help: str, types: dict | None = None):
-    """A command that reads one stage folder and writes one, with a flag per STAGE_OPTIONS entry of `stage`."""
-    parser = commands.add_parser(stage.replace("_", "-"), help=help_text)
-    parser.add_argument("--input", required=True, type=Path, help=input_help)
-    parser.add_argument("--output", required=True, type=Path, help="stage folder to write")
-    _add_options_of(parser, stage, types)
+def _add_stage_command(commands, stage: Stage) -> argparse.ArgumentParser:
+    """`curation <stage>`: --input, --output and a flag per option; stages that also take raw shards get the ingest
+    options too."""
+    parser = commands.add_parser(stage.command, help=stage.summary, description=stage.summary)
+    if stage.takes_raw_shards:
+        help_text = stage.input_help if stage.input_kind == "raw" else (
+            "a stage folder, or raw parquet shards (then ingest runs first, inside the output)")
+        parser.add_argument("--input", nargs="+", required=True, help=help_text)
+    else:
+        parser.add_argument("--input", required=True, type=Path, help=stage.input_help)
+    parser.add_argument("--output", required=True, type=Path,
+                        help="release folder to write" if stage.release else "stage folder to write")
+    _add_option_flags(parser, stage)
+    if stage.input_kind == "either":
+        _add_option_flags(parser, get_stage(INGEST), skip=frozenset(spec.name for spec in stage.specs()))
+    _add_spark_options(parser)
     return parser
 
 
-def _stage_options_from(args, stage: str) -> dict:
-    return {option: getattr(args, option) for option in STAGE_OPTIONS[stage]}
-
-
-def _add_raw_or_stage_input(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="a stage folder, or raw parquet shards (then ingest runs first, inside the output)")
-    parser.add_argument("--output", required=True, type=Path, help="stage folder to write")
+def _given_options(args, stage: Stage) -> dict:
+    return {spec.name: getattr(args, spec.name) for spec in stage.specs() if getattr(args, spec.name) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,99 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    ingest = commands.add_parser("ingest", help="raw parquet shards -> uid, url, caption; bad rows to the ledger")
-    ingest.add_argument("--input", nargs="+", required=True, help="parquet files, folders or globs (any pyarrow URI)")
-    ingest.add_argument("--output", required=True, type=Path, help="stage folder to write")
-    _add_ingest_options(ingest)
-    _add_partitions(ingest)
-
-    match = commands.add_parser("match", help="MetaCLIP substring matching; unmatched rows to the ledger")
-    match.add_argument("--metadata", required=True, type=Path, help="metadata.json: a JSON list of entries")
-    _add_raw_or_stage_input(match)
-    match.add_argument("--keep-unmatched", action="store_true", help=_help("match", "keep_unmatched"))
-    _add_ingest_options(match)
-    _add_partitions(match)
-
-    dedup_exact = commands.add_parser("dedup-exact", help="one row per normalised url (optionally per caption)")
-    _add_raw_or_stage_input(dedup_exact)
-    dedup_exact.add_argument("--by-caption", action="store_true", help=_help("dedup_exact", "by_caption"))
-    _add_ingest_options(dedup_exact)
-    _add_partitions(dedup_exact)
-
-    dedup_text = commands.add_parser("dedup-text", help="MinHash-LSH near-duplicate captions, exact-Jaccard verified")
-    _add_raw_or_stage_input(dedup_text)
-    for option, kind in (("threshold", float), ("shingles", str), ("policy", str), ("num_perm", int),
-                         ("max_anchors", int), ("full_pairs_limit", int)):
-        dedup_text.add_argument(f"--{option.replace('_', '-')}", type=kind,
-                                default=STAGE_OPTIONS["dedup_text"][option][0], help=_help("dedup_text", option))
-    dedup_text.add_argument("--seed", type=int, default=0, help="seed of the permutations and keep draw (default: 0)")
-    _add_ingest_options(dedup_text)
-    _add_partitions(dedup_text)
-
-    dedup_image = commands.add_parser("dedup-image", help="exact (sha256) and perceptual-hash image duplicates")
-    dedup_image.add_argument("--input", required=True, type=Path, help="stage folder whose rows carry image bytes")
-    dedup_image.add_argument("--output", required=True, type=Path, help="stage folder to write")
-    for option, kind in (("image_column", str), ("max_distance", int), ("max_anchors", int),
-                         ("full_pairs_limit", int)):
-        dedup_image.add_argument(f"--{option.replace('_', '-')}", type=kind,
-                                 default=STAGE_OPTIONS["dedup_image"][option][0], help=_help("dedup_image", option))
-    _add_partitions(dedup_image)
-
-    download = _stage_folder_command(commands, "download", "img2dataset download into webdataset tars; failures "
-                                     "ledgered", "stage folder of the rows to download", {"max_aspect_ratio": float})
-    embed = _stage_folder_command(commands, "embed", "open_clip image and text embeddings and clip_score per sample",
-                                  "stage folder of downloaded rows")
-    cluster = _stage_folder_command(commands, "cluster", "spherical k-means on the image embeddings; rows gain "
-                                    "cluster", "stage folder downstream of embed", {"seed": int})
-    semdedup = _stage_folder_command(commands, "semdedup", "SemDeDup inside the clusters of a cluster stage",
-                                     "stage folder of a cluster stage (or after it)", {"target_keep_fraction": float})
-    prune = _stage_folder_command(commands, "prune", "density-based pruning over concept clusters",
-                                  "stage folder downstream of embed", {"seed": int, "keep_fraction": float,
-                                                                        "keep_count": int})
-
-    logo_types = {"seed": int, "floor": float, "probe_folder": str}
-    logo_bank = _stage_folder_command(commands, "logo_bank", "SLANT logo bank: the top q of the corpus by logo score",
-                                      "stage folder downstream of embed", logo_types)
-    mine_logos = _stage_folder_command(commands, "mine_logos", "SLANT mining: rank bank logos by spuriousness per "
-                                       "target", "stage folder downstream of embed", logo_types)
-    flag_logos = _stage_folder_command(commands, "flag_logos", "tag or drop images carrying a mined spurious logo",
-                                       "stage folder downstream of embed", logo_types)
-
-    filter_types = {name: float for name in ("min_clip_score", "clip_score_top_fraction", "max_aspect_ratio")}
-    filter_types.update({name: int for name in ("min_image_side", "min_caption_words", "max_caption_words",
-                                                "partitions")})
-    filter_stage = _stage_folder_command(commands, "filter", "attribute filters (CLIP score, image size, aspect "
-                                         "ratio, caption words, boilerplate captions); each rule its own reason",
-                                         "stage folder to filter", filter_types)
-    nsfw = _stage_folder_command(commands, "nsfw", "open_nsfw image score (nsfw_score) and an optional drop",
-                                 "stage folder downstream of download", {"max_score": float, "threads": int,
-                                                                         "partitions": int})
-    block_images = _stage_folder_command(commands, "block_images", "drop images on a sha256 or perceptual-hash "
-                                         "blocklist", "stage folder downstream of download", {"partitions": int})
-    decontaminate = _stage_folder_command(commands, "decontaminate", "drop near duplicates of evaluation images",
-                                          "stage folder downstream of download", {"min_cosine": float,
-                                                                                  "partitions": int})
-
-    count = commands.add_parser("count", help="entry counts c_e over matched rows (artifact; rows pass through)")
-    count.add_argument("--input", required=True, type=Path, help="matched stage folder")
-    count.add_argument("--output", required=True, type=Path, help="stage folder to write")
-
-    balance = commands.add_parser("balance", help="MetaCLIP balancing: keep with 1 - prod(1 - min(1, t/c_e))")
-    balance.add_argument("--input", required=True, type=Path, help="matched (or counted) stage folder")
-    balance.add_argument("--output", required=True, type=Path, help="stage folder to write")
-    choice = balance.add_mutually_exclusive_group()
-    choice.add_argument("--t", type=float, help=_help("balance", "t"))
-    choice.add_argument("--target-size", type=int, help=_help("balance", "target_size"))
-    choice.add_argument("--tail-share", type=float, help=_help("balance", "tail_share"))
-    balance.add_argument("--seed", type=int, default=0, help="seed of the keep draw u(seed, uid) (default: 0)")
-    _add_partitions(balance)
-
-    publish = commands.add_parser("publish", help="uid-range parquet shards, the run's ledger and manifest.json")
-    publish.add_argument("--input", required=True, type=Path, help="last stage folder of the chain")
-    publish.add_argument("--output", required=True, type=Path, help="release folder to write")
-    publish.add_argument("--shard-rows", type=int, default=STAGE_OPTIONS["publish"]["shard_rows"][0],
-                         help=_help("publish", "shard_rows"))
-    publish.add_argument("--name", default="curation-release", help="dataset name in the manifest")
+    for stage in all_stages():
+        _add_stage_command(commands, stage)
 
     run = commands.add_parser("run", help="run the stages of a YAML config into RUN_DIR (skips finished stages)")
     run.add_argument("config", type=Path, help="run configuration (see jobs/configs/demo.yaml)")
@@ -249,10 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_images.add_argument("--port", type=int, default=DEMO_IMAGE_PORT, help=f"default: {DEMO_IMAGE_PORT}")
     demo_images.add_argument("--seed", type=int, default=0, help="image generator seed (default: 0)")
 
-    for sub in (ingest, dedup_exact, dedup_text, dedup_image, download, embed, cluster, semdedup, prune, logo_bank,
-                mine_logos, flag_logos, filter_stage, nsfw, block_images, decontaminate, match, count, balance,
-                publish, run):
-        _add_spark_options(sub)
+    _add_spark_options(run)
     return parser
 
 
@@ -268,92 +173,18 @@ def _spark(args):
     return get_spark(master=args.master, conf=conf)
 
 
-def _ingest_config(args) -> dict:
-    return {
-        "url_column": args.url_column, "text_column": args.text_column,
-        "max_caption_chars": args.max_caption_chars, "keep_columns": list(args.keep_columns),
-        "skip_bad_files": args.skip_bad_files, "blocked_domains_file": args.blocked_domains_file,
-        "blocked_urls_file": args.blocked_urls_file,
-    }
-
-
-def _stage_command(args) -> dict:
-    """Run one stage command with the same progress reporting as a stage of `curation run`."""
+def _stage_command(args, stage: Stage) -> dict:
+    """Run one stage command with the same options, checks and progress reporting as a stage of `curation run`."""
+    from curation.pipeline import run_one_stage
     from curation.progress import spark_progress
 
+    given = _given_options(args, stage)
+    ingest_given = _given_options(args, get_stage(INGEST)) if stage.input_kind == "either" else None
+    # Check the options before Spark starts: a bad flag fails in a second, not after the session is up.
+    stage.options(given, COMMAND_RUN_DEFAULTS)
     spark = _spark(args)
     with spark_progress(spark, args.command):
-        return _run_stage_command(spark, args)
-
-
-def _run_stage_command(spark, args) -> dict:
-    from curation.io import is_stage_folder
-    from curation.pipeline import ingest_options
-    from curation.spark import dedup, image_dedup, publish, stages
-
-    input_dir, raw_ingest = None, None
-    if args.command in ("match", "dedup-exact", "dedup-text"):
-        if len(args.input) == 1 and is_stage_folder(Path(args.input[0])):
-            input_dir = Path(args.input[0])
-        else:
-            ingest_config = {"stage": "ingest", **_ingest_config(args)}
-            raw_ingest = (args.input, ingest_options(ingest_config), args.skip_bad_files, ingest_config)
-    if args.command == "ingest":
-        config = {"stage": "ingest", **_ingest_config(args)}
-        return stages.run_ingest(spark, args.input, args.output, ingest_options(config), args.skip_bad_files,
-                                 args.partitions, config)
-    if args.command == "match":
-        config = {"stage": "match", "metadata": str(args.metadata), "keep_unmatched": args.keep_unmatched}
-        return stages.run_match(spark, input_dir, args.output, args.metadata, args.keep_unmatched, args.partitions,
-                                config, raw_ingest=raw_ingest)
-    if args.command == "dedup-exact":
-        config = {"stage": "dedup_exact", "by_caption": args.by_caption}
-        return dedup.run_dedup_exact(spark, input_dir, args.output, args.by_caption, args.partitions, config,
-                                     raw_ingest=raw_ingest)
-    if args.command == "download":
-        from curation.pipeline import download_options
-        from curation.spark.download import run_download
-
-        options = _stage_options_from(args, "download")
-        return run_download(spark, args.input, args.output, download_options(options), args.shard_rows,
-                            {"stage": "download", **options}, args.image_bytes_column)
-    if args.command == "embed":
-        from curation.pipeline import embed_options
-        from curation.spark.embed import run_embed
-
-        options = _stage_options_from(args, "embed")
-        return run_embed(spark, args.input, args.output, embed_options(options), {"stage": "embed", **options})
-    if args.command in ("cluster", "semdedup", "prune", "logo-bank", "mine-logos", "flag-logos", "filter", "nsfw",
-                        "block-images", "decontaminate"):
-        return _embedding_stage_command(spark, args)
-    if args.command == "dedup-image":
-        options = {k: getattr(args, k) for k in ("image_column", "max_distance", "max_anchors", "full_pairs_limit")}
-        return image_dedup.run_dedup_image(spark, args.input, args.output, partitions=args.partitions,
-                                           config={"stage": "dedup_image", **options}, **options)
-    if args.command == "dedup-text":
-        options = {k: getattr(args, k) for k in ("threshold", "shingles", "policy", "num_perm", "seed", "max_anchors",
-                                                 "full_pairs_limit")}
-        return dedup.run_dedup_text(spark, input_dir, args.output, partitions=args.partitions,
-                                    config={"stage": "dedup_text", **options}, raw_ingest=raw_ingest, **options)
-    if args.command == "count":
-        return stages.run_count(spark, args.input, args.output, {"stage": "count"})
-    if args.command == "balance":
-        config = {"stage": "balance", "t": args.t, "target_size": args.target_size, "tail_share": args.tail_share,
-                  "seed": args.seed}
-        return stages.run_balance(spark, args.input, args.output, args.t, args.seed, args.target_size,
-                                  args.tail_share, args.partitions, config)
-    config = {"stage": "publish", "shard_rows": args.shard_rows, "name": args.name}
-    return publish.run_publish(spark, args.input, args.output, args.shard_rows, args.name, config)
-
-
-def _embedding_stage_command(spark, args) -> dict:
-    from curation.config import StageConfig, stage_options
-    from curation.pipeline import run_stage
-
-    stage = args.command.replace("-", "_")
-    given = _stage_options_from(args, stage)
-    options = stage_options(stage, given, {"seed": 0})
-    return run_stage(spark, StageConfig(stage, options), {"stage": stage, **options}, args.input, args.output, None)
+        return run_one_stage(spark, stage.name, args.input, args.output, given, ingest_given)
 
 
 def _write(text: str) -> None:
@@ -404,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    if args.command in STAGE_COMMANDS:
-        record = _stage_command(args)
+    stage = STAGE_COMMANDS.get(args.command)
+    if stage is not None:
+        record = _stage_command(args, stage)
         _write(json.dumps({k: record[k] for k in ("stage", "rows_in", "rows_out", "drops")}))
         return 0
     if args.command == "run":
@@ -433,7 +265,7 @@ def _dispatch(args) -> int:
         _write(f"report: {write_report(args.run_dir, args.output)}")
         return 0
     if args.command == "inspect":
-        from curation.inspect import InspectError, inspect_entry, inspect_uid
+        from curation.inspection import InspectError, inspect_entry, inspect_uid
 
         try:
             lines = (inspect_uid(args.run_dir, args.uid) if args.uid is not None

@@ -9,8 +9,8 @@ Nothing is written and no Spark session is started. The dry run prints
    first row groups of evenly spaced shards. The pure CPU parts run on the sample and are timed: ingest's
    `normalise_rows`, MetaCLIP matching (`Matcher`) and balancing (`keep_probabilities` with the sample's entry
    counts scaled to the rows that reach the balance stage). Every other stage's rate and survival is an assumption
-   taken from `bench/results/*.json` where a benchmark measured it, else from `ASSUMED_RATES` below; each line
-   says which.
+   taken from `bench/results/*.json` where a benchmark measured it, else from the stage's declared `assumed_rate`
+   (`curation.stages`); each line says which.
 
 The estimates are rough by nature: duplicates grow with the corpus (a 2,000-row sample shows almost none), Spark
 adds start-up and scheduling time, and downloads depend on the network. They are meant to tell minutes from days
@@ -32,14 +32,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.config import STAGE_OPTIONS, RunConfig, StageConfig
+from curation.config import RunConfig, StageConfig
 from curation.inputs import InputPlan, _filesystem_and_path, plan_inputs
 from curation.io import StageFolderError, is_complete, read_stage_record
 from curation.ops import balance as balance_ops
 from curation.ops.ingest import IngestOptions, normalise_rows
 from curation.ops.uid import uniform
-from curation.pipeline import current_input_fingerprint, hashed_config, ingest_options, is_up_to_date, stage_folder
+from curation.pipeline import current_input_fingerprint, is_up_to_date, stage_folder
 from curation.schema import CAPTION, ENTRY_IDS, KEEP_PROBABILITY, UID
+from curation.stage import RateAssumption
+from curation.stages import all_stages, get_stage, hashed_config
 
 logger = logging.getLogger(__name__)
 
@@ -48,69 +50,31 @@ SAMPLE_FILES = 8  # the sample is spread over at most this many evenly spaced sh
 BENCH_RESULTS_DIR = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
-@dataclass(frozen=True)
-class Assumption:
-    """A stage's throughput when a benchmark gave none: `rate` per core (rows or images per second), `survival`
-    the share of its input it keeps (None: depends on the data, counted as 1, an upper bound), and the basis."""
-
-    rate: float
-    unit: str
-    basis: str
-    survival: float | None = 1.0
-    per: str = "per core"
+# Rates per CPU core, used unless a bench/results file measured the stage: each stage declares its own
+# (`Stage.assumed_rate`); the GPU embedding rate is not a stage's.
+EMBED_GPU = "embed_gpu"
+EMBED_GPU_RATE = RateAssumption(1_500, "images/s", "ViT-B-32 fp16 on one datacenter GPU, decoding-bound (guess; "
+                                "bench/results/embed_gpu.json when present)", per="per GPU")
 
 
-# Rates per CPU core, used unless a bench/results file measured the stage. Each is a documented guess.
-ASSUMED_RATES: dict[str, Assumption] = {
-    "ingest": Assumption(50_000, "rows/s", "bench/results/spine.json's ingest rate, else this guess"),
-    "dedup_exact": Assumption(50_000, "rows/s", "a Spark shuffle on the normalised url (guess)", None),
-    "dedup_text": Assumption(2_500, "rows/s", "MinHash-LSH with exact Jaccard checks (bench/results/"
-                                              "dedup_text.json when present)", None),
-    "match": Assumption(100_000, "rows/s", "measured on the sample when possible"),
-    "count": Assumption(500_000, "rows/s", "an explode and group-by (bench/results/spine.json when present)"),
-    "balance": Assumption(100_000, "rows/s", "measured on the sample when possible"),
-    "download": Assumption(50, "images/s", "network-bound: img2dataset with 32 threads per core on a "
-                                           "well-connected machine (guess); 10% of web links assumed dead or "
-                                           "refused", 0.9),
-    "embed": Assumption(6, "images/s", "ViT-B-32 fp32 on one CPU core (bench/results/embed_cpu.json when "
-                                       "present), scaled by the model's size"),
-    "embed_gpu": Assumption(1_500, "images/s", "ViT-B-32 fp16 on one datacenter GPU, decoding-bound (guess; "
-                                               "bench/results/embed_gpu.json when present)", per="per GPU"),
-    "dedup_image": Assumption(300, "images/s", "JPEG decode and perceptual hash of a small image (guess)", None),
-    "cluster": Assumption(80_000, "rows/s", "assigning rows to centroids, plus the k-means fit "
-                                            "(bench/results/semdedup.json when present)"),
-    "semdedup": Assumption(60_000, "rows/s", "blocked similarities within clusters (bench/results/semdedup.json "
-                                             "when present)", None),
-    "prune": Assumption(80_000, "rows/s", "assignment and quotas, plus the k-means fit"),
-    "logo_bank": Assumption(200_000, "rows/s", "prompt scores from the stored embeddings (guess)"),
-    "mine_logos": Assumption(20, "pastes/s", "pasting logos into probes and embedding them (bench/results/"
-                                             "slant.json when present)", per="per model"),
-    "flag_logos": Assumption(200_000, "rows/s", "cosine to the mined logos (guess)"),
-    "filter": Assumption(200_000, "rows/s", "column rules (guess)", None),
-    "nsfw": Assumption(90, "images/s", "open_nsfw on onnxruntime, one CPU core (bench/results/nsfw.json if present)"),
-    "block_images": Assumption(300, "images/s", "image hashing against the blocklist (guess)", None),
-    "decontaminate": Assumption(300, "images/s", "image hashing against the evaluation set (guess)", None),
-    "publish": Assumption(100_000, "rows/s", "uid-range shards written with zstd (guess)"),
-}
+def assumed_rates() -> dict[str, RateAssumption]:
+    return {**{stage.name: stage.assumed_rate for stage in all_stages()}, EMBED_GPU: EMBED_GPU_RATE}
+
+
 # Bytes per pixel of a stored image after img2dataset's encoding (guesses for photos at the default quality).
 BYTES_PER_PIXEL = {"jpg": 0.4, "webp": 0.25, "png": 2.0}
 # Columns the image stages add to every row (image_*, sha256s, scores, groups): about this many bytes compressed.
 IMAGE_COLUMNS_BYTES_PER_ROW = 200
 DECODE_IMAGES_PER_CORE = 300  # an embed on CPU cannot go faster than decoding and resizing its images
 VIT_B_32 = {"layers": 12, "width": 768, "image_size": 224, "patch_size": 32}
-EXACT_PASS_THROUGH = {"count", "cluster", "logo_bank", "mine_logos", "publish"}
-DEDUP_STAGES = {"dedup_exact", "dedup_text", "dedup_image", "semdedup"}
-DATA_DEPENDENT_STAGES = {"filter": "rules and the data", "nsfw": "images and max_score",
-                         "block_images": "blocklist", "decontaminate": "evaluation set",
-                         "flag_logos": "mined logos (policy drop)"}
-STAGES_ON_IMAGES = {"download", "embed", "dedup_image", "nsfw", "block_images", "decontaminate"}
 
 
 # ------------------------------------------------------------------------------------------------- stages
 
 
 def _non_default_options(stage: StageConfig) -> dict:
-    return {key: value for key, value in stage.options.items() if value != STAGE_OPTIONS[stage.name][key][0]}
+    defaults = {spec.name: spec.default for spec in get_stage(stage.name).specs()}
+    return {key: value for key, value in stage.options.items() if value != defaults[key]}
 
 
 def _stage_status(stage: StageConfig, config: dict, folder: Path, input_location) -> str:
@@ -346,7 +310,7 @@ def bench_rates() -> dict[str, tuple[float, str]]:
         if not per_second or report.get("model") != "ViT-B-32":
             continue
         if str(report.get("device", "")).startswith("cuda"):
-            rates["embed_gpu"] = (per_second, f"bench/results/{path.name}: {per_second:,.0f} images/s on one GPU")
+            rates[EMBED_GPU] = (per_second, f"bench/results/{path.name}: {per_second:,.0f} images/s on one GPU")
         else:
             cores = _bench_cores(report)
             rates["embed"] = (per_second / cores,
@@ -432,7 +396,7 @@ class Estimator:
     def rate(self, stage: str) -> tuple[float, str]:
         if stage in self.rates:
             return self.rates[stage]
-        assumption = ASSUMED_RATES[stage]
+        assumption = assumed_rates()[stage]
         rate = f"{assumption.rate:,.0f} {assumption.unit} {assumption.per}"
         return assumption.rate, f"assumed {rate}: {assumption.basis}"
 
@@ -443,18 +407,15 @@ class Estimator:
     def run(self) -> list[StageEstimate]:
         estimates = []
         rows = float(self.plan.rows)
-        handlers = {"ingest": self._ingest, "match": self._match, "balance": self._balance,
-                    "download": self._download, "embed": self._embed, "cluster": self._cluster,
-                    "prune": self._prune, "mine_logos": self._mine_logos}
         for stage in self.run_config.stages:
-            estimate = handlers.get(stage.name, self._generic)(stage, rows)
+            estimate = get_stage(stage.name).estimate(self, stage, rows)
             estimates.append(estimate)
             rows = estimate.rows_out
         return estimates
 
     # --- the stages measured on the sample
 
-    def _ingest(self, stage: StageConfig, rows: float) -> StageEstimate:
+    def ingest(self, stage: StageConfig, rows: float) -> StageEstimate:
         sample = self.sample
         if not sample.raw_rows:
             return StageEstimate("ingest", rows, rows, "no sample", None, "no sample")
@@ -475,19 +436,19 @@ class Estimator:
         return StageEstimate("ingest", rows, rows_out, basis, seconds,
                              f"measured: read + normalise_rows {per_core:,.0f} rows/s on one core")
 
-    def _match(self, stage: StageConfig, rows: float) -> StageEstimate:
+    def match(self, stage: StageConfig, rows: float) -> StageEstimate:
         from curation.ops.metaclip import Matcher
         from curation.ops.metadata import load_metadata
 
         if self.table is None or not self.table.num_rows:
-            return self._generic(stage, rows)
+            return self.generic(stage, rows)
         started = time.perf_counter()
         try:
             entries = load_metadata(stage.options["metadata"])
         except (OSError, ValueError) as error:
             self.notes.append(f"match: the metadata cannot be loaded, so matching is not estimated: {error}")
             self.table = None
-            return self._generic(stage, rows)
+            return self.generic(stage, rows)
         matcher = Matcher.from_entries(entries)
         build_seconds = time.perf_counter() - started
         started = time.perf_counter()
@@ -511,7 +472,7 @@ class Estimator:
         return StageEstimate("match", rows, rows * survival, basis, seconds,
                              f"measured: {per_core:,.0f} captions/s on one core, plus building the Matcher")
 
-    def _balance(self, stage: StageConfig, rows: float) -> StageEstimate:
+    def balance(self, stage: StageConfig, rows: float) -> StageEstimate:
         if self.table is None or ENTRY_IDS not in self.table.column_names or not self.table.num_rows:
             return StageEstimate("balance", rows, rows, "not estimated: no match stage before it in the sample",
                                  *self.timed("balance", rows))
@@ -561,38 +522,14 @@ class Estimator:
 
     # --- the stages estimated from benchmarks and assumptions
 
-    def _survival(self, stage: StageConfig) -> tuple[float, str]:
-        """(share of its input the stage keeps, or -1 for prune's keep_count; what that share rests on)."""
-        options = stage.options
-        if stage.name in EXACT_PASS_THROUGH:
-            return 1.0, "exact: drops nothing"
-        if stage.name == "semdedup" and options["target_keep_fraction"] is not None:
-            return float(options["target_keep_fraction"]), "exact: target_keep_fraction"
-        if stage.name == "prune":
-            if options["keep_fraction"] is not None:
-                return float(options["keep_fraction"]), "exact: keep_fraction"
-            return -1.0, "exact: keep_count"
-        if stage.name == "nsfw" and options["max_score"] is None:
-            return 1.0, "exact: only adds nsfw_score"
-        if stage.name == "flag_logos" and options["policy"] == "tag":
-            return 1.0, "exact: policy tag drops nothing"
-        if stage.name in DEDUP_STAGES:
-            return 1.0, "upper bound: duplicates grow with the corpus, a sample shows too few to extrapolate"
-        if stage.name in DATA_DEPENDENT_STAGES:
-            return 1.0, f"upper bound: what it drops depends on the {DATA_DEPENDENT_STAGES[stage.name]}"
-        assumption = ASSUMED_RATES.get(stage.name)
-        if assumption is None or assumption.survival is None or assumption.survival == 1.0:
-            return 1.0, "assumed: keeps every row"
-        return assumption.survival, f"assumed: keeps {assumption.survival:.0%}"
-
-    def _generic(self, stage: StageConfig, rows: float) -> StageEstimate:
-        survival, rows_basis = self._survival(stage)
+    def generic(self, stage: StageConfig, rows: float) -> StageEstimate:
+        survival, rows_basis = get_stage(stage.name).survival(stage.options)
         rows_out = min(rows, float(stage.options["keep_count"])) if survival < 0 else rows * survival
         seconds, time_basis = self.timed(stage.name, rows)
         return StageEstimate(stage.name, rows, rows_out, rows_basis, seconds, time_basis)
 
-    def _download(self, stage: StageConfig, rows: float) -> StageEstimate:
-        estimate = self._generic(stage, rows)
+    def download(self, stage: StageConfig, rows: float) -> StageEstimate:
+        estimate = self.generic(stage, rows)
         side = int(stage.options["image_size"])
         per_pixel = BYTES_PER_PIXEL.get(stage.options["encode_format"], 0.4)
         self.image_bytes = estimate.rows_out * side * side * per_pixel
@@ -603,7 +540,7 @@ class Estimator:
         )
         return estimate
 
-    def _embed(self, stage: StageConfig, rows: float) -> StageEstimate:
+    def embed(self, stage: StageConfig, rows: float) -> StageEstimate:
         model = stage.options["model"]
         config = _model_config(model)
         embed_dim = (config or {}).get("embed_dim")
@@ -620,7 +557,7 @@ class Estimator:
         scaled = f", scaled x{scale:.3g} for {model}'s vision tower (capped at decoding)" if scale != 1.0 else ""
         if config is None:
             scaled = f" (ViT-B-32's rate; {model}'s config was not found)"
-        gpu_rate, gpu_basis = self.rate("embed_gpu")
+        gpu_rate, gpu_basis = self.rate(EMBED_GPU)
         gpu_rate = gpu_rate * min(scale, 1.0) if scale < 1.0 else gpu_rate
         device = stage.options["device"]
         cpu_seconds = rows / (cpu_rate * self.cores)
@@ -649,16 +586,16 @@ class Estimator:
                  "iterations and threads)")
         return rows / (per_core * self.cores) + fit, basis
 
-    def _cluster(self, stage: StageConfig, rows: float) -> StageEstimate:
+    def cluster(self, stage: StageConfig, rows: float) -> StageEstimate:
         seconds, basis = self._kmeans_seconds(stage, rows)
         return StageEstimate("cluster", rows, rows, "exact: drops nothing", seconds, basis)
 
-    def _prune(self, stage: StageConfig, rows: float) -> StageEstimate:
-        estimate = self._generic(stage, rows)
+    def prune(self, stage: StageConfig, rows: float) -> StageEstimate:
+        estimate = self.generic(stage, rows)
         estimate.seconds, estimate.time_basis = self._kmeans_seconds(stage, rows)
         return estimate
 
-    def _mine_logos(self, stage: StageConfig, rows: float) -> StageEstimate:
+    def mine_logos(self, stage: StageConfig, rows: float) -> StageEstimate:
         options = stage.options
         models = options["models"] or ["embed model"]
         pastes = int(options["probe_count"]) * int(options["max_logos"]) * 4
@@ -705,7 +642,7 @@ def estimate_lines(run_config: RunConfig, plan: InputPlan, sample: Sample, sampl
     lines.append(f"output (estimate): about {final_rows:,.0f} rows")
     if estimator.bytes_per_row is not None:
         per_row = estimator.bytes_per_row
-        has_images = any(stage.name in STAGES_ON_IMAGES for stage in run_config.stages)
+        has_images = any(get_stage(stage.name).reads_images for stage in run_config.stages)
         if has_images:
             per_row += IMAGE_COLUMNS_BYTES_PER_ROW
         lines.append(
@@ -740,7 +677,7 @@ def dry_run(run_config: RunConfig, run_dir: Path, sample_rows: int = DEFAULT_SAM
              f"run folder: {run_dir} ({state})"]
     lines.extend(stage_lines(run_config, run_dir))
     ingest_stage = run_config.stages[0]
-    options = ingest_options(ingest_stage.options)
+    options = IngestOptions.from_options(ingest_stage.options)
     plan = plan_inputs(run_config.inputs, options, ingest_stage.options["skip_bad_files"])
     lines.extend(input_lines(plan, options))
     sample = read_sample(plan, options, sample_rows)

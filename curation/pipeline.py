@@ -2,199 +2,40 @@
 
 RUN_DIR/stages/<nn>_<stage>/ holds each stage, RUN_DIR/publish/ the release. A stage is skipped when its folder is
 complete (`_SUCCESS`) and its record has the same config hash and input fingerprint as now; otherwise it and every
-stage after it are redone.
+stage after it are redone. Every stage runs through one executor (`curation.spark.executor.execute`), looked up in
+the registry (`curation.stages`); nothing here knows a stage by name.
 """
 
 import logging
 from pathlib import Path
 
-from curation.config import RunConfig, StageConfig
+from curation.config import DEFAULT_RELEASE_NAME, RunConfig, StageConfig
 from curation.io import (
-    fingerprint_files,
     is_complete,
-    list_files,
+    is_stage_folder,
     read_stage_record,
     remove_leftovers,
-    resolve_data_dir,
-    sha256_of_file,
 )
-from curation.ops.download import DownloadOptions
-from curation.ops.ingest import IngestOptions
-from curation.ops.metadata import load_metadata, metadata_sha256
 from curation.progress import spark_progress
+from curation.stages import get_stage, hashed_config
 
 logger = logging.getLogger(__name__)
 
-DOWNLOAD_OPTION_NAMES = (
-    "allow_hosts", "image_size", "resize_mode", "resize_only_if_bigger", "encode_format", "encode_quality",
-    "skip_reencode", "min_image_size", "max_aspect_ratio", "timeout", "retries", "thread_count", "user_agent_token",
-    "disallowed_header_directives",
-)
-KMEANS_OPTION_NAMES = ("k", "sample_size", "iterations", "threads", "device", "init", "seed")
-EMBED_OPTION_NAMES = ("model", "pretrained", "device", "precision", "batch_size", "num_workers", "engine")
+INGEST = "ingest"
+# What a stage command uses for the run-level values a `curation run` takes from its YAML.
+COMMAND_RUN_DEFAULTS = {"seed": 0, "name": DEFAULT_RELEASE_NAME, "metadata": None}
 
 
-def ingest_options(options: dict) -> IngestOptions:
-    from curation.ops.blocklists import load_domain_blocklist, load_url_blocklist
-
-    domains, urls = options.get("blocked_domains_file"), options.get("blocked_urls_file")
-    return IngestOptions(
-        url_column=options["url_column"],
-        text_column=options["text_column"],
-        max_caption_chars=int(options["max_caption_chars"]),
-        keep_columns=tuple(options["keep_columns"]),
-        blocked_domains=load_domain_blocklist(Path(domains)) if domains else frozenset(),
-        blocked_urls=load_url_blocklist(Path(urls)) if urls else frozenset(),
-    )
-
-
-def download_options(options: dict) -> DownloadOptions:
-    fields = {name: options[name] for name in DOWNLOAD_OPTION_NAMES}
-    fields["allow_hosts"] = tuple(options["allow_hosts"])
-    fields["disallowed_header_directives"] = tuple(options["disallowed_header_directives"])
-    if fields["max_aspect_ratio"] is None:
-        fields["max_aspect_ratio"] = float("inf")
-    return DownloadOptions(**fields)
-
-
-def embed_options(options: dict):
-    from curation.spark.embed import EmbedOptions
-
-    return EmbedOptions(**{name: options[name] for name in EMBED_OPTION_NAMES})
-
-
-def kmeans_options(options: dict):
-    from curation.spark.semantic import KMeansOptions
-
-    return KMeansOptions(**{name: options[name] for name in KMEANS_OPTION_NAMES})
-
-
-def run_logo_stage(spark, name: str, options: dict, config: dict, input_location, output_dir: Path) -> dict:
-    from curation.spark import logos
-
-    fields = {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
-    if name == "logo_bank":
-        return logos.run_logo_bank(spark, input_location, output_dir, logos.BankOptions(**fields), config)
-    if name == "mine_logos":
-        return logos.run_mine_logos(spark, input_location, output_dir, logos.MiningOptions(**fields), config)
-    return logos.run_flag_logos(spark, input_location, output_dir, logos.FlagOptions(**fields), config)
-
-
-def hashed_config(stage: StageConfig) -> dict:
-    """What a stage's record stores as its config: the options, plus the content hash of files they name."""
-    config = {"stage": stage.name, **stage.options}
-    if stage.name == "match":
-        config["metadata_sha256"] = metadata_sha256(load_metadata(stage.options["metadata"]))
-    if stage.name == "embed" and Path(stage.options["pretrained"]).is_file():
-        config["checkpoint_sha256"] = sha256_of_file(Path(stage.options["pretrained"]))
-    # Files the options name: editing a blocklist or an evaluation set must redo the stage, not skip it.
-    for option in ("blocked_domains_file", "blocked_urls_file", "sha256_file", "phash_file"):
-        if stage.options.get(option):
-            config[f"{option}_sha256"] = sha256_of_file(Path(stage.options[option]))
-    if stage.name == "nsfw":
-        from curation.gpu.nsfw import model_identity
-
-        config["model_sha256"] = model_identity()["model_sha256"]
-    if stage.name == "decontaminate":
-        config["eval_images_fingerprint"] = fingerprint_files(list_files(Path(stage.options["eval_images"])))
-    if stage.name == "mine_logos":
-        # Files the options name: changing a probe image or a checkpoint must redo the mining, not skip it.
-        checkpoints = [Path(spec.partition(":")[2]) for spec in stage.options["models"]]
-        config["checkpoint_sha256"] = {str(path): sha256_of_file(path) for path in checkpoints if path.is_file()}
-        if stage.options["probe_folder"]:
-            config["probe_fingerprint"] = fingerprint_files(list_files(Path(stage.options["probe_folder"])))
-    return config
-
-
-def run_stage(
-    spark, stage: StageConfig, config: dict, input_location, output_dir: Path, run_config: RunConfig | None
-) -> dict:
-    """Run one stage; `config` is its `hashed_config`, stored in the stage record."""
-    from curation.spark import dedup, download, embed, image_dedup, publish, semantic, stages
-
-    options = stage.options
-    partitions = options.get("partitions") or (run_config.spark_partitions if run_config else None)
-    if stage.name == "ingest":
-        return stages.run_ingest(
-            spark, input_location, output_dir, ingest_options(options), options["skip_bad_files"], partitions, config
-        )
-    if stage.name == "dedup_exact":
-        return dedup.run_dedup_exact(spark, input_location, output_dir, options["by_caption"], partitions, config)
-    if stage.name == "dedup_text":
-        return dedup.run_dedup_text(
-            spark, input_location, output_dir, float(options["threshold"]), options["shingles"], options["policy"],
-            int(options["num_perm"]), int(options["seed"]), int(options["max_anchors"]),
-            int(options["full_pairs_limit"]), partitions, config,
-        )
-    if stage.name == "download":
-        return download.run_download(
-            spark, input_location, output_dir, download_options(options), int(options["shard_rows"]), config,
-            options["image_bytes_column"],
-        )
-    if stage.name == "embed":
-        return embed.run_embed(spark, input_location, output_dir, embed_options(options), config)
-    if stage.name == "cluster":
-        return semantic.run_cluster(spark, input_location, output_dir, kmeans_options(options), config)
-    if stage.name == "semdedup":
-        eps = None if options["target_keep_fraction"] is not None else float(options["eps"])
-        return semantic.run_semdedup(spark, input_location, output_dir, eps, options["target_keep_fraction"],
-                                     int(options["block_rows"]), config)
-    if stage.name == "prune":
-        prune = semantic.PruneOptions(
-            keep_fraction=options["keep_fraction"], keep_count=options["keep_count"], tau=float(options["tau"]),
-            ratio=float(options["ratio"]), selection=options["selection"],
-        )
-        return semantic.run_prune(spark, input_location, output_dir, kmeans_options(options), prune, config)
-    if stage.name == "filter":
-        from curation.spark.filters import run_filter
-
-        return run_filter(spark, input_location, output_dir, options, partitions, config)
-    if stage.name == "nsfw":
-        from curation.spark.nsfw import run_nsfw
-
-        return run_nsfw(spark, input_location, output_dir, options, partitions, config)
-    if stage.name == "block_images":
-        from curation.spark.blocklist import run_block_images
-
-        return run_block_images(spark, input_location, output_dir, options, partitions, config)
-    if stage.name == "decontaminate":
-        from curation.spark.decontaminate import run_decontaminate
-
-        return run_decontaminate(spark, input_location, output_dir, options, partitions, config)
-    if stage.name in ("logo_bank", "mine_logos", "flag_logos"):
-        return run_logo_stage(spark, stage.name, options, config, input_location, output_dir)
-    if stage.name == "dedup_image":
-        return image_dedup.run_dedup_image(
-            spark, input_location, output_dir, options["image_column"], int(options["max_distance"]),
-            int(options["max_anchors"]), int(options["full_pairs_limit"]), partitions, config,
-        )
-    if stage.name == "match":
-        return stages.run_match(
-            spark, input_location, output_dir, Path(options["metadata"]), options["keep_unmatched"], partitions,
-            config,
-        )
-    if stage.name == "count":
-        return stages.run_count(spark, input_location, output_dir, config)
-    if stage.name == "balance":
-        return stages.run_balance(
-            spark, input_location, output_dir, options["t"], int(options["seed"]), options["target_size"],
-            options["tail_share"], partitions, config,
-        )
-    if stage.name == "publish":
-        return publish.run_publish(
-            spark, input_location, output_dir, int(options["shard_rows"]), options["name"], config,
-            run_config=run_config.raw,
-        )
-    raise ValueError(f"stage {stage.name} is not implemented")
+def ingests_first(stage: StageConfig, input_location) -> bool:
+    """Whether `input_location` is raw shards that a stage reading a stage folder must ingest first."""
+    if get_stage(stage.name).input_kind != "either":
+        return False
+    locations = input_location if isinstance(input_location, list | tuple) else [input_location]
+    return not (len(locations) == 1 and is_stage_folder(Path(locations[0])))
 
 
 def current_input_fingerprint(stage: StageConfig, input_location) -> str:
-    if stage.name == "ingest":
-        from curation.inputs import plan_inputs
-
-        plan = plan_inputs(input_location, ingest_options(stage.options), stage.options["skip_bad_files"])
-        return fingerprint_files([Path(f.path) for f in plan.files if "://" not in f.path])
-    return fingerprint_files(list_files(resolve_data_dir(input_location)))
+    return get_stage(stage.name).input_fingerprint(stage.options, input_location)
 
 
 def is_up_to_date(stage: StageConfig, config: dict, folder: Path, input_location) -> bool:
@@ -207,9 +48,50 @@ def is_up_to_date(stage: StageConfig, config: dict, folder: Path, input_location
 
 
 def stage_folder(run_dir: Path, position: int, stage: StageConfig) -> Path:
-    if stage.name == "publish":
-        return run_dir / "publish"
-    return run_dir / "stages" / f"{position:02d}_{stage.name}"
+    folder = get_stage(stage.name).folder_name(position)
+    return run_dir / folder if get_stage(stage.name).release else run_dir / "stages" / folder
+
+
+def run_stage(spark, stage: StageConfig, config: dict, input_location, output_dir: Path,
+              run_config: RunConfig | None = None, ingest_options: dict | None = None) -> dict:
+    """Run one configured stage into `output_dir`; its record. `config` is its `hashed_config`; `ingest_options`
+    are the ingest options used when a stage that also takes raw shards is given raw shards (it ingests them first,
+    into `<output>/_ingest`)."""
+    from curation.spark.executor import execute
+
+    declaration = get_stage(stage.name)
+    # The run's `spark.partitions` applies to the stages that have a partitions option; the others partition their
+    # work by what it is (download and embed by shard, semdedup by cluster).
+    partitions = None
+    if "partitions" in stage.options:
+        partitions = stage.options["partitions"] or (run_config.spark_partitions if run_config else None)
+    raw_ingest = None
+    if ingests_first(stage, input_location):
+        ingest = get_stage(INGEST)
+        raw_ingest = (ingest, ingest_options if ingest_options is not None else ingest.options({}, {}))
+    elif declaration.input_kind != "raw":
+        input_location = _single_folder(input_location)
+    return execute(spark, declaration, stage.options, config, input_location, output_dir, partitions,
+                   run_config.raw if run_config else None, raw_ingest)
+
+
+def _single_folder(input_location) -> Path:
+    if isinstance(input_location, list | tuple):
+        if len(input_location) != 1:
+            raise ValueError(f"expected one stage folder as the input, got {len(input_location)} paths")
+        input_location = input_location[0]
+    return Path(input_location)
+
+
+def run_one_stage(spark, name: str, input_location, output_dir: Path, options: dict | None = None,
+                  ingest_options: dict | None = None, run_defaults: dict | None = None) -> dict:
+    """Run the stage `name` with the `options` it is given (the rest defaulted and checked as `curation run` does)
+    from `input_location` (a stage folder, or raw shards for ingest and the stages that take them) into
+    `output_dir`; the stage commands and the tests use it."""
+    defaults = {**COMMAND_RUN_DEFAULTS, **(run_defaults or {})}
+    stage = StageConfig(name, get_stage(name).options(options, defaults))
+    ingest = get_stage(INGEST).options(ingest_options, defaults) if ingest_options is not None else None
+    return run_stage(spark, stage, hashed_config(stage), input_location, output_dir, ingest_options=ingest)
 
 
 def run_pipeline(spark, run_config: RunConfig, run_dir: Path, force: bool = False) -> list[tuple[Path, dict, bool]]:

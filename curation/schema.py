@@ -33,7 +33,8 @@ TAG_FIELDS = [
 
 
 class Reason:
-    """Ledger reasons. One input row ends in exactly one of: published, or one ledger row with one of these."""
+    """Ledger reasons of the stages that came with the project. One input row ends in exactly one of: published, or
+    one ledger row with a reason (one of these, or one a newer stage's op declares, such as `sampled_out`)."""
 
     MISSING_URL = "missing_url"
     EMPTY_URL = "empty_url"

@@ -32,6 +32,7 @@ from PIL import Image
 from curation.gpu import faiss_seam
 from curation.gpu.embed import EmbeddingModel, load_model
 from curation.ops.decontaminate import EvalImage
+from curation.ops.embeddings import EmbedOptions
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ NEAREST_CANDIDATES = 8
 
 def model_like_embed_stage(embed_options: dict) -> EmbeddingModel:
     """The embed stage's model, from the `options` of its record (EmbedOptions fields), built in this process."""
-    from curation.spark.embed import EmbedOptions
-
     options = EmbedOptions(**embed_options)
     device, precision = options.device, options.precision
     if not torch.cuda.is_available():

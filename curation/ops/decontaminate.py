@@ -72,7 +72,8 @@ class EvalSetError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DecontaminateOptions:
-    """The decontaminate stage's options (STAGE_OPTIONS["decontaminate"]), checked."""
+    """The options of the decontaminate stage (`curation.stages.decontaminate`) that its adapter uses, their value
+    ranges checked."""
 
     eval_images: str
     eval_image_column: str = "jpg"

@@ -72,6 +72,16 @@ class DownloadOptions:
             raise ValueError("image_size, thread_count and timeout must be positive and retries >= 0")
         parse_allow_hosts(self.allow_hosts)
 
+    @classmethod
+    def from_options(cls, options: dict) -> "DownloadOptions":
+        """From the download stage's option dict (the keys that are not img2dataset's are ignored)."""
+        fields = {name: options[name] for name in cls.__dataclass_fields__ if name in options}
+        fields["allow_hosts"] = tuple(options["allow_hosts"])
+        fields["disallowed_header_directives"] = tuple(options["disallowed_header_directives"])
+        if fields.get("max_aspect_ratio") is None:
+            fields["max_aspect_ratio"] = float("inf")
+        return cls(**fields)
+
 
 def shard_name(shard_id: int) -> str:
     return f"{shard_id:0{SHARD_DIGITS}d}"

@@ -4,13 +4,47 @@ The embed stage stores embeddings as parquet fixed-size lists of float16, which 
 float type). Stages that need embeddings (cluster, semdedup, prune) read those files with pyarrow in Spark tasks and
 move each vector as `dim * 2` little-endian bytes: half the size of float32 on every shuffle, and exactly the
 stored values.
+
+`EmbedOptions` are the embed stage's model settings, as its record stores them: the embed stage builds its model
+from them, and decontaminate and the logo stages rebuild the same model from the record.
 """
+
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 EMBEDDING_COLUMN = "_embedding"
+ENGINES = ("local", "spark")
+# `pretrained` value that means random initialisation (tests, benchmarks): YAML null means "the default" here.
+RANDOM_INIT = "random"
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    model: str = "ViT-B-32"
+    pretrained: str = "openai"
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 256
+    num_workers: int = 2
+    engine: str = "local"
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, not {self.engine!r}")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError("batch_size must be positive and num_workers >= 0")
+
+    @classmethod
+    def from_options(cls, options: dict) -> "EmbedOptions":
+        """From the embed stage's option dict."""
+        return cls(**{field.name: options[field.name] for field in fields(cls)})
+
+    @property
+    def weights(self) -> str | None:
+        return None if self.pretrained == RANDOM_INIT else self.pretrained
 
 
 def float32_matrix(vectors: np.ndarray, name: str, dimension: int | None = None) -> np.ndarray:

@@ -157,7 +157,7 @@ class FilterOptions:
 
     @classmethod
     def from_options(cls, options: dict) -> "FilterOptions":
-        """From a stage's option dict (STAGE_OPTIONS["filter"]; keys that are not thresholds, such as partitions,
+        """From a stage's option dict (the filter stage's options; keys that are not thresholds, such as partitions,
         are ignored). An option left out takes its default; an option given as None is off."""
         names = {f.name for f in fields(cls)}
         return cls(**{name: value for name, value in options.items() if name in names})

@@ -6,12 +6,13 @@ group and calls `normalise_rows` on each.
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.ops.blocklists import blocked_masks
+from curation.ops.blocklists import blocked_masks, load_domain_blocklist, load_url_blocklist
 from curation.ops.uid import compute_uids
 from curation.schema import CAPTION, UID, URL, Reason
 
@@ -62,6 +63,19 @@ class IngestOptions:
         repeated = sorted({c for c in self.keep_columns if self.keep_columns.count(c) > 1})
         if repeated:
             raise ValueError(f"keep_columns names {repeated} more than once")
+
+    @classmethod
+    def from_options(cls, options: dict) -> "IngestOptions":
+        """From the ingest stage's option dict, with the blocklist files it names loaded."""
+        domains, urls = options.get("blocked_domains_file"), options.get("blocked_urls_file")
+        return cls(
+            url_column=options["url_column"],
+            text_column=options["text_column"],
+            max_caption_chars=int(options["max_caption_chars"]),
+            keep_columns=tuple(options["keep_columns"]),
+            blocked_domains=load_domain_blocklist(Path(domains)) if domains else frozenset(),
+            blocked_urls=load_url_blocklist(Path(urls)) if urls else frozenset(),
+        )
 
 
 def resolve_columns(column_names: list[str], options: IngestOptions, source: str) -> tuple[str, str]:

@@ -25,28 +25,19 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from curation.io import StageWriter, read_stage_record
 from curation.ops.image_blocklist import format_phash, load_phash_list, load_sha256_list, sha256_matches
-from curation.ops.imagehash import (
-    MAX_DISTANCE_LIMIT,
-    DecodeFailure,
-    PhashIndex,
-    decode_image,
-    image_sha256,
-    perceptual_hash,
-)
+from curation.ops.imagehash import DecodeFailure, PhashIndex, decode_image, image_sha256, perceptual_hash
 from curation.schema import UID, Reason
-from curation.spark.common import StageRun, drop_where, untagged, write_tagged
-from curation.spark.stages import read_stage_data, stage_input
+from curation.spark.executor import StageContext
+from curation.spark.rowfilter import DROPPED_DETAIL, DROPPED_REASON, FilterPlan
 
 logger = logging.getLogger(__name__)
 
-STAGE = "block_images"
-# 2: a listed sha256 also matches image_source_sha256, and the ledger detail says which digest matched.
-STAGE_VERSION = 2
+_BLOCK_DETAIL = "_block_detail"  # the ledger detail of a blocked row; null on the others
 _KEYS_SCHEMA = f"{UID} string, _sha256 string, _phash long"
-_MATCHES_SCHEMA = f"{UID} string, _block_list string, _block_detail string"
+_MATCHES_SCHEMA = f"{UID} string, _block_list string, {_BLOCK_DETAIL} string"
 
 
 def _hash_worker(image_column: str, want_sha256: bool, want_phash: bool):
@@ -108,12 +99,12 @@ def _match_worker(sha256_broadcast, phash_broadcast, max_distance: int):
                         "image_phash": format_phash(phashes[int(row)].as_py()), "distance": int(distance[row]),
                     }, sort_keys=True))
             yield pa.RecordBatch.from_arrays([uids, pa.array(lists, pa.string()), pa.array(details, pa.string())],
-                                             names=[UID, "_block_list", "_block_detail"])
+                                             names=[UID, "_block_list", _BLOCK_DETAIL])
 
     return run
 
 
-def _image_keys(spark, df, input_dir: Path, image_column: str, want_sha256: bool, want_phash: bool,
+def _image_keys(df, input_dir: Path, image_column: str, want_sha256: bool, want_phash: bool,
                 partitions: int | None):
     """(uid, _sha256, _source_sha256, _phash) for every row, from the rows' precomputed columns where they have them,
     else from the images; and where the keys came from. `_source_sha256` is only ever a column (the download stage's
@@ -148,54 +139,48 @@ def _image_keys(spark, df, input_dir: Path, image_column: str, want_sha256: bool
     return keys, sources
 
 
-def run_block_images(spark, input_dir: Path, output_dir: Path, options: dict, partitions: int | None = None,
-                     config: dict | None = None) -> dict:
-    """Drop the rows whose image is on the sha256 list (`options["sha256_file"]`) or within
-    `options["max_distance"]` bits of a hash on the perceptual-hash list (`options["phash_file"]`); at least one
-    list is required. Returns the stage record."""
+def block_images_plan(context: StageContext, df) -> FilterPlan:
+    """Drop the rows whose image is on the sha256 list (`sha256_file`) or within `max_distance` bits of a hash on
+    the perceptual-hash list (`phash_file`)."""
     from pyspark.sql import functions as F
 
-    sha256_file, phash_file = options.get("sha256_file"), options.get("phash_file")
-    if not sha256_file and not phash_file:
-        raise ValueError("block_images needs sha256_file or phash_file (or both): text files of image hashes")
-    max_distance = int(options.get("max_distance", 4))
-    if not 0 <= max_distance <= MAX_DISTANCE_LIMIT:
-        raise ValueError(f"block_images max_distance must be in 0..{MAX_DISTANCE_LIMIT}, got {max_distance}")
-    image_column = options.get("image_column") or "jpg"
-    blocked_sha256 = load_sha256_list(Path(sha256_file)) if sha256_file else frozenset()
-    blocked_phash = load_phash_list(Path(phash_file)) if phash_file else np.zeros(0, dtype=np.uint64)
+    options = context.typed
+    blocked_sha256 = load_sha256_list(Path(options.sha256_file)) if options.sha256_file else frozenset()
+    blocked_phash = (load_phash_list(Path(options.phash_file)) if options.phash_file
+                     else np.zeros(0, dtype=np.uint64))
     logger.info("block_images: %d sha256 digests, %d perceptual hashes (max distance %d)", len(blocked_sha256),
-                len(blocked_phash), max_distance)
+                len(blocked_phash), options.max_distance)
 
-    run = StageRun(STAGE, STAGE_VERSION, config or {})
-    df = read_stage_data(spark, input_dir, partitions)
     want_sha256, want_phash = bool(blocked_sha256), len(blocked_phash) > 0
     summary = {"sha256_entries": len(blocked_sha256), "phash_entries": int(len(blocked_phash)),
-               "max_distance": max_distance, "matched_by": {"sha256": 0, "phash": 0}, "unhashed": 0}
-    tagged = untagged(df)
-    if want_sha256 or want_phash:
-        keys, summary["key_sources"] = _image_keys(spark, df, input_dir, image_column, want_sha256, want_phash,
-                                                   partitions)
-        keys = keys.localCheckpoint()
-        unhashed = F.lit(False)
-        if want_sha256:
-            unhashed = unhashed | F.col("_sha256").isNull()
-        if want_phash:
-            unhashed = unhashed | F.col("_phash").isNull()
-        summary["unhashed"] = keys.filter(unhashed).count()
-        sha256_broadcast = spark.sparkContext.broadcast(blocked_sha256)
-        phash_broadcast = spark.sparkContext.broadcast(blocked_phash)
-        matches = keys.mapInArrow(_match_worker(sha256_broadcast, phash_broadcast, max_distance),
-                                  _MATCHES_SCHEMA).localCheckpoint()
-        summary["matched_by"].update({row[0]: row[1] for row in matches.groupBy("_block_list").count().collect()})
-        tagged = drop_where(tagged.join(matches, UID, "left"), F.col("_block_detail").isNotNull(), STAGE,
-                            Reason.BLOCKED_IMAGE, None, F.col("_block_detail"))
-    else:
+               "max_distance": options.max_distance, "matched_by": {"sha256": 0, "phash": 0}, "unhashed": 0}
+    if not (want_sha256 or want_phash):
         logger.warning("block_images: the lists hold no hash; every row passes")
+        return FilterPlan(keep=_keep, rows=df.withColumn(_BLOCK_DETAIL, F.lit(None).cast("string")),
+                          record={"block_images": summary})
+    keys, summary["key_sources"] = _image_keys(df, context.input_dir, options.image_column, want_sha256, want_phash,
+                                               context.partitions)
+    keys = keys.localCheckpoint()
+    unhashed = F.lit(False)
+    if want_sha256:
+        unhashed = unhashed | F.col("_sha256").isNull()
+    if want_phash:
+        unhashed = unhashed | F.col("_phash").isNull()
+    summary["unhashed"] = keys.filter(unhashed).count()
+    matches = keys.mapInArrow(
+        _match_worker(context.broadcast(blocked_sha256), context.broadcast(blocked_phash), options.max_distance),
+        _MATCHES_SCHEMA).localCheckpoint()
+    summary["matched_by"].update({row[0]: row[1] for row in matches.groupBy("_block_list").count().collect()})
+    return FilterPlan(keep=_keep, rows=df.join(matches, UID, "left"), record={"block_images": summary})
 
-    with StageWriter(output_dir) as writer:
-        rows_out, drops = write_tagged(tagged, df.columns, str(writer.temp_dir), str(writer.ledger_dir))
-        rows_in = read_stage_record(input_dir)["rows_out"]
-        record = run.record(stage_input(input_dir, writer), rows_in, rows_out, drops, block_images=summary)
-        writer.commit(record)
-    return record
+
+def _keep(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """The rows with a block detail (a match) are dropped as blocked_image."""
+    detail = table.column(_BLOCK_DETAIL)
+    blocked = pc.is_valid(detail)
+    uids = table.column(UID).filter(blocked)
+    return table.filter(pc.invert(blocked)), pa.table({
+        UID: uids,
+        DROPPED_REASON: pa.array([Reason.BLOCKED_IMAGE] * len(uids), pa.string()),
+        DROPPED_DETAIL: detail.filter(blocked),
+    })

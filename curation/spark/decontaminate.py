@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from curation.io import StageWriter, find_upstream, read_stage_record
+from curation.io import find_upstream, read_stage_record
 from curation.ops import embeddings as embedding_ops
 from curation.ops.decontaminate import (
     TEST_COSINE,
@@ -44,20 +45,21 @@ from curation.ops.decontaminate import (
 )
 from curation.ops.imagehash import PhashIndex, perceptual_hashes
 from curation.schema import UID, Reason
-from curation.spark.common import StageRun, drop_where, untagged, write_tagged
-from curation.spark.stages import read_stage_data, stage_input
+from curation.spark.executor import StageContext
+from curation.spark.rowfilter import DROPPED_DETAIL, DROPPED_REASON, FilterPlan
 
 logger = logging.getLogger(__name__)
 
-STAGE = "decontaminate"
-STAGE_VERSION = 1
 PHASH_COLUMN = "image_phash"
 # Where the nearest-neighbour search runs in the executors (faiss GPU when the build has one).
 SEARCH_DEVICE = "auto"
 # Share of the input the cosine test may drop before the stage warns that min_cosine looks too low for the model.
 COSINE_DROP_WARNING = 0.05
-_PHASH_SCHEMA = f"{UID} string, _phash_detail string, _unhashed boolean"
-_COSINE_SCHEMA = f"{UID} string, _cosine float, _cosine_detail string"
+# The ledger details of the two tests (null where a test found no evaluation image).
+_PHASH_DETAIL = "_phash_detail"
+_COSINE_DETAIL = "_cosine_detail"
+_PHASH_SCHEMA = f"{UID} string, {_PHASH_DETAIL} string, _unhashed boolean"
+_COSINE_SCHEMA = f"{UID} string, _cosine float, {_COSINE_DETAIL} string"
 
 
 def _phash_worker(eval_broadcast, max_distance: int, from_bytes: bool):
@@ -81,7 +83,7 @@ def _phash_worker(eval_broadcast, max_distance: int, from_bytes: bool):
             details = [None if i < 0 else match_detail(files, rows, i, TEST_PHASH, d)
                        for i, d in zip(nearest.tolist(), distance.tolist(), strict=True)]
             yield pa.RecordBatch.from_arrays([batch.column(0), pa.array(details, pa.string()), pa.array(unhashed)],
-                                             names=[UID, "_phash_detail", "_unhashed"])
+                                             names=[UID, _PHASH_DETAIL, "_unhashed"])
 
     return run
 
@@ -108,7 +110,7 @@ def _cosine_worker(eval_broadcast, min_cosine: float):
                        for i, c in zip(nearest.tolist(), cosine.tolist(), strict=True)]
             yield pa.RecordBatch.from_arrays([batch.column(0), pa.array(cosine, pa.float32()),
                                               pa.array(details, pa.string())],
-                                             names=[UID, "_cosine", "_cosine_detail"])
+                                             names=[UID, "_cosine", _COSINE_DETAIL])
 
     return run
 
@@ -144,19 +146,15 @@ def _eval_embeddings(embed_dir: Path, options: DecontaminateOptions, images: int
     return vectors, model.record
 
 
-def run_decontaminate(spark, input_dir: Path, output_dir: Path, options: dict, partitions: int | None = None,
-                      config: dict | None = None) -> dict:
-    """Drop rows whose image is a near duplicate of an evaluation image (module docstring); `options` are
-    STAGE_OPTIONS["decontaminate"]'s. Rows pass through otherwise, columns unchanged."""
+def decontaminate_plan(context: StageContext, df) -> FilterPlan:
+    """Drop rows whose image is a near duplicate of an evaluation image (module docstring). Rows pass through
+    otherwise, columns unchanged."""
     from pyspark.sql import functions as F
 
     from curation.spark.semantic import with_embeddings
 
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    opts = DecontaminateOptions.from_options(options)
-    run = StageRun(STAGE, STAGE_VERSION, config or {})
-    df = read_stage_data(spark, input_dir, partitions)
-    rows_in = read_stage_record(input_dir)["rows_out"]
+    input_dir = context.input_dir
+    opts = DecontaminateOptions.from_options(context.options)
     embed_dir = find_upstream(input_dir, "embed")
     if opts.use_embeddings == "always" and embed_dir is None:
         raise ValueError(f"use_embeddings is 'always' but {input_dir} has no embed stage upstream")
@@ -165,62 +163,58 @@ def run_decontaminate(spark, input_dir: Path, output_dir: Path, options: dict, p
     eval_set = hash_eval_set(opts.eval_images, opts.eval_image_column)
     logger.info("decontaminate: %d evaluation images from %s; pHash within %d%s", len(eval_set), opts.eval_images,
                 opts.max_distance, f", cosine >= {opts.min_cosine}" if use_embeddings else "")
-    broadcasts = [spark.sparkContext.broadcast((eval_set.hashes, eval_set.files, eval_set.rows))]
-    images, from_bytes, hash_source = _corpus_images(df, input_dir, opts.image_column, partitions)
-    matches = images.mapInArrow(_phash_worker(broadcasts[0], opts.max_distance, from_bytes), _PHASH_SCHEMA)
+    eval_hashes = context.broadcast((eval_set.hashes, eval_set.files, eval_set.rows))
+    images, from_bytes, hash_source = _corpus_images(df, input_dir, opts.image_column, context.partitions)
+    matches = images.mapInArrow(_phash_worker(eval_hashes, opts.max_distance, from_bytes), _PHASH_SCHEMA)
 
     model_record = None
     if use_embeddings:
         vectors, model_record = _eval_embeddings(embed_dir, opts, len(eval_set))
-        broadcasts.append(spark.sparkContext.broadcast((vectors, eval_set.files, eval_set.rows)))
-        cosines = with_embeddings(spark, df.select(UID), input_dir).mapInArrow(
-            _cosine_worker(broadcasts[1], opts.min_cosine), _COSINE_SCHEMA)
+        eval_vectors = context.broadcast((vectors, eval_set.files, eval_set.rows))
+        cosines = with_embeddings(context.spark, df.select(UID), input_dir).mapInArrow(
+            _cosine_worker(eval_vectors, opts.min_cosine), _COSINE_SCHEMA)
         matches = matches.join(cosines, UID, "left")
     else:
         matches = (matches.withColumn("_cosine", F.lit(None).cast("float"))
-                   .withColumn("_cosine_detail", F.lit(None).cast("string")))
+                   .withColumn(_COSINE_DETAIL, F.lit(None).cast("string")))
     matches = matches.localCheckpoint()
 
     stats = matches.agg(
-        F.count(F.col("_phash_detail")).alias("phash"),
-        F.count(F.when(F.col("_phash_detail").isNull(), F.col("_cosine_detail"))).alias("cosine"),
+        F.count(F.col(_PHASH_DETAIL)).alias("phash"),
+        F.count(F.when(F.col(_PHASH_DETAIL).isNull(), F.col(_COSINE_DETAIL))).alias("cosine"),
         F.sum(F.col("_unhashed").cast("long")).alias("unhashed"),
-        F.max(F.when(F.col("_phash_detail").isNull() & F.col("_cosine_detail").isNull(), F.col("_cosine")))
+        F.max(F.when(F.col(_PHASH_DETAIL).isNull() & F.col(_COSINE_DETAIL).isNull(), F.col("_cosine")))
         .alias("max_cosine_kept"),
     ).first()
 
+    rows_in = context.rows_in
     if use_embeddings and stats["cosine"] > COSINE_DROP_WARNING * max(rows_in, 1):
         logger.warning("decontaminate: the cosine test alone dropped %d of %d rows; min_cosine %s is probably too low "
                        "for this model (random or weak weights put all images close together): see max_cosine_kept",
                        stats["cosine"], rows_in, opts.min_cosine)
 
-    data_columns = list(df.columns)
-    tagged = untagged(df.join(matches, UID, "left"))
-    tagged = drop_where(tagged, F.col("_phash_detail").isNotNull(), STAGE, Reason.EVAL_CONTAMINATION,
-                        detail=F.col("_phash_detail"))
-    # drop_where leaves rows the pHash test dropped as they are.
-    tagged = drop_where(tagged, F.col("_cosine_detail").isNotNull(), STAGE, Reason.EVAL_CONTAMINATION,
-                        detail=F.col("_cosine_detail"))
+    embeddings = None
+    if use_embeddings:
+        max_kept = stats["max_cosine_kept"]
+        embeddings = {"embed_stage": context.link_to(embed_dir), "model": model_record, "min_cosine": opts.min_cosine,
+                      "max_cosine_kept": None if max_kept is None else round(float(max_kept), 6)}
+    return FilterPlan(keep=_keep, rows=df.join(matches, UID, "left"), record={"decontaminate": {
+        "eval_set": eval_set.summary(), "eval_image_column": opts.eval_image_column,
+        "max_distance": opts.max_distance, "hash_source": hash_source,
+        "unhashed_rows": int(stats["unhashed"] or 0),
+        "drops_by_test": {TEST_PHASH: int(stats["phash"]), TEST_COSINE: int(stats["cosine"])},
+        "embeddings": embeddings,
+    }})
 
-    with StageWriter(output_dir) as writer:
-        rows_out, drops = write_tagged(tagged, data_columns, str(writer.temp_dir), str(writer.ledger_dir))
-        embeddings = None
-        if use_embeddings:
-            max_kept = stats["max_cosine_kept"]
-            embeddings = {"embed_stage": writer.link_to(embed_dir), "model": model_record,
-                          "min_cosine": opts.min_cosine,
-                          "max_cosine_kept": None if max_kept is None else round(float(max_kept), 6)}
-        record = run.record(
-            stage_input(input_dir, writer), rows_in, rows_out, drops,
-            decontaminate={
-                "eval_set": eval_set.summary(), "eval_image_column": opts.eval_image_column,
-                "max_distance": opts.max_distance, "hash_source": hash_source,
-                "unhashed_rows": int(stats["unhashed"] or 0),
-                "drops_by_test": {TEST_PHASH: int(stats["phash"]), TEST_COSINE: int(stats["cosine"])},
-                "embeddings": embeddings,
-            },
-        )
-        writer.commit(record)
-    for broadcast in broadcasts:
-        broadcast.unpersist()
-    return record
+
+def _keep(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """The rows either test matched are dropped as eval_contamination, with the pHash match's detail when both
+    matched."""
+    phash, cosine = table.column(_PHASH_DETAIL), table.column(_COSINE_DETAIL)
+    contaminated = pc.or_(pc.is_valid(phash), pc.is_valid(cosine))
+    uids = table.column(UID).filter(contaminated)
+    return table.filter(pc.invert(contaminated)), pa.table({
+        UID: uids,
+        DROPPED_REASON: pa.array([Reason.EVAL_CONTAMINATION] * len(uids), pa.string()),
+        DROPPED_DETAIL: pc.coalesce(phash.filter(contaminated), cosine.filter(contaminated)),
+    })

@@ -3,12 +3,10 @@ and dedup_text (MinHash-LSH near-duplicate captions, verified by exact Jaccard, 
 """
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from curation.io import StageWriter, read_stage_record
 from curation.ops.minhash import (
     EMPTY_HASH_VALUE,
     MinHasher,
@@ -23,13 +21,12 @@ from curation.ops.minhash import (
 from curation.ops.uid import uniform
 from curation.ops.urls import normalise_urls
 from curation.schema import CAPTION, TAG_REASON, UID, URL, Reason
-from curation.spark.common import StageRun, drop_where, untagged, write_tagged
+from curation.spark.common import drop_where, untagged
 from curation.spark.components import connected_components
-from curation.spark.stages import prepared_input, read_stage_data, stage_input
+from curation.spark.executor import StageOutput
 
 logger = logging.getLogger(__name__)
 
-STAGE_VERSIONS = {"dedup_exact": 1, "dedup_text": 1}
 TEXT_DEDUP_PURPOSE = "dedup_text"
 GROUP_COLUMN = "text_dup_group"
 GROUP_SIZE_COLUMN = "text_dup_group_size"
@@ -63,35 +60,25 @@ def _url_key_worker(batches):
         )
 
 
-def run_dedup_exact(
-    spark, input_dir: Path | None, output_dir: Path, by_caption: bool = False, partitions: int | None = None,
-    config: dict | None = None, raw_ingest: tuple | None = None,
-) -> dict:
+def run_dedup_exact(context) -> StageOutput:
     """One row per normalised url (and, with `by_caption`, per exact caption); the survivor is the smallest uid.
 
     Losers go to the ledger as `duplicate_url` / `duplicate_caption` with the uid they lost to.
     """
     from pyspark.sql import functions as F
 
-    run = StageRun("dedup_exact", STAGE_VERSIONS["dedup_exact"], config or {})
-    with StageWriter(output_dir) as writer:
-        input_dir = prepared_input(spark, writer, input_dir, raw_ingest, partitions)
-        df = read_stage_data(spark, input_dir, partitions)
-        data_columns = df.columns
-        keys = df.select(UID, URL).mapInArrow(_url_key_worker, f"{UID} string, _url_key string")
+    df = context.read_rows()
+    data_columns = df.columns
+    keys = df.select(UID, URL).mapInArrow(_url_key_worker, f"{UID} string, _url_key string")
+    tagged = keep_first_per_key(
+        untagged(df.join(keys, UID)), "_url_key", [UID], "dedup_exact", Reason.DUPLICATE_URL,
+        F.to_json(F.struct(F.col("_url_key").alias("normalised_url"))),
+    )
+    if context.options["by_caption"]:
         tagged = keep_first_per_key(
-            untagged(df.join(keys, UID)), "_url_key", [UID], "dedup_exact", Reason.DUPLICATE_URL,
-            F.to_json(F.struct(F.col("_url_key").alias("normalised_url"))),
+            tagged, CAPTION, [UID], "dedup_exact", Reason.DUPLICATE_CAPTION, F.lit(None).cast("string")
         )
-        if by_caption:
-            tagged = keep_first_per_key(
-                tagged, CAPTION, [UID], "dedup_exact", Reason.DUPLICATE_CAPTION, F.lit(None).cast("string")
-            )
-        rows_out, drops = write_tagged(tagged, data_columns, str(writer.temp_dir), str(writer.ledger_dir))
-        rows_in = read_stage_record(input_dir)["rows_out"]
-        record = run.record(stage_input(input_dir, writer, raw_ingest), rows_in, rows_out, drops)
-        writer.commit(record)
-    return record
+    return StageOutput(rows=tagged, columns=data_columns)
 
 
 # ---------------------------------------------------------------------------------------------------- near
@@ -211,11 +198,7 @@ def near_duplicate_edges(spark, texts, threshold: float, shingles: str, num_perm
     return candidates.mapInArrow(_verify_worker(kind, size, threshold), "a string, b string, similarity double")
 
 
-def run_dedup_text(
-    spark, input_dir: Path | None, output_dir: Path, threshold: float = 0.8, shingles: str = "char:5",
-    policy: str = "cap:10", num_perm: int = 128, seed: int = 0, max_anchors: int = 8, full_pairs_limit: int = 64,
-    partitions: int | None = None, config: dict | None = None, raw_ingest: tuple | None = None,
-) -> dict:
+def run_dedup_text(context) -> StageOutput:
     """Near-duplicate caption groups; per group the policy keeps `cap` members (smallest u(seed, uid)).
 
     Every row in a group gets `text_dup_group` (the group's smallest uid) and `text_dup_group_size`; dropped rows go
@@ -224,56 +207,50 @@ def run_dedup_text(
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    options = context.options
+    threshold, shingles = float(options["threshold"]), options["shingles"]
+    num_perm, seed = int(options["num_perm"]), int(options["seed"])
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-    keep_policy = parse_policy(policy)
-    run = StageRun("dedup_text", STAGE_VERSIONS["dedup_text"], config or {})
-    with StageWriter(output_dir) as writer:
-        input_dir = prepared_input(spark, writer, input_dir, raw_ingest, partitions)
-        df = read_stage_data(spark, input_dir, partitions)
-        data_columns = [c for c in df.columns if c not in (GROUP_COLUMN, GROUP_SIZE_COLUMN)]
-        df = df.select(*data_columns)
-        bands, rows = choose_bands(num_perm, threshold)
-        edges = caption_similarity_edges(
-            spark, df.select(UID, CAPTION), threshold, shingles, num_perm, bands, rows, seed, max_anchors,
-            full_pairs_limit,
-        ).localCheckpoint()
-        components = connected_components(edges)
-        sizes = components.groupBy("root").agg(F.count("*").alias(GROUP_SIZE_COLUMN))
-        members = components.select(F.col("node").alias(UID), "root").mapInArrow(
-            _uniform_worker(seed), f"{UID} string, root string, u double"
-        )
-        order = Window.partitionBy("root").orderBy("u", UID)
-        members = (
-            members.join(sizes, "root")
-            .withColumn("_rank", F.row_number().over(order))
-            .withColumn("_survivor", F.first(UID).over(order))
-            .select(UID, F.col("root").alias(GROUP_COLUMN), GROUP_SIZE_COLUMN, "_rank", "_survivor")
-        )
-        tagged = untagged(df.join(members, UID, "left"))
-        if keep_policy.cap is not None:
-            dropped = F.col("_rank") > keep_policy.cap
-            detail = F.to_json(F.struct(
-                F.col(GROUP_COLUMN).alias("group"), F.col(GROUP_SIZE_COLUMN).alias("group_size"),
-                F.col("_rank").alias("rank"), F.lit(str(keep_policy)).alias("policy"),
-            ))
-            tagged = drop_where(tagged, dropped, "dedup_text", Reason.NEAR_DUPLICATE_CAPTION, F.col("_survivor"),
-                                 detail)
-        tagged = tagged.drop("_rank", "_survivor")
-        output_columns = [*data_columns, GROUP_COLUMN, GROUP_SIZE_COLUMN]
-        rows_out, drops = write_tagged(tagged, output_columns, str(writer.temp_dir), str(writer.ledger_dir))
-        summary = edges.agg(F.count("*").alias("edges")).first()
-        group_stats = sizes.agg(F.count("*").alias("groups"), F.sum(GROUP_SIZE_COLUMN).alias("rows_in_groups"),
-                                F.max(GROUP_SIZE_COLUMN).alias("largest_group")).first()
-        dedup_info = {
-            "threshold": threshold, "shingles": shingles, "policy": str(keep_policy), "num_perm": num_perm,
-            "bands": bands, "rows_per_band": rows, "verified_edges": summary["edges"],
-            "groups": group_stats["groups"], "rows_in_groups": group_stats["rows_in_groups"] or 0,
-            "largest_group": group_stats["largest_group"] or 0,
-        }
-        rows_in = read_stage_record(input_dir)["rows_out"]
-        record = run.record(stage_input(input_dir, writer, raw_ingest), rows_in, rows_out, drops,
-                            dedup=dedup_info)
-        writer.commit(record)
-    return record
-
+    keep_policy = parse_policy(options["policy"])
+    df = context.read_rows()
+    data_columns = [c for c in df.columns if c not in (GROUP_COLUMN, GROUP_SIZE_COLUMN)]
+    df = df.select(*data_columns)
+    bands, rows = choose_bands(num_perm, threshold)
+    edges = caption_similarity_edges(
+        context.spark, df.select(UID, CAPTION), threshold, shingles, num_perm, bands, rows, seed,
+        int(options["max_anchors"]), int(options["full_pairs_limit"]),
+    ).localCheckpoint()
+    components = connected_components(edges)
+    sizes = components.groupBy("root").agg(F.count("*").alias(GROUP_SIZE_COLUMN))
+    members = components.select(F.col("node").alias(UID), "root").mapInArrow(
+        _uniform_worker(seed), f"{UID} string, root string, u double"
+    )
+    order = Window.partitionBy("root").orderBy("u", UID)
+    members = (
+        members.join(sizes, "root")
+        .withColumn("_rank", F.row_number().over(order))
+        .withColumn("_survivor", F.first(UID).over(order))
+        .select(UID, F.col("root").alias(GROUP_COLUMN), GROUP_SIZE_COLUMN, "_rank", "_survivor")
+    )
+    tagged = untagged(df.join(members, UID, "left"))
+    if keep_policy.cap is not None:
+        dropped = F.col("_rank") > keep_policy.cap
+        detail = F.to_json(F.struct(
+            F.col(GROUP_COLUMN).alias("group"), F.col(GROUP_SIZE_COLUMN).alias("group_size"),
+            F.col("_rank").alias("rank"), F.lit(str(keep_policy)).alias("policy"),
+        ))
+        tagged = drop_where(tagged, dropped, "dedup_text", Reason.NEAR_DUPLICATE_CAPTION, F.col("_survivor"),
+                            detail)
+    tagged = tagged.drop("_rank", "_survivor")
+    summary = edges.agg(F.count("*").alias("edges")).first()
+    group_stats = sizes.agg(F.count("*").alias("groups"), F.sum(GROUP_SIZE_COLUMN).alias("rows_in_groups"),
+                            F.max(GROUP_SIZE_COLUMN).alias("largest_group")).first()
+    dedup_info = {
+        "threshold": threshold, "shingles": shingles, "policy": str(keep_policy), "num_perm": num_perm,
+        "bands": bands, "rows_per_band": rows, "verified_edges": summary["edges"],
+        "groups": group_stats["groups"], "rows_in_groups": group_stats["rows_in_groups"] or 0,
+        "largest_group": group_stats["largest_group"] or 0,
+    }
+    return StageOutput(rows=tagged, columns=[*data_columns, GROUP_COLUMN, GROUP_SIZE_COLUMN],
+                       record={"dedup": dedup_info})

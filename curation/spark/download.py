@@ -18,19 +18,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.io import IMAGES_DIR, StageWriter, downloaded_images_dir, read_stage_record
+from curation.io import IMAGES_DIR, downloaded_images_dir, resolve_data_dir
 from curation.ops import download as download_ops
 from curation.ops import tars as tar_ops
 from curation.ops.download import DownloadOptions
 from curation.progress import Progress, polling
 from curation.schema import CAPTION, TAG_REASON, UID, URL
-from curation.spark.common import StageRun, drop_where, untagged, write_tagged
+from curation.spark.common import drop_where, untagged
+from curation.spark.executor import StageContext, StageOutput
 from curation.spark.publish import shard_of_prefix_expression
-from curation.spark.stages import read_stage_data, stage_input
 
 logger = logging.getLogger(__name__)
 
-STAGE_VERSION = 1
 IMAGE_COLUMNS = [
     "image_shard", "image_key", "image_width", "image_height", "image_original_width", "image_original_height",
     "image_source_sha256",
@@ -122,65 +121,66 @@ def _download_worker(images_dir: str, options: DownloadOptions, shards_done=None
     return run
 
 
-def run_download(
-    spark, input_dir: Path, output_dir: Path, options: DownloadOptions, shard_rows: int = 10_000,
-    config: dict | None = None, image_bytes_column: str | None = None,
-) -> dict:
+def run_download(context: StageContext) -> StageOutput:
     """Download the image of every row; kept rows gain IMAGE_COLUMNS, failures go to the ledger with img2dataset's
-    status and message (reasons download_failed, download_refused, download_opt_out, image_rejected). With
-    `image_bytes_column`, the rows also carry their stored image's bytes in that column (parquet with images, as
-    img2dataset's parquet output), besides the tars."""
+    status and message (reasons download_failed, download_refused, download_opt_out, image_rejected). With the
+    option `image_bytes_column`, the rows also carry their stored image's bytes in that column (parquet with
+    images, as img2dataset's parquet output), besides the tars."""
     from pyspark.sql import functions as F
 
+    options = DownloadOptions.from_options(context.options)
+    shard_rows, image_bytes_column = context.options["shard_rows"], context.options["image_bytes_column"]
     if shard_rows < 1:
         raise ValueError(f"shard_rows must be positive, not {shard_rows}")
-    run = StageRun("download", STAGE_VERSION, config or {})
-    df = read_stage_data(spark, input_dir, None)
-    rows_in = read_stage_record(input_dir)["rows_out"]
+    # Not repartitioned: the rows are shuffled into one task per uid-range shard below.
+    df = context.spark.read.parquet(str(resolve_data_dir(context.input_dir)))
+    rows_in = context.rows_in
     shard_count = max(1, math.ceil(rows_in / shard_rows))
     if shard_count >= 10**download_ops.SHARD_DIGITS:
         raise ValueError(f"{shard_count} shards do not fit img2dataset's {download_ops.SHARD_DIGITS}-digit names; "
                          "raise shard_rows")
     data_columns = [c for c in df.columns if c not in IMAGE_COLUMNS]
 
-    with StageWriter(output_dir) as writer:
-        input_info = stage_input(input_dir, writer)
-        work_dir = writer.open_work_dir({"config": run.config, "input": input_info, "shards": shard_count})
-        images_dir = work_dir / IMAGES_DIR
-        images_dir.mkdir(exist_ok=True)
-        for leftover in images_dir.glob(".*.tmp-*"):
-            shutil.rmtree(leftover)  # an attempt killed mid-shard
-        done = sum(download_ops.is_shard_done(images_dir, shard) for shard in range(shard_count))
-        logger.info("download: %d rows in %d shards (%d already done) into %s", rows_in, shard_count, done, images_dir)
-        # Shard i is partition i (an identity partitioner; hashing shard ids would put two or three shards in some
-        # tasks, to be downloaded one after the other, and none in others), one Spark task per shard.
-        by_shard = (
-            df.select(F.expr(shard_of_prefix_expression(shard_count)).alias("_shard"), UID, URL, CAPTION).rdd
-            .map(lambda row: (row[0], (row[1], row[2], row[3])))
-            .partitionBy(shard_count, lambda shard: shard)
-        )
-        shards_done, rows_done = spark.sparkContext.accumulator(0), spark.sparkContext.accumulator(0)
-        worker = _download_worker(str(images_dir), options, shards_done, rows_done)
-        with Progress("download", shard_count, "shards") as progress, \
-                polling(lambda: progress.set(shards_done.value, note=f"{rows_done.value:,} rows")):
-            statuses = spark.createDataFrame(by_shard.mapPartitionsWithIndex(worker), _STATUS_SCHEMA).localCheckpoint()
-        tagged = df.select(*data_columns).join(statuses, UID, "left")
-        unreported = tagged.filter(F.col("_reason").isNull() & F.col("image_key").isNull()).limit(5).collect()
-        if unreported:
-            raise RuntimeError(f"download: img2dataset reported no status for uids {[r[UID] for r in unreported]}")
-        tagged = drop_where(untagged(tagged), F.col("_reason").isNotNull(), "download", F.col("_reason"),
-                            detail=F.col("_detail"))
-        written_columns = [*data_columns, *IMAGE_COLUMNS]
-        if image_bytes_column:
-            downloaded = tagged.filter(F.col(TAG_REASON).isNull())
-            tagged = tagged.join(image_bytes(downloaded, images_dir, image_bytes_column), UID, "left")
-            written_columns.append(image_bytes_column)
-        rows_out, drops = write_tagged(tagged, written_columns, str(writer.temp_dir), str(writer.ledger_dir))
-        record = run.record(input_info, rows_in, rows_out, drops,
-                            download={"shards": shard_count, "shards_resumed": done,
-                                      "options": download_ops.options_record(options)})
+    work_dir = context.work_dir({"config": context.config, "input": context.input_link(), "shards": shard_count})
+    images_dir = work_dir / IMAGES_DIR
+    images_dir.mkdir(exist_ok=True)
+    for leftover in images_dir.glob(".*.tmp-*"):
+        shutil.rmtree(leftover)  # an attempt killed mid-shard
+    done = sum(download_ops.is_shard_done(images_dir, shard) for shard in range(shard_count))
+    logger.info("download: %d rows in %d shards (%d already done) into %s", rows_in, shard_count, done, images_dir)
+    # Shard i is partition i (an identity partitioner; hashing shard ids would put two or three shards in some
+    # tasks, to be downloaded one after the other, and none in others), one Spark task per shard.
+    by_shard = (
+        df.select(F.expr(shard_of_prefix_expression(shard_count)).alias("_shard"), UID, URL, CAPTION).rdd
+        .map(lambda row: (row[0], (row[1], row[2], row[3])))
+        .partitionBy(shard_count, lambda shard: shard)
+    )
+    spark_context = context.spark.sparkContext
+    shards_done, rows_done = spark_context.accumulator(0), spark_context.accumulator(0)
+    worker = _download_worker(str(images_dir), options, shards_done, rows_done)
+    with Progress("download", shard_count, "shards") as progress, \
+            polling(lambda: progress.set(shards_done.value, note=f"{rows_done.value:,} rows")):
+        statuses = context.spark.createDataFrame(by_shard.mapPartitionsWithIndex(worker),
+                                                 _STATUS_SCHEMA).localCheckpoint()
+    tagged = df.select(*data_columns).join(statuses, UID, "left")
+    unreported = tagged.filter(F.col("_reason").isNull() & F.col("image_key").isNull()).limit(5).collect()
+    if unreported:
+        raise RuntimeError(f"download: img2dataset reported no status for uids {[r[UID] for r in unreported]}")
+    tagged = drop_where(untagged(tagged), F.col("_reason").isNotNull(), "download", F.col("_reason"),
+                        detail=F.col("_detail"))
+    written_columns = [*data_columns, *IMAGE_COLUMNS]
+    if image_bytes_column:
+        downloaded = tagged.filter(F.col(TAG_REASON).isNull())
+        tagged = tagged.join(image_bytes(downloaded, images_dir, image_bytes_column), UID, "left")
+        written_columns.append(image_bytes_column)
+
+    def move_images() -> None:
         for leftover in images_dir.glob(".*.tmp-*"):
             shutil.rmtree(leftover)  # an attempt Spark retried after its worker died
-        os.replace(images_dir, writer.artifacts_dir / IMAGES_DIR)
-        writer.commit(record)
-    return record
+        os.replace(images_dir, context.artifact(IMAGES_DIR))
+
+    return StageOutput(
+        rows=tagged, columns=written_columns, before_commit=move_images,
+        record={"download": {"shards": shard_count, "shards_resumed": done,
+                             "options": download_ops.options_record(options)}},
+    )

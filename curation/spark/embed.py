@@ -15,43 +15,19 @@ torch and open_clip are imported only inside the GPU package, inside the functio
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from curation.io import StageWriter, downloaded_images_dir, read_stage_record
+from curation.io import downloaded_images_dir, resolve_data_dir
+from curation.ops.embeddings import EmbedOptions
 from curation.schema import UID, Reason
-from curation.spark.common import StageRun, drop_where, untagged, write_tagged
-from curation.spark.stages import read_stage_data, stage_input
+from curation.spark.common import drop_where, untagged
+from curation.spark.executor import StageContext, StageOutput
 
 logger = logging.getLogger(__name__)
 
-STAGE_VERSION = 1
 EMBEDDINGS_DIR = "embeddings"
 CLIP_SCORE = "clip_score"
-ENGINES = ("local", "spark")
-# `pretrained` value that means random initialisation (tests, benchmarks): YAML null means "the default" here.
-RANDOM_INIT = "random"
-
-
-@dataclass(frozen=True)
-class EmbedOptions:
-    model: str = "ViT-B-32"
-    pretrained: str = "openai"
-    device: str = "auto"
-    precision: str = "auto"
-    batch_size: int = 256
-    num_workers: int = 2
-    engine: str = "local"
-
-    def __post_init__(self):
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, not {self.engine!r}")
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError("batch_size must be positive and num_workers >= 0")
-
-    @property
-    def weights(self) -> str | None:
-        return None if self.pretrained == RANDOM_INIT else self.pretrained
 
 
 _MODEL_CACHE: dict = {}
@@ -137,50 +113,45 @@ def _model_record(outputs: list[Path]) -> dict | None:
     return read_shard_metadata(outputs[0])["model"] if outputs else None
 
 
-def run_embed(spark, input_dir: Path, output_dir: Path, options: EmbedOptions, config: dict | None = None) -> dict:
+def run_embed(context: StageContext) -> StageOutput:
     """Embed every row's downloaded image and caption; rows gain clip_score, samples that cannot be embedded go to
     the ledger (embed_failed, with the reason)."""
     from pyspark.sql import functions as F
 
-    run = StageRun("embed", STAGE_VERSION, config or {})
-    df = read_stage_data(spark, input_dir, None)
+    spark, input_dir = context.spark, context.input_dir
+    options = EmbedOptions.from_options(context.options)
+    # Not repartitioned: the engines group the rows by image tar themselves.
+    df = spark.read.parquet(str(resolve_data_dir(input_dir)))
     for column in ("image_shard", "image_key"):
         if column not in df.columns:
             raise ValueError(f"{input_dir} rows have no {column}: embed reads the images of a download stage")
     images_dir = downloaded_images_dir(input_dir)
     data_columns = [c for c in df.columns if c != CLIP_SCORE]
-    rows_in = read_stage_record(input_dir)["rows_out"]
     shard_names = sorted(row[0] for row in df.select("image_shard").distinct().collect())
 
-    with StageWriter(output_dir) as writer:
-        input_info = stage_input(input_dir, writer)
-        work_dir = writer.open_work_dir({"config": run.config, "input": input_info})
-        embeddings_dir = work_dir / EMBEDDINGS_DIR
-        embeddings_dir.mkdir(exist_ok=True)
-        logger.info("embed: %d rows in %d shards with %s (%s), %s engine", rows_in, len(shard_names),
-                    options.model, options.pretrained, options.engine)
-        if shard_names and options.engine == "spark":
-            _embed_with_spark(spark, df, images_dir, embeddings_dir, shard_names, options)
-        elif shard_names:
-            _embed_locally(df, images_dir, embeddings_dir, options)
+    embeddings_dir = context.work_dir({"config": context.config, "input": context.input_link()}) / EMBEDDINGS_DIR
+    embeddings_dir.mkdir(exist_ok=True)
+    logger.info("embed: %d rows in %d shards with %s (%s), %s engine", context.rows_in, len(shard_names),
+                options.model, options.pretrained, options.engine)
+    if shard_names and options.engine == "spark":
+        _embed_with_spark(spark, df, images_dir, embeddings_dir, shard_names, options)
+    elif shard_names:
+        _embed_locally(df, images_dir, embeddings_dir, options)
 
-        outputs = sorted(embeddings_dir.glob("*.parquet"))
-        scores = spark.read.schema(f"{UID} string, {CLIP_SCORE} float").parquet(*map(str, outputs)) if outputs \
-            else spark.createDataFrame([], f"{UID} string, {CLIP_SCORE} float")
-        tagged = (
-            df.select(*data_columns).join(scores, UID, "left")
-            .join(_failures(spark, embeddings_dir, images_dir), ["image_shard", "image_key"], "left")
-        )
-        unreported = tagged.filter(F.col(CLIP_SCORE).isNull() & F.col("_failure").isNull()).limit(5).collect()
-        if unreported:
-            raise RuntimeError(f"embed: no embedding and no failure for uids {[row[UID] for row in unreported]}")
-        tagged = drop_where(untagged(tagged), F.col(CLIP_SCORE).isNull(), "embed", Reason.EMBED_FAILED,
-                            detail=F.col("_failure"))
-        rows_out, drops = write_tagged(tagged, [*data_columns, CLIP_SCORE], str(writer.temp_dir),
-                                       str(writer.ledger_dir))
-        model_record = _model_record(outputs)
-        record = run.record(input_info, rows_in, rows_out, drops,
-                            embed={"options": asdict(options), "model": model_record, "shards": len(shard_names)})
-        os.replace(embeddings_dir, writer.artifacts_dir / EMBEDDINGS_DIR)
-        writer.commit(record)
-    return record
+    outputs = sorted(embeddings_dir.glob("*.parquet"))
+    scores = spark.read.schema(f"{UID} string, {CLIP_SCORE} float").parquet(*map(str, outputs)) if outputs \
+        else spark.createDataFrame([], f"{UID} string, {CLIP_SCORE} float")
+    tagged = (
+        df.select(*data_columns).join(scores, UID, "left")
+        .join(_failures(spark, embeddings_dir, images_dir), ["image_shard", "image_key"], "left")
+    )
+    unreported = tagged.filter(F.col(CLIP_SCORE).isNull() & F.col("_failure").isNull()).limit(5).collect()
+    if unreported:
+        raise RuntimeError(f"embed: no embedding and no failure for uids {[row[UID] for row in unreported]}")
+    tagged = drop_where(untagged(tagged), F.col(CLIP_SCORE).isNull(), "embed", Reason.EMBED_FAILED,
+                        detail=F.col("_failure"))
+    return StageOutput(
+        rows=tagged, columns=[*data_columns, CLIP_SCORE],
+        before_commit=lambda: os.replace(embeddings_dir, context.artifact(EMBEDDINGS_DIR)),
+        record={"embed": {"options": asdict(options), "model": _model_record(outputs), "shards": len(shard_names)}},
+    )

@@ -13,11 +13,9 @@ the outcome does not depend on the partitioning:
 """
 
 import logging
-from pathlib import Path
 
 import pyarrow as pa
 
-from curation.io import StageWriter, read_stage_record
 from curation.ops.filters import (
     CLIP_SCORE,
     RULES,
@@ -28,20 +26,11 @@ from curation.ops.filters import (
     top_keep_count,
 )
 from curation.schema import CAPTION, UID, Reason
-from curation.spark.common import (
-    StageRun,
-    arrow_schema_of,
-    spark_schema,
-    tag_dropped,
-    tag_kept,
-    with_tags,
-    write_tagged,
-)
-from curation.spark.stages import read_stage_data, stage_input
+from curation.spark.executor import StageContext
+from curation.spark.rowfilter import FilterPlan
 
 logger = logging.getLogger(__name__)
 
-STAGE_VERSIONS = {"filter": 1}
 # The per-row count of a boilerplate caption over the whole input (null: not above max_caption_repeats).
 CAPTION_REPEATS = "_filter_caption_repeats"
 # How many of the most repeated boilerplate captions the stage record names.
@@ -108,32 +97,13 @@ def _boilerplate_summary(repeated) -> dict:
     }
 
 
-def _filter_worker(options: FilterOptions, cutoff: TopCutoff | None, schema: pa.Schema):
-    def run(batches):
-        for batch in batches:
-            table = pa.Table.from_batches([batch])
-            repeats = table.column(CAPTION_REPEATS) if CAPTION_REPEATS in table.column_names else None
-            kept, dropped = apply_filter(table, options, top_cutoff=cutoff, caption_repeats=repeats)
-            yield tag_kept(kept, schema)
-            yield tag_dropped(dropped[UID], "filter", dropped["reason"], schema, details=dropped["detail"])
-
-    return run
-
-
-def run_filter(
-    spark, input_dir: Path, output_dir: Path, options: dict, partitions: int | None = None, config: dict | None = None,
-) -> dict:
+def filter_plan(context: StageContext, df) -> FilterPlan:
     """Drop the rows failing an attribute rule (`curation.ops.filters`), each with the first failing rule's reason
     and a detail of the measured value and the threshold; the record's `filter` summary gives each active rule's
     threshold and drops."""
-    rules = FilterOptions.from_options(options)
-    run = StageRun("filter", STAGE_VERSIONS["filter"], config or {"stage": "filter", **options})
-    df = read_stage_data(spark, input_dir, partitions)
+    rules = FilterOptions.from_options(context.options)
     columns = rule_columns(rules, df.columns)
-    rows_in = read_stage_record(input_dir)["rows_out"]
-    data_schema = arrow_schema_of(df)
-    schema = with_tags(data_schema)
-
+    rows_in = context.rows_in
     summary: dict[str, dict] = {}
     cutoff = None
     if rules.clip_score_top_fraction is not None:
@@ -141,29 +111,26 @@ def run_filter(
         summary[Reason.CLIP_SCORE_NOT_TOP] = cutoff.summary()
         logger.info("filter: the top %d of %d rows by clip_score end at score %s (uid %s)", cutoff.keep_count,
                     rows_in, cutoff.score, cutoff.uid)
-    rows, repeated = df, None
-    try:
-        if rules.max_caption_repeats is not None:
-            # Few rows (each stands for more than max_caption_repeats input rows): kept for the summary and the join.
-            repeated = boilerplate_captions(df, rules.max_caption_repeats).persist()
-            summary[Reason.BOILERPLATE_CAPTION] = _boilerplate_summary(repeated)
-            rows = df.join(repeated, CAPTION, "left")
-        tagged = rows.mapInArrow(_filter_worker(rules, cutoff, schema), spark_schema(schema))
-        with StageWriter(output_dir) as writer:
-            rows_out, drops = write_tagged(tagged, data_schema.names, str(writer.temp_dir), str(writer.ledger_dir))
-            filter_summary = {
-                "rules": {
-                    reason: {option: getattr(rules, option), "columns": list(columns[reason]),
-                             **summary.get(reason, {}), "dropped": drops.get(reason, 0)}
-                    for reason, option in RULES if reason in columns
-                },
-                "order": [reason for reason, _ in RULES if reason in columns],
-                "off": [reason for reason, _ in RULES if reason not in columns],
-            }
-            record = run.record(stage_input(input_dir, writer), rows_in, rows_out, drops, filter=filter_summary)
-            writer.commit(record)
-    finally:
-        if repeated is not None:
-            repeated.unpersist()
-    return record
+    rows = df
+    if rules.max_caption_repeats is not None:
+        # Few rows (each stands for more than max_caption_repeats input rows): kept for the summary and the join.
+        repeated = context.persist(boilerplate_captions(df, rules.max_caption_repeats))
+        summary[Reason.BOILERPLATE_CAPTION] = _boilerplate_summary(repeated)
+        rows = df.join(repeated, CAPTION, "left")
 
+    def keep(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+        repeats = table.column(CAPTION_REPEATS) if CAPTION_REPEATS in table.column_names else None
+        return apply_filter(table, rules, top_cutoff=cutoff, caption_repeats=repeats)
+
+    def filter_summary(drops: dict[str, int]) -> dict:
+        return {"filter": {
+            "rules": {
+                reason: {option: getattr(rules, option), "columns": list(columns[reason]),
+                         **summary.get(reason, {}), "dropped": drops.get(reason, 0)}
+                for reason, option in RULES if reason in columns
+            },
+            "order": [reason for reason, _ in RULES if reason in columns],
+            "off": [reason for reason, _ in RULES if reason not in columns],
+        }}
+
+    return FilterPlan(keep=keep, rows=rows, with_drops=filter_summary)

@@ -6,12 +6,10 @@ a Spark shuffle, groups by distributed connected components). The survivor of a 
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from curation.io import StageWriter, read_stage_record
 from curation.ops.imagehash import (
     DecodeFailure,
     chunk_keys,
@@ -21,15 +19,14 @@ from curation.ops.imagehash import (
     perceptual_hash,
 )
 from curation.schema import TAG_REASON, UID, Reason
-from curation.spark.common import StageRun, drop_where, untagged, write_tagged
+from curation.spark.common import drop_where, untagged
 from curation.spark.components import connected_components
 from curation.spark.dedup import keep_first_per_key, pair_worker
 from curation.spark.download import row_images
-from curation.spark.stages import read_stage_data, stage_input
+from curation.spark.executor import StageContext, StageOutput
 
 logger = logging.getLogger(__name__)
 
-STAGE_VERSION = 1
 IMAGE_COLUMNS = ["image_sha256", "image_phash", "image_width", "image_height", "image_dup_group"]
 
 
@@ -87,10 +84,7 @@ def _hamming_worker(max_distance: int):
     return run
 
 
-def run_dedup_image(
-    spark, input_dir: Path, output_dir: Path, image_column: str = "jpg", max_distance: int = 4,
-    max_anchors: int = 8, full_pairs_limit: int = 64, partitions: int | None = None, config: dict | None = None,
-) -> dict:
+def run_dedup_image(context: StageContext) -> StageOutput:
     """Drop exact (`duplicate_image_bytes`) and perceptual (`near_duplicate_image`) image duplicates and images
     that do not decode (`undecodable_image`); keep one per group, the largest. Adds IMAGE_COLUMNS.
 
@@ -98,11 +92,12 @@ def run_dedup_image(
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    options = context.typed
+    image_column, max_distance = options.image_column, options.max_distance
     if not 0 <= max_distance <= 31:
         raise ValueError(f"max_distance must be in 0..31, got {max_distance}")
-    run = StageRun("dedup_image", STAGE_VERSION, config or {})
-    df = read_stage_data(spark, input_dir, partitions)
-    images, _ = row_images(df, input_dir, image_column, partitions)
+    df = context.read_rows()
+    images, _ = row_images(df, context.input_dir, image_column, context.partitions)
     data_columns = [c for c in df.columns if c not in IMAGE_COLUMNS]
     fingerprints = images.mapInArrow(
         _fingerprint_worker,
@@ -125,7 +120,8 @@ def run_dedup_image(
         keys.groupBy("key").agg(F.sort_array(F.collect_list(UID)).alias("members"))
         .filter(F.size("members") > 1).select("members")
     )
-    pairs = buckets.mapInArrow(pair_worker(max_anchors, full_pairs_limit), "a string, b string").distinct()
+    pairs = buckets.mapInArrow(pair_worker(options.max_anchors, options.full_pairs_limit),
+                               "a string, b string").distinct()
     hash_a = survivors.select(F.col(UID).alias("a"), F.col("image_phash").alias("hash_a"))
     hash_b = survivors.select(F.col(UID).alias("b"), F.col("image_phash").alias("hash_b"))
     edges = (
@@ -145,12 +141,7 @@ def run_dedup_image(
     tagged = drop_where(tagged, F.col(TAG_REASON).isNull() & (F.col("_rank") > 1), "dedup_image",
                         Reason.NEAR_DUPLICATE_IMAGE, F.col("_survivor"), detail)
 
-    with StageWriter(output_dir) as writer:
-        rows_out, drops = write_tagged(tagged, [*data_columns, *IMAGE_COLUMNS], str(writer.temp_dir),
-                                       str(writer.ledger_dir))
-        rows_in = read_stage_record(input_dir)["rows_out"]
-        record = run.record(stage_input(input_dir, writer), rows_in, rows_out, drops,
-                            dedup_image={"max_distance": max_distance, "image_column": image_column,
-                                         "edges": edges.count()})
-        writer.commit(record)
-    return record
+    return StageOutput(
+        rows=tagged, columns=[*data_columns, *IMAGE_COLUMNS],
+        record={"dedup_image": {"max_distance": max_distance, "image_column": image_column, "edges": edges.count()}},
+    )

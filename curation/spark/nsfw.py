@@ -11,28 +11,27 @@ process builds one onnxruntime session and reuses it across tasks. A score depen
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from curation.io import StageWriter, read_stage_record
 from curation.schema import UID, Reason
-from curation.spark.common import StageRun, drop_where, untagged, write_tagged
 from curation.spark.download import row_images
-from curation.spark.stages import read_stage_data, stage_input
+from curation.spark.executor import StageContext
+from curation.spark.rowfilter import DROPPED_DETAIL, DROPPED_REASON, FilterPlan
 
 logger = logging.getLogger(__name__)
 
-STAGE = "nsfw"
-STAGE_VERSION = 1
 SCORE_COLUMN = "nsfw_score"
-DEFAULT_IMAGE_COLUMN = "jpg"
+IMAGE_COLUMN = "jpg"
 HISTOGRAM_BINS = 10
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 # The model's own decision threshold (opennsfw's default); counted in the record even when nothing is dropped.
 MODEL_THRESHOLD = 0.5
-_SCORE_SCHEMA = f"{UID} string, {SCORE_COLUMN} float, _decode_failure string, _provider string"
+_DECODE_FAILURE = "_decode_failure"  # the ledger detail of an image that did not decode
+_OVER_MAX_SCORE = "_over_max_score"  # the ledger detail of a score above max_score
+_SCORE_SCHEMA = f"{UID} string, {SCORE_COLUMN} float, {_DECODE_FAILURE} string, _provider string"
 
 _MODEL_CACHE: dict = {}
 
@@ -58,29 +57,10 @@ def _score_worker(device: str, threads: int | None, jpeg_reencode: bool, batch_s
             yield pa.RecordBatch.from_arrays(
                 [batch.column(0), pa.array(result.scores, pa.float32(), mask=np.isnan(result.scores)),
                  pa.array(failures, pa.string()), pa.array([model.provider] * len(batch), pa.string())],
-                names=[UID, SCORE_COLUMN, "_decode_failure", "_provider"],
+                names=[UID, SCORE_COLUMN, _DECODE_FAILURE, "_provider"],
             )
 
     return run
-
-
-def _options(options: dict) -> tuple[float | None, int, str, int | None, bool, str]:
-    from curation.gpu.nsfw import DEVICES
-
-    max_score = None if options.get("max_score") is None else float(options["max_score"])
-    batch_size = int(options.get("batch_size", 64))
-    device = str(options.get("device", "auto"))
-    threads = None if options.get("threads") is None else int(options["threads"])
-    if max_score is not None and not 0.0 <= max_score <= 1.0:
-        raise ValueError(f"nsfw max_score must be in [0, 1] (a probability), got {max_score}")
-    if batch_size < 1:
-        raise ValueError(f"nsfw batch_size must be at least 1, got {batch_size}")
-    if device not in DEVICES:
-        raise ValueError(f"nsfw device must be one of {', '.join(DEVICES)}, not {device!r}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"nsfw threads must be at least 1, got {threads}")
-    return (max_score, batch_size, device, threads, bool(options.get("jpeg_reencode", True)),
-            str(options.get("image_column") or DEFAULT_IMAGE_COLUMN))
 
 
 ROWS_PER_SCORING_TASK = 1000
@@ -101,46 +81,56 @@ def scoring_tasks(rows: int, parallelism: int, partitions: int | None) -> int:
     return max(parallelism, min(-(-rows // ROWS_PER_SCORING_TASK), parallelism * MAX_SCORING_TASKS_PER_CORE))
 
 
-def run_nsfw(spark, input_dir: Path, output_dir: Path, options: dict, partitions: int | None, config: dict) -> dict:
-    """Add `nsfw_score` (float32 in [0, 1]) to every row, replacing an existing one; with `options["max_score"]`
-    drop the rows above it (`nsfw`); drop rows whose image does not decode (`undecodable_image`)."""
+def nsfw_plan(context: StageContext, df) -> FilterPlan:
+    """Add `nsfw_score` (float32 in [0, 1]) to every row, replacing an existing one; with `max_score` drop the rows
+    above it (`nsfw`); drop rows whose image does not decode (`undecodable_image`)."""
     from pyspark.sql import functions as F
 
     from curation.gpu.nsfw import model_identity, model_path
 
-    max_score, batch_size, device, threads, jpeg_reencode, image_column = _options(options)
-    run = StageRun(STAGE, STAGE_VERSION, config or {})
+    options = context.typed
+    max_score = None if options.max_score is None else float(options.max_score)
     model_path()  # fail here, not in every task, when the model file is missing or not the pinned one
-    df = read_stage_data(spark, input_dir, partitions)
-    tasks = scoring_tasks(read_stage_record(input_dir)["rows_out"], spark.sparkContext.defaultParallelism,
-                          partitions)
-    images, source = row_images(df, input_dir, image_column, tasks)
-    data_columns = [c for c in df.columns if c != SCORE_COLUMN]
+    tasks = scoring_tasks(context.rows_in, context.spark.sparkContext.defaultParallelism, context.partitions)
+    images, source = row_images(df, context.input_dir, IMAGE_COLUMN, tasks)
 
     started = time.perf_counter()
-    scores = images.mapInArrow(_score_worker(device, threads, jpeg_reencode, batch_size), _SCORE_SCHEMA)
+    scores = images.mapInArrow(
+        _score_worker(options.device, options.threads, options.jpeg_reencode, options.batch_size), _SCORE_SCHEMA)
     scores = scores.localCheckpoint()  # the model runs once; the record's summary reads the scores again
     seconds = time.perf_counter() - started
 
-    tagged = untagged(df.select(*data_columns).join(scores, UID))
-    tagged = drop_where(tagged, F.col("_decode_failure").isNotNull(), STAGE, Reason.UNDECODABLE_IMAGE,
-                        detail=F.col("_decode_failure"))
+    # The threshold test and its detail are Spark's (a double comparison, Spark's JSON of the numbers), as the
+    # ledger has always had them.
+    over = F.lit(None).cast("string")
     if max_score is not None:
-        detail = F.to_json(F.struct(F.col(SCORE_COLUMN).cast("double").alias("nsfw_score"),
-                                    F.lit(max_score).alias("max_score")))
-        tagged = drop_where(tagged, F.col(SCORE_COLUMN) > max_score, STAGE, Reason.NSFW, detail=detail)
+        over = F.when(F.col(SCORE_COLUMN) > max_score, F.to_json(F.struct(
+            F.col(SCORE_COLUMN).cast("double").alias("nsfw_score"), F.lit(max_score).alias("max_score"))))
+    rows = df.drop(SCORE_COLUMN).join(scores, UID).withColumn(_OVER_MAX_SCORE, over)
 
     summary = _summary(scores, seconds)
-    with StageWriter(output_dir) as writer:
-        rows_out, drops = write_tagged(tagged, [*data_columns, SCORE_COLUMN], str(writer.temp_dir),
-                                       str(writer.ledger_dir))
-        rows_in = read_stage_record(input_dir)["rows_out"]
-        record = run.record(stage_input(input_dir, writer), rows_in, rows_out, drops, nsfw={
-            **model_identity(), "providers": summary.pop("providers"), "threads": threads, "batch_size": batch_size,
-            "jpeg_reencode": jpeg_reencode, "max_score": max_score, "image_source": source, **summary,
-        })
-        writer.commit(record)
-    return record
+    return FilterPlan(
+        keep=_keep,
+        rows=rows,
+        added=[pa.field(SCORE_COLUMN, pa.float32())],
+        record={"nsfw": {
+            **model_identity(), "providers": summary.pop("providers"), "threads": options.threads,
+            "batch_size": options.batch_size, "jpeg_reencode": options.jpeg_reencode, "max_score": max_score,
+            "image_source": source, **summary,
+        }},
+    )
+
+
+def _keep(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Rows whose image did not decode are dropped as undecodable_image, then those above max_score as nsfw."""
+    failure, over = table.column(_DECODE_FAILURE), table.column(_OVER_MAX_SCORE)
+    dropped = pc.or_(pc.is_valid(failure), pc.is_valid(over))
+    undecodable = pc.is_valid(failure.filter(dropped))
+    return table.filter(pc.invert(dropped)), pa.table({
+        UID: table.column(UID).filter(dropped),
+        DROPPED_REASON: pc.if_else(undecodable, Reason.UNDECODABLE_IMAGE, Reason.NSFW),
+        DROPPED_DETAIL: pc.coalesce(failure.filter(dropped), over.filter(dropped)),
+    })
 
 
 def _summary(scores, seconds: float) -> dict:
@@ -150,7 +140,7 @@ def _summary(scores, seconds: float) -> dict:
     score = F.col(SCORE_COLUMN)
     bin_of = F.least(F.floor(score * HISTOGRAM_BINS).cast("int"), F.lit(HISTOGRAM_BINS - 1))
     totals = scores.agg(
-        F.count(score).alias("scored"), F.count(F.col("_decode_failure")).alias("undecodable"),
+        F.count(score).alias("scored"), F.count(F.col(_DECODE_FAILURE)).alias("undecodable"),
         F.min(score).alias("min"), F.max(score).alias("max"), F.mean(score).alias("mean"),
         F.count(F.when(score >= MODEL_THRESHOLD, True)).alias("at_least_model_threshold"),
         F.percentile_approx(score, list(QUANTILES), 100_000).alias("quantiles"),

@@ -21,12 +21,9 @@ import pyarrow.parquet as pq
 
 from curation.io import (
     LEDGER_DIR,
-    StageWriter,
     atomic_write_json,
     canonical_json,
     downloaded_images_dir,
-    fingerprint_files,
-    list_files,
     resolve_data_dir,
     sha256_of_json,
     stage_chain,
@@ -34,11 +31,11 @@ from curation.io import (
 from curation.manifest import MANIFEST_NAME, build_manifest, file_entry, tar_entry
 from curation.ops import tars as tar_ops
 from curation.schema import CAPTION, LEDGER_SCHEMA, UID
-from curation.spark.common import StageRun, arrow_schema_of
+from curation.spark.common import arrow_schema_of
+from curation.spark.executor import StageContext, StageOutput
 
 logger = logging.getLogger(__name__)
 
-PUBLISH_VERSION = 1
 SHARD_ROW_GROUP_ROWS = 65_536
 _UID_PREFIX_SPAN = 1 << 60
 IMAGE_SHARDS_DIR = "images"
@@ -49,10 +46,6 @@ def shard_of_prefix_expression(shard_count: int) -> str:
     """Spark SQL giving the shard of a row from its uid (integer arithmetic only, so exact everywhere)."""
     width = -(-_UID_PREFIX_SPAN // shard_count)
     return f"cast(div(cast(conv(substring({UID}, 1, 15), 16, 10) as bigint), {width}) as int)"
-
-
-def shard_of_uid(uid: str, shard_count: int) -> int:
-    return int(uid[:15], 16) // -(-_UID_PREFIX_SPAN // shard_count)
 
 
 def write_parquet_shard(table: pa.Table, path: Path) -> None:
@@ -172,18 +165,15 @@ def _stage_summary(folder: Path, record: dict) -> dict:
     }
 
 
-def run_publish(
-    spark, input_dir: Path, output_dir: Path, shard_rows: int = 100_000, name: str = "curation-release",
-    config: dict | None = None, run_config: dict | None = None,
-) -> dict:
-    """Write the release folder: shards/, ledger/, manifest.json (and the stage record, `_SUCCESS` last)."""
+def run_publish(context: StageContext) -> StageOutput:
+    """Write the release folder: shards/, ledger/, manifest.json (the executor adds the record, `_SUCCESS` last)."""
+    spark, input_dir, config, run_config = context.spark, context.input_dir, context.config, context.run_config
+    shard_rows = context.options["shard_rows"]
     if shard_rows < 1:
         raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
-    run = StageRun("publish", PUBLISH_VERSION, config or {})
     chain = stage_chain(input_dir)
-    last_folder, last_record = chain[-1]
-    data_dir = resolve_data_dir(input_dir)
-    data_df = spark.read.parquet(str(data_dir))
+    last_record = chain[-1][1]
+    data_df = spark.read.parquet(str(resolve_data_dir(input_dir)))
     # With downloaded images the release carries them as tars; the rows' pointers into the run's download tars
     # mean nothing outside the run and are left out.
     images_dir = downloaded_images_dir(input_dir) if "image_shard" in data_df.columns else None
@@ -195,59 +185,52 @@ def run_publish(
     ).parquet(*ledger_folders)
     ledger_rows = sum(record["rows_in"] - record["rows_out"] for _, record in chain)
 
-    with StageWriter(output_dir) as writer:
-        written = write_uid_shards(
-            data_df, last_record["rows_out"], shard_rows, writer.temp_dir / "shards", "shard", data_schema, [UID],
-            images_dir,
-        )
-        shard_paths = [path for path, _ in written]
-        image_shards = [tar_entry(writer.temp_dir, tar, rows=file_entry(writer.temp_dir, path)["rows"])
-                        for path, tar in written if tar is not None]
-        ledger_paths = [path for path, _ in write_uid_shards(
-            ledger_df, ledger_rows, shard_rows, writer.temp_dir / "ledger", "ledger", LEDGER_SCHEMA,
-            ["uid", "stage", "reason", "related_uid", "detail"],
-        )]
-        ingest_record = chain[0][1]
-        inputs = [
-            {**f, "fingerprint": ingest_record["input"]["fingerprint"]} for f in ingest_record["input"]["files"]
-        ]
-        metadata = next((r["metadata"] for _, r in reversed(chain) if r["stage"] == "match"), None)
-        balancing_points = [{"stage_folder": folder.name, "rows_in": r["rows_in"], "rows_out": r["rows_out"],
-                             **r["balancing"]} for folder, r in chain if r["stage"] == "balance"]
-        # Spark settings (master, partitions) change how, not what: they are recorded as volatile execution data.
-        execution = {"spark": (run_config or {}).get("spark"), "spark_version": spark.version}
-        config_for_manifest = (
-            {k: v for k, v in run_config.items() if k != "spark"} if run_config is not None
-            else {"publish": config or {}}
-        )
+    release_dir = context.building_dir
+    written = write_uid_shards(
+        data_df, last_record["rows_out"], shard_rows, context.output_path("shards"), "shard", data_schema, [UID],
+        images_dir,
+    )
+    shard_paths = [path for path, _ in written]
+    image_shards = [tar_entry(release_dir, tar, rows=file_entry(release_dir, path)["rows"])
+                    for path, tar in written if tar is not None]
+    ledger_paths = [path for path, _ in write_uid_shards(
+        ledger_df, ledger_rows, shard_rows, context.output_path("ledger"), "ledger", LEDGER_SCHEMA,
+        ["uid", "stage", "reason", "related_uid", "detail"],
+    )]
+    ingest_record = chain[0][1]
+    inputs = [
+        {**f, "fingerprint": ingest_record["input"]["fingerprint"]} for f in ingest_record["input"]["files"]
+    ]
+    metadata = next((r["metadata"] for _, r in reversed(chain) if r["stage"] == "match"), None)
+    balancing_points = [{"stage_folder": folder.name, "rows_in": r["rows_in"], "rows_out": r["rows_out"],
+                         **r["balancing"]} for folder, r in chain if r["stage"] == "balance"]
+    # Spark settings (master, partitions) change how, not what: they are recorded as volatile execution data.
+    execution = {"spark": (run_config or {}).get("spark"), "spark_version": spark.version}
+    config_for_manifest = (
+        {k: v for k, v in run_config.items() if k != "spark"} if run_config is not None
+        else {"publish": config}
+    )
 
-        manifest = build_manifest(
-            name=name,
-            config=config_for_manifest,
-            config_sha256=sha256_of_json(config_for_manifest),
-            inputs=inputs,
-            skipped_inputs=ingest_record["input"].get("skipped_files", []),
-            stages=[_stage_summary(folder, record) for folder, record in chain],
-            shards=[file_entry(writer.temp_dir, p) for p in shard_paths],
-            image_shards=image_shards,
-            ledger_files=[file_entry(writer.temp_dir, p) for p in ledger_paths],
-            metadata=metadata and {**metadata, "path": Path(metadata["path"]).name},
-            balancing=balancing_points[-1] if balancing_points else None,
-            balancing_points=balancing_points,
-            execution=execution,
-        )
+    manifest = build_manifest(
+        name=context.options["name"],
+        config=config_for_manifest,
+        config_sha256=sha256_of_json(config_for_manifest),
+        inputs=inputs,
+        skipped_inputs=ingest_record["input"].get("skipped_files", []),
+        stages=[_stage_summary(folder, record) for folder, record in chain],
+        shards=[file_entry(release_dir, p) for p in shard_paths],
+        image_shards=image_shards,
+        ledger_files=[file_entry(release_dir, p) for p in ledger_paths],
+        metadata=metadata and {**metadata, "path": Path(metadata["path"]).name},
+        balancing=balancing_points[-1] if balancing_points else None,
+        balancing_points=balancing_points,
+        execution=execution,
+    )
 
-        atomic_write_json(writer.temp_dir / MANIFEST_NAME, manifest)
-        totals = manifest["totals"]
-        if totals["rows_in"] != totals["rows_published"] + totals["rows_in_ledger"]:
-            raise RuntimeError(f"ledger invariant broken at publish: {totals}")
-        input_info = {
-            "stage": writer.link_to(last_folder),
-            "fingerprint": fingerprint_files(list_files(data_dir)),
-        }
-        record = run.record(input_info, last_record["rows_out"], totals["rows_published"], {},
-                            manifest=MANIFEST_NAME, shards=len(shard_paths))
-        writer.commit(record)
-    logger.info("published %d rows in %d shards to %s", totals["rows_published"], len(shard_paths), output_dir)
-    return record
-
+    atomic_write_json(context.output_path(MANIFEST_NAME), manifest)
+    totals = manifest["totals"]
+    if totals["rows_in"] != totals["rows_published"] + totals["rows_in_ledger"]:
+        raise RuntimeError(f"ledger invariant broken at publish: {totals}")
+    logger.info("published %d rows in %d shards", totals["rows_published"], len(shard_paths))
+    return StageOutput(rows_out=totals["rows_published"],
+                       record={"manifest": MANIFEST_NAME, "shards": len(shard_paths)})

@@ -11,45 +11,28 @@ distributed pass with the centroids broadcast. Per-cluster work (SemDeDup, choos
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.io import ARTIFACTS_DIR, StageWriter, find_upstream, read_stage_record
+from curation.io import ARTIFACTS_DIR, find_upstream
 from curation.ops import embeddings as embedding_ops
 from curation.ops import prune as prune_ops
 from curation.ops import semdedup as semdedup_ops
 from curation.ops.embeddings import EMBEDDING_COLUMN
 from curation.ops.uid import uniform
 from curation.schema import UID, Reason
-from curation.spark.common import StageRun, drop_where, untagged, write_tagged
-from curation.spark.stages import read_stage_data, stage_input
+from curation.spark.common import drop_where, untagged
+from curation.spark.executor import StageContext, StageOutput
 
 logger = logging.getLogger(__name__)
 
-STAGE_VERSIONS = {"cluster": 1, "semdedup": 1, "prune": 1}
 CLUSTER = "cluster"
 CENTROID_SIMILARITY = "centroid_similarity"
 SAMPLE_PURPOSE = "kmeans_sample"
 PRUNE_DRAW_PURPOSE = "prune_random"
-
-
-@dataclass(frozen=True)
-class KMeansOptions:
-    k: int = 1000
-    sample_size: int = 500_000
-    iterations: int = 20
-    threads: int = 4
-    device: str = "auto"
-    init: str = "random"
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.k < 1 or self.sample_size < 1 or self.iterations < 1 or self.threads < 1:
-            raise ValueError("k, sample_size, iterations and threads must be positive")
 
 
 def _embedding_reader(batches):
@@ -86,14 +69,15 @@ def _sample_worker(seed: int, fraction: float):
     return run
 
 
-def fit_centroids(emb_df, rows: int, options: KMeansOptions, purpose_seed: int):
-    """Spherical k-means on a uniform sample of about `options.sample_size` rows (KMeansResult, sample rows)."""
+def fit_centroids(emb_df, rows: int, options):
+    """Spherical k-means on a uniform sample of about `options.sample_size` rows, drawn by u(seed, uid) (KMeansResult,
+    sample rows). `options` is the cluster or prune stage's typed options (both have the k-means fields and `k`)."""
     from curation.gpu import faiss_seam
 
     fraction = min(1.0, options.sample_size / max(rows, 1))
     sample = (
         emb_df.select(UID, EMBEDDING_COLUMN)
-        .mapInArrow(_sample_worker(purpose_seed, fraction), f"{UID} string, {EMBEDDING_COLUMN} binary")
+        .mapInArrow(_sample_worker(options.seed, fraction), f"{UID} string, {EMBEDDING_COLUMN} binary")
         .toArrow()
         .sort_by(UID)
     )
@@ -133,15 +117,15 @@ def _assign_worker(centroids_broadcast, device: str):
     return run
 
 
-def assign_all(spark, emb_df, centroids: np.ndarray, device: str):
+def assign_all(context: StageContext, emb_df, centroids: np.ndarray, device: str):
     """(uid, cluster, centroid_similarity) of every row: the nearest centroid by cosine."""
-    centroids_broadcast = spark.sparkContext.broadcast(centroids)
+    centroids_broadcast = context.broadcast(centroids)
     return emb_df.select(UID, EMBEDDING_COLUMN).mapInArrow(
         _assign_worker(centroids_broadcast, device), f"{UID} string, {CLUSTER} int, {CENTROID_SIMILARITY} float"
     )
 
 
-def _kmeans_record(result, sample_rows: int, options: KMeansOptions) -> dict:
+def _kmeans_record(result, sample_rows: int, options) -> dict:
     return {
         "k": int(result.centroids.shape[0]), "sample_rows": sample_rows,
         "max_points_per_centroid": result.max_points_per_centroid, "iterations": result.iterations,
@@ -150,17 +134,13 @@ def _kmeans_record(result, sample_rows: int, options: KMeansOptions) -> dict:
     }
 
 
-def _write_without_rows(run: StageRun, df, input_dir: Path, output_dir: Path, columns: dict[str, str]) -> dict:
-    """The stage folder of an empty input (every row was dropped upstream): no rows, the stage's columns added."""
+def _without_rows(df, columns: dict[str, str]) -> StageOutput:
+    """The output of an empty input (every row was dropped upstream): no rows, the stage's columns added."""
     from pyspark.sql import functions as F
 
     for name, kind in columns.items():
         df = df.withColumn(name, F.lit(None).cast(kind))
-    with StageWriter(output_dir) as writer:
-        write_tagged(untagged(df), df.columns, str(writer.temp_dir), str(writer.ledger_dir))
-        record = run.record(stage_input(input_dir, writer), 0, 0, {})
-        writer.commit(record)
-    return record
+    return StageOutput(rows=untagged(df), columns=df.columns)
 
 
 def _cluster_sizes(assigned) -> pa.Table:
@@ -168,29 +148,24 @@ def _cluster_sizes(assigned) -> pa.Table:
     return pa.table({CLUSTER: counts.column(CLUSTER), "size": counts.column("count")})
 
 
-def run_cluster(spark, input_dir: Path, output_dir: Path, options: KMeansOptions, config: dict | None = None) -> dict:
+def run_cluster(context: StageContext) -> StageOutput:
     """Rows gain `cluster` and `centroid_similarity`; artifacts centroids.npy, cluster_sizes.parquet and
     assignments/ (uid, cluster, centroid_similarity)."""
-    run = StageRun("cluster", STAGE_VERSIONS["cluster"], config or {})
-    df = read_stage_data(spark, input_dir, None)
+    options = context.typed
+    df = context.read_rows()
     data_columns = [c for c in df.columns if c not in (CLUSTER, CENTROID_SIMILARITY)]
-    rows_in = read_stage_record(input_dir)["rows_out"]
+    rows_in = context.rows_in
     if rows_in == 0:
-        return _write_without_rows(run, df, input_dir, output_dir, {CLUSTER: "int", CENTROID_SIMILARITY: "float"})
-    emb_df = with_embeddings(spark, df.select(UID), input_dir)
-    result, sample_rows = fit_centroids(emb_df, rows_in, options, options.seed)
-    assigned = assign_all(spark, emb_df, result.centroids, options.device).localCheckpoint()
-    tagged = untagged(df.select(*data_columns).join(assigned, UID))
-    with StageWriter(output_dir) as writer:
-        np.save(writer.artifacts_dir / "centroids.npy", result.centroids)
-        pq.write_table(_cluster_sizes(assigned), writer.artifacts_dir / "cluster_sizes.parquet")
-        assigned.write.parquet(str(writer.artifacts_dir / "assignments"))
-        rows_out, drops = write_tagged(tagged, [*data_columns, CLUSTER, CENTROID_SIMILARITY], str(writer.temp_dir),
-                                       str(writer.ledger_dir))
-        record = run.record(stage_input(input_dir, writer), rows_in, rows_out, drops,
-                            kmeans=_kmeans_record(result, sample_rows, options))
-        writer.commit(record)
-    return record
+        return _without_rows(df, {CLUSTER: "int", CENTROID_SIMILARITY: "float"})
+    emb_df = with_embeddings(context.spark, df.select(UID), context.input_dir)
+    result, sample_rows = fit_centroids(emb_df, rows_in, options)
+    assigned = assign_all(context, emb_df, result.centroids, options.device).localCheckpoint()
+    np.save(context.artifact("centroids.npy"), result.centroids)
+    pq.write_table(_cluster_sizes(assigned), context.artifact("cluster_sizes.parquet"))
+    assigned.write.parquet(str(context.artifact("assignments")))
+    return StageOutput(rows=untagged(df.select(*data_columns).join(assigned, UID)),
+                       columns=[*data_columns, CLUSTER, CENTROID_SIMILARITY],
+                       record={"kmeans": _kmeans_record(result, sample_rows, options)})
 
 
 # ---------------------------------------------------------------------------------------------------- semdedup
@@ -241,33 +216,31 @@ def _resolve_worker(threshold: float):
     return run
 
 
-def run_semdedup(
-    spark, input_dir: Path, output_dir: Path, eps: float | None = semdedup_ops.DEFAULT_EPS,
-    target_keep_fraction: float | None = None, block_rows: int = 2048, config: dict | None = None,
-) -> dict:
+def run_semdedup(context: StageContext) -> StageOutput:
     """SemDeDup inside the clusters of an upstream cluster stage: drop a member whose cosine similarity to an
     earlier member (in decreasing distance to the centroid) exceeds 1 - eps. With `target_keep_fraction`, eps is
     chosen from every member's similarity so that this fraction is kept. Ledger: semantic_duplicate with the kept
     uid the member resolves to, its cluster and similarity."""
     from pyspark.sql import functions as F
 
-    if target_keep_fraction is not None and not 0 < target_keep_fraction <= 1:
-        raise ValueError(f"target_keep_fraction must be in (0, 1], got {target_keep_fraction}")
-    if target_keep_fraction is None and (eps is None or not 0 < eps < 2):
-        raise ValueError(f"eps must be in (0, 2), got {eps}")
-    run = StageRun("semdedup", STAGE_VERSIONS["semdedup"], config or {})
-    df = read_stage_data(spark, input_dir, None)
+    options = context.typed
+    target_keep_fraction, block_rows = options.target_keep_fraction, options.block_rows
+    df = context.read_rows()
     if CLUSTER not in df.columns or CENTROID_SIMILARITY not in df.columns:
-        raise ValueError(f"{input_dir} rows have no {CLUSTER}/{CENTROID_SIMILARITY}: run the cluster stage first")
-    rows_in = read_stage_record(input_dir)["rows_out"]
+        raise ValueError(f"{context.input_dir} rows have no {CLUSTER}/{CENTROID_SIMILARITY}: run the cluster stage "
+                         "first")
+    rows_in = context.rows_in
     similarities = (
-        with_embeddings(spark, df.select(UID, CLUSTER, CENTROID_SIMILARITY), input_dir)
+        with_embeddings(context.spark, df.select(UID, CLUSTER, CENTROID_SIMILARITY), context.input_dir)
         .groupBy(CLUSTER).applyInArrow(_similarity_worker(block_rows), _SIMILARITY_SCHEMA)
         .localCheckpoint()
     )
-    if target_keep_fraction is not None and rows_in == 0:
+    if target_keep_fraction is None:
+        # A float even when the YAML gives an integer: the ledger detail writes it as one.
+        eps = float(options.eps)
+    elif rows_in == 0:
         eps = semdedup_ops.DEFAULT_EPS
-    elif target_keep_fraction is not None:
+    else:
         values = similarities.select("_max_sim").toArrow().column(0).to_numpy(zero_copy_only=False)
         eps = semdedup_ops.eps_for_keep_fraction(np.where(np.isnan(values), -np.inf, values), target_keep_fraction)
         logger.info("semdedup: eps = %.6g keeps %.3f of the rows", eps, target_keep_fraction)
@@ -281,32 +254,14 @@ def run_semdedup(
     tagged = drop_where(untagged(joined.withColumn("semdedup_max_similarity", F.col("_max_sim"))), dropped,
                         "semdedup", Reason.SEMANTIC_DUPLICATE, F.col("_kept_uid"), detail)
     data_columns = [c for c in df.columns if c != "semdedup_max_similarity"] + ["semdedup_max_similarity"]
-    with StageWriter(output_dir) as writer:
-        rows_out, drops = write_tagged(tagged, data_columns, str(writer.temp_dir), str(writer.ledger_dir))
-        record = run.record(stage_input(input_dir, writer), rows_in, rows_out, drops,
-                            semdedup={"eps": eps, "threshold": 1.0 - eps, "eps_from": "target_keep_fraction"
-                                      if target_keep_fraction is not None else "eps",
-                                      "target_keep_fraction": target_keep_fraction, "block_rows": block_rows})
-        writer.commit(record)
-    return record
+    return StageOutput(rows=tagged, columns=data_columns, record={"semdedup": {
+        "eps": eps, "threshold": 1.0 - eps,
+        "eps_from": "target_keep_fraction" if target_keep_fraction is not None else "eps",
+        "target_keep_fraction": target_keep_fraction, "block_rows": block_rows,
+    }})
 
 
 # ---------------------------------------------------------------------------------------------------- prune
-
-
-@dataclass(frozen=True)
-class PruneOptions:
-    keep_fraction: float | None = None
-    keep_count: int | None = None
-    tau: float = prune_ops.DEFAULT_TAU
-    ratio: float = prune_ops.DEFAULT_RATIO
-    selection: str = "hard"
-
-    def __post_init__(self):
-        if self.selection not in prune_ops.SELECTION_MODES:
-            raise ValueError(f"selection must be one of {prune_ops.SELECTION_MODES}, not {self.selection!r}")
-        if (self.keep_fraction is None) == (self.keep_count is None):
-            raise ValueError("give exactly one of keep_fraction and keep_count")
 
 
 def _cluster_statistics(table: pa.Table) -> pa.Table:
@@ -332,23 +287,23 @@ def _selection_worker(quotas_broadcast, selection: str, seed: int):
     return run
 
 
-def run_prune(
-    spark, input_dir: Path, output_dir: Path, kmeans: KMeansOptions, options: PruneOptions, config: dict | None = None,
-) -> dict:
+def run_prune(context: StageContext) -> StageOutput:
     """Density-based pruning: re-cluster, score each cluster's complexity C_j = d_inter * d_intra, give it the quota
     N_j from P_j = softmax(C_j / tau) by water-filling, keep its N_j selected members (`hard`: farthest from the
     centroid). Ledger: pruned_dense_cluster with cluster, rank and quota; artifact pruning_clusters.parquet."""
     from pyspark.sql import functions as F
 
-    run = StageRun("prune", STAGE_VERSIONS["prune"], config or {})
-    df = read_stage_data(spark, input_dir, None)
-    rows_in = read_stage_record(input_dir)["rows_out"]
+    options = context.typed
+    # Floats even when the YAML gives integers: the record writes them as such.
+    tau, ratio = float(options.tau), float(options.ratio)
+    df = context.read_rows()
+    rows_in = context.rows_in
     n_keep = prune_ops.keep_fraction_count(rows_in, options.keep_fraction, options.keep_count)
     if rows_in == 0:
-        return _write_without_rows(run, df, input_dir, output_dir, {"prune_cluster": "int"})
-    emb_df = with_embeddings(spark, df.select(UID), input_dir)
-    result, sample_rows = fit_centroids(emb_df, rows_in, kmeans, kmeans.seed)
-    assigned = assign_all(spark, emb_df, result.centroids, kmeans.device).localCheckpoint()
+        return _without_rows(df, {"prune_cluster": "int"})
+    emb_df = with_embeddings(context.spark, df.select(UID), context.input_dir)
+    result, sample_rows = fit_centroids(emb_df, rows_in, options)
+    assigned = assign_all(context, emb_df, result.centroids, options.device).localCheckpoint()
     k = result.centroids.shape[0]
     stats = assigned.groupBy(CLUSTER).applyInArrow(
         _cluster_statistics, f"{CLUSTER} int, size long, d_intra double"
@@ -357,10 +312,10 @@ def run_prune(
     d_intra = np.zeros(k, dtype=np.float64)
     sizes[stats.column(CLUSTER).to_numpy()] = stats.column("size").to_numpy()
     d_intra[stats.column(CLUSTER).to_numpy()] = stats.column("d_intra").to_numpy()
-    table = prune_ops.pruning_table(sizes, d_intra, result.centroids, n_keep, tau=options.tau, ratio=options.ratio)
-    quotas_broadcast = spark.sparkContext.broadcast(np.asarray(table["quota"]))
+    table = prune_ops.pruning_table(sizes, d_intra, result.centroids, n_keep, tau=tau, ratio=ratio)
+    quotas_broadcast = context.broadcast(np.asarray(table["quota"]))
     selected = assigned.groupBy(CLUSTER).applyInArrow(
-        _selection_worker(quotas_broadcast, options.selection, kmeans.seed),
+        _selection_worker(quotas_broadcast, options.selection, options.seed),
         f"{UID} string, _keep boolean, _rank long, _quota long",
     )
     joined = df.join(assigned.select(UID, F.col(CLUSTER).alias("prune_cluster")), UID).join(selected, UID)
@@ -369,18 +324,20 @@ def run_prune(
                                 F.col("_quota").alias("quota")))
     tagged = drop_where(untagged(joined), dropped, "prune", Reason.PRUNED_DENSE_CLUSTER, detail=detail)
     data_columns = [c for c in df.columns if c != "prune_cluster"] + ["prune_cluster"]
-    with StageWriter(output_dir) as writer:
-        np.save(writer.artifacts_dir / "prune_centroids.npy", result.centroids)
-        pq.write_table(pa.table({name: np.asarray(values) for name, values in table.items()}),
-                       writer.artifacts_dir / "pruning_clusters.parquet")
-        rows_out, drops = write_tagged(tagged, data_columns, str(writer.temp_dir), str(writer.ledger_dir))
-        if rows_out != n_keep:
-            raise RuntimeError(f"prune kept {rows_out} rows, the quotas say {n_keep}")
-        record = run.record(stage_input(input_dir, writer), rows_in, rows_out, drops,
-                            kmeans=_kmeans_record(result, sample_rows, kmeans),
-                            prune={"n_keep": n_keep, "keep_fraction": options.keep_fraction,
-                                   "keep_count": options.keep_count, "tau": options.tau, "ratio": options.ratio,
-                                   "selection": options.selection, "empty_clusters": int((sizes == 0).sum())})
-        writer.commit(record)
-    quotas_broadcast.unpersist()
-    return record
+    np.save(context.artifact("prune_centroids.npy"), result.centroids)
+    pq.write_table(pa.table({name: np.asarray(values) for name, values in table.items()}),
+                   context.artifact("pruning_clusters.parquet"))
+
+    def check_quotas_kept(written_dir: Path) -> dict:
+        kept = sum(pq.read_metadata(path).num_rows for path in written_dir.glob("*.parquet"))
+        if kept != n_keep:
+            raise RuntimeError(f"prune kept {kept} rows, the quotas say {n_keep}")
+        return {}
+
+    return StageOutput(
+        rows=tagged, columns=data_columns, after_write=check_quotas_kept,
+        record={"kmeans": _kmeans_record(result, sample_rows, options),
+                "prune": {"n_keep": n_keep, "keep_fraction": options.keep_fraction, "keep_count": options.keep_count,
+                          "tau": tau, "ratio": ratio, "selection": options.selection,
+                          "empty_clusters": int((sizes == 0).sum())}},
+    )

@@ -1,7 +1,7 @@
 """Spark adapters of the CPU stages: ingest, match, count, balance.
 
 Each adapter plans on the driver, runs one `mapInArrow` pass whose worker function calls the pure function in
-`curation.ops`, and writes its stage folder through `StageWriter` (data, `_ledger/`, `_artifacts/`, record).
+`curation.ops`, and hands its tagged rows and artifacts to the executor (`curation.spark.executor`).
 """
 
 import json
@@ -17,10 +17,8 @@ import pyarrow.parquet as pq
 from curation.inputs import plan_inputs, read_row_group
 from curation.io import (
     ARTIFACTS_DIR,
-    StageWriter,
     find_upstream,
     fingerprint_files,
-    list_files,
     read_stage_record,
     resolve_data_dir,
     stage_chain,
@@ -31,45 +29,19 @@ from curation.ops.metadata import load_metadata, metadata_sha256, write_metadata
 from curation.ops.uid import uniform
 from curation.schema import CAPTION, ENTRY_IDS, KEEP_PROBABILITY, TAG_REASON, UID, URL, Reason
 from curation.spark.common import (
-    StageRun,
     arrow_schema_of,
     spark_schema,
     tag_dropped,
     tag_kept,
     with_tags,
-    write_tagged,
 )
+from curation.spark.executor import StageContext, StageOutput
 
 logger = logging.getLogger(__name__)
 
-STAGE_VERSIONS = {"ingest": 1, "match": 1, "count": 1, "balance": 1}
 ENTRY_COUNTS_ARTIFACT = "entry_counts.parquet"
 BALANCED_COUNTS_ARTIFACT = "balanced_counts.parquet"
 METADATA_ARTIFACT = "metadata.json"
-NESTED_INGEST = "_ingest"
-
-
-def read_stage_data(spark, stage_dir: Path, partitions: int | None):
-    df = spark.read.parquet(str(resolve_data_dir(stage_dir)))
-    return df.repartition(partitions) if partitions else df
-
-
-def stage_input(stage_dir: Path, writer: StageWriter, raw_ingest: tuple | None = None) -> dict:
-    """The input link of a stage record: the upstream folder relative to this one, and its data fingerprint."""
-    data_dir = resolve_data_dir(stage_dir)
-    link = NESTED_INGEST if raw_ingest is not None else writer.link_to(stage_dir)
-    return {"stage": link, "fingerprint": fingerprint_files(list_files(data_dir))}
-
-
-def prepared_input(spark, writer: StageWriter, input_dir: Path | None, raw_ingest: tuple | None, partitions):
-    """The stage folder a stage reads: `input_dir`, or, given raw shards as `raw_ingest` = (inputs, IngestOptions,
-    skip_bad_files, config), a complete ingest stage folder written first at `<output>/_ingest`."""
-    if raw_ingest is None:
-        return input_dir
-    inputs, options, skip_bad_files, ingest_config = raw_ingest
-    nested = writer.temp_dir / NESTED_INGEST
-    run_ingest(spark, inputs, nested, options, skip_bad_files, partitions, ingest_config)
-    return nested
 
 
 # ---------------------------------------------------------------------------------------------------- ingest
@@ -101,16 +73,14 @@ def _ingest_worker(options: IngestOptions, schema: pa.Schema):
     return run
 
 
-def run_ingest(
-    spark, inputs: list[str], output_dir: Path, options: IngestOptions, skip_bad_files: bool = False,
-    partitions: int | None = None, config: dict | None = None,
-) -> dict:
+def run_ingest(context: StageContext) -> StageOutput:
     """Raw shards -> stage folder of (uid, url, caption, keep columns); bad rows and repeated uids to the ledger."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    run = StageRun("ingest", STAGE_VERSIONS["ingest"], config or {})
-    plan = plan_inputs(inputs, options, skip_bad_files)
+    spark, partitions = context.spark, context.partitions
+    options = IngestOptions.from_options(context.options)
+    plan = plan_inputs(context.input_location, options, context.options["skip_bad_files"])
     keep_fields = []
     if options.keep_columns:
         first_schema = pq.read_schema(plan.files[0].path)
@@ -151,17 +121,13 @@ def run_ingest(
     )
     combined = ranked.unionByName(tagged.filter(F.col(TAG_REASON).isNotNull()))
 
-    data_columns = [UID, URL, CAPTION, *options.keep_columns]
-    with StageWriter(output_dir) as writer:
-        rows_out, drops = write_tagged(combined, data_columns, str(writer.temp_dir), str(writer.ledger_dir))
-        input_info = {
-            "files": [{"path": f.path, "rows": f.rows, "bytes": f.size} for f in plan.files],
-            "skipped_files": plan.skipped,
-            "fingerprint": fingerprint_files([Path(f.path) for f in plan.files if "://" not in f.path]),
-        }
-        record = run.record(input_info, plan.rows, rows_out, drops)
-        writer.commit(record)
-    return record
+    input_info = {
+        "files": [{"path": f.path, "rows": f.rows, "bytes": f.size} for f in plan.files],
+        "skipped_files": plan.skipped,
+        "fingerprint": fingerprint_files([Path(f.path) for f in plan.files if "://" not in f.path]),
+    }
+    return StageOutput(rows=combined, columns=[UID, URL, CAPTION, *options.keep_columns], rows_in=plan.rows,
+                       input=input_info)
 
 
 # ---------------------------------------------------------------------------------------------------- match
@@ -197,40 +163,23 @@ def _match_worker(metadata_sha: str, entries_broadcast, keep_unmatched: bool, sc
     return run
 
 
-def run_match(
-    spark, input_dir: Path | None, output_dir: Path, metadata_path: Path, keep_unmatched: bool = False,
-    partitions: int | None = None, config: dict | None = None, raw_ingest: tuple | None = None,
-) -> dict:
-    """Stage folder with an `entry_ids` column (sorted unique MetaCLIP entry ids); unmatched rows to the ledger.
-
-    With `raw_ingest` = (inputs, IngestOptions, skip_bad_files, config) the input is raw shards: ingest runs first
-    into `<output>/_ingest`, a complete stage folder of its own that the match record links to.
-    """
-    run = StageRun("match", STAGE_VERSIONS["match"], config or {})
+def run_match(context: StageContext) -> StageOutput:
+    """Rows gain an `entry_ids` column (sorted unique MetaCLIP entry ids); unmatched rows go to the ledger."""
+    metadata_path = Path(context.options["metadata"])
     entries = load_metadata(metadata_path)
     metadata_sha = metadata_sha256(entries)
-    entries_broadcast = spark.sparkContext.broadcast(entries)
-    try:
-        with StageWriter(output_dir) as writer:
-            input_dir = prepared_input(spark, writer, input_dir, raw_ingest, partitions)
-            df = read_stage_data(spark, input_dir, partitions)
-            data_schema = arrow_schema_of(df)
-            data_schema = data_schema.append(pa.field(ENTRY_IDS, pa.list_(pa.int32())))
-            schema = with_tags(data_schema)
-            tagged = df.mapInArrow(
-                _match_worker(metadata_sha, entries_broadcast, keep_unmatched, schema), spark_schema(schema)
-            )
-            rows_out, drops = write_tagged(tagged, data_schema.names, str(writer.temp_dir), str(writer.ledger_dir))
-            write_metadata(writer.artifacts_dir / METADATA_ARTIFACT, entries)
-            rows_in = read_stage_record(input_dir)["rows_out"]
-            metadata_info = {"path": str(metadata_path), "entries": len(entries), "sha256": metadata_sha,
-                             **_never_matching(entries)}
-            input_info = stage_input(input_dir, writer, raw_ingest)
-            record = run.record(input_info, rows_in, rows_out, drops, metadata=metadata_info)
-            writer.commit(record)
-    finally:
-        entries_broadcast.unpersist()
-    return record
+    entries_broadcast = context.broadcast(entries)
+    df = context.read_rows()
+    data_schema = arrow_schema_of(df)
+    data_schema = data_schema.append(pa.field(ENTRY_IDS, pa.list_(pa.int32())))
+    schema = with_tags(data_schema)
+    tagged = df.mapInArrow(
+        _match_worker(metadata_sha, entries_broadcast, context.options["keep_unmatched"], schema), spark_schema(schema)
+    )
+    write_metadata(context.artifact(METADATA_ARTIFACT), entries)
+    metadata_info = {"path": str(metadata_path), "entries": len(entries), "sha256": metadata_sha,
+                     **_never_matching(entries)}
+    return StageOutput(rows=tagged, columns=data_schema.names, record={"metadata": metadata_info})
 
 
 def _never_matching(entries: list[str]) -> dict:
@@ -276,25 +225,18 @@ def read_counts(path: Path) -> np.ndarray:
     return pq.read_table(path, columns=["count"]).column("count").to_numpy()
 
 
-def run_count(spark, input_dir: Path, output_dir: Path, config: dict | None = None) -> dict:
+def run_count(context: StageContext) -> StageOutput:
     """Entry counts artifact; the rows pass through untouched (the record points at the input's data)."""
-    run = StageRun("count", STAGE_VERSIONS["count"], config or {})
-    entries = metadata_of(input_dir)
-    data_dir = resolve_data_dir(input_dir)
-    counts = compute_entry_counts(spark.read.parquet(str(data_dir)), len(entries))
-    rows = read_stage_record(input_dir)["rows_out"]
-    with StageWriter(output_dir) as writer:
-        _write_counts(writer.artifacts_dir / ENTRY_COUNTS_ARTIFACT, entries, count=counts)
-        summary = {
-            "entries_matched": int((counts > 0).sum()),
-            "matches": int(counts.sum()),
-            "top_entries": balance_ops.top_entries(counts, entries, 50),
-        }
-        record = run.record(
-            stage_input(input_dir, writer), rows, rows, {}, data_from=writer.link_to(data_dir), counts=summary
-        )
-        writer.commit(record)
-    return record
+    entries = metadata_of(context.input_dir)
+    data_dir = resolve_data_dir(context.input_dir)
+    counts = compute_entry_counts(context.spark.read.parquet(str(data_dir)), len(entries))
+    _write_counts(context.artifact(ENTRY_COUNTS_ARTIFACT), entries, count=counts)
+    summary = {
+        "entries_matched": int((counts > 0).sum()),
+        "matches": int(counts.sum()),
+        "top_entries": balance_ops.top_entries(counts, entries, 50),
+    }
+    return StageOutput(data_from=data_dir, record={"counts": summary})
 
 
 # ---------------------------------------------------------------------------------------------------- balance
@@ -363,26 +305,21 @@ def _balance_worker(counts_broadcast, t: float, seed: int, purpose: str, schema:
 
 
 def choose_threshold(spark, df, counts: np.ndarray, t, target_size, tail_share) -> tuple[float, str]:
-    given = [name for name, value in (("t", t), ("target_size", target_size), ("tail_share", tail_share)) if value]
-    if len(given) > 1:
-        raise ValueError(f"give only one of t, target_size, tail_share (got {given})")
+    """t from the one of t, target_size, tail_share given (the loader checks that at most one is); MetaCLIP's
+    20,000 when none is."""
     if target_size:
         return solve_threshold_for_target(spark, df, counts, int(target_size)), "target_size"
     if tail_share:
         return float(balance_ops.threshold_for_tail_share(counts, float(tail_share))), "tail_share"
-    if t is not None and float(t) <= 0:
-        raise ValueError(f"t must be positive, got {t}")
     return float(t if t is not None else balance_ops.METACLIP_T), "t"
 
 
-def run_balance(
-    spark, input_dir: Path, output_dir: Path, t: float | None = None, seed: int = 0, target_size: int | None = None,
-    tail_share: float | None = None, partitions: int | None = None, config: dict | None = None,
-) -> dict:
+def run_balance(context: StageContext) -> StageOutput:
     """Keep each row with P = 1 - prod(1 - min(1, t / c_e)); not drawn rows to the ledger with their P."""
-    run = StageRun("balance", STAGE_VERSIONS["balance"], config or {})
+    input_dir, options = context.input_dir, context.options
+    seed = int(options["seed"])
     entries = metadata_of(input_dir)
-    df = read_stage_data(spark, input_dir, partitions)
+    df = context.read_rows()
     # A balance stage may run again after the image stages (MetaCLIP's advice): its keep_probability replaces the
     # earlier one, and the counts must be of the rows it balances now.
     df = df.drop(KEEP_PROBABILITY)
@@ -392,37 +329,32 @@ def run_balance(
     else:
         logger.info("balance: the input is not a count stage, so c_e is counted over the input's rows first")
         counts = compute_entry_counts(df, len(entries))
-    threshold, threshold_source = choose_threshold(spark, df, counts, t, target_size, tail_share)
+    threshold, threshold_source = choose_threshold(context.spark, df, counts, options["t"], options["target_size"],
+                                                   options["tail_share"])
     purpose = balance_ops.balance_purpose(sum(record["stage"] == "balance" for _, record in stage_chain(input_dir)))
     logger.info("balancing with t = %.6g (from %s)", threshold, threshold_source)
 
     data_schema = arrow_schema_of(df)
     data_schema = data_schema.append(pa.field(KEEP_PROBABILITY, pa.float64()))
     schema = with_tags(data_schema)
-    counts_broadcast = spark.sparkContext.broadcast(counts)
-    try:
-        tagged = df.mapInArrow(_balance_worker(counts_broadcast, threshold, seed, purpose, schema),
-                               spark_schema(schema))
-        with StageWriter(output_dir) as writer:
-            rows_out, drops = write_tagged(tagged, data_schema.names, str(writer.temp_dir), str(writer.ledger_dir))
-            counts_after = compute_entry_counts(spark.read.parquet(str(writer.temp_dir)), len(entries))
-            if count_dir is None:
-                _write_counts(writer.artifacts_dir / ENTRY_COUNTS_ARTIFACT, entries, count=counts)
-            _write_counts(writer.artifacts_dir / BALANCED_COUNTS_ARTIFACT, entries, count_before=counts,
-                          count_after=counts_after)
-            rows_in = read_stage_record(input_dir)["rows_out"]
-            summary = {
-                "t": threshold,
-                "t_from": threshold_source,
-                "seed": seed,
-                "draw_purpose": purpose,
-                "tail_share_before": balance_ops.tail_share(counts, threshold),
-                "tail_share_after": balance_ops.tail_share(counts_after, threshold),
-                "top_entries_before": balance_ops.top_entries(counts, entries, 50),
-                "top_entries_after": balance_ops.top_entries(counts_after, entries, 50),
-            }
-            record = run.record(stage_input(input_dir, writer), rows_in, rows_out, drops, balancing=summary)
-            writer.commit(record)
-    finally:
-        counts_broadcast.unpersist()
-    return record
+    counts_broadcast = context.broadcast(counts)
+    tagged = df.mapInArrow(_balance_worker(counts_broadcast, threshold, seed, purpose, schema), spark_schema(schema))
+    if count_dir is None:
+        _write_counts(context.artifact(ENTRY_COUNTS_ARTIFACT), entries, count=counts)
+
+    def balancing_summary(written_dir: Path) -> dict:
+        counts_after = compute_entry_counts(context.spark.read.parquet(str(written_dir)), len(entries))
+        _write_counts(context.artifact(BALANCED_COUNTS_ARTIFACT), entries, count_before=counts,
+                      count_after=counts_after)
+        return {"balancing": {
+            "t": threshold,
+            "t_from": threshold_source,
+            "seed": seed,
+            "draw_purpose": purpose,
+            "tail_share_before": balance_ops.tail_share(counts, threshold),
+            "tail_share_after": balance_ops.tail_share(counts_after, threshold),
+            "top_entries_before": balance_ops.top_entries(counts, entries, 50),
+            "top_entries_after": balance_ops.top_entries(counts_after, entries, 50),
+        }}
+
+    return StageOutput(rows=tagged, columns=data_schema.names, after_write=balancing_summary)

@@ -33,9 +33,8 @@ from curation.ops.ingest import IngestError, IngestOptions
 from curation.ops.metaclip import Matcher, build_reference_automaton, reference_match
 from curation.ops.minhash import MinHasher, exact_jaccard, normalise_texts
 from curation.ops.uid import compute_uids, uid_of
+from curation.pipeline import run_one_stage
 from curation.schema import REASONS_SHARING_KEPT_UID, Reason
-from curation.spark.image_dedup import run_dedup_image
-from curation.spark.stages import run_ingest
 
 CASE_SECONDS = 120
 KEPT = "kept"
@@ -172,7 +171,7 @@ def hostile_rows(spark, tmp_path_factory):
     })
     write_shard(shards / "e_empty.parquet", {"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())})
     with time_limit():
-        record = run_ingest(spark, [str(shards)], root / "ingest", IngestOptions())
+        record = run_one_stage(spark, "ingest", [str(shards)], root / "ingest")
     _, ledger = assert_ledger_invariant(record, root / "ingest")
     return {"record": record, "data": pq.read_table(root / "ingest"), "ledger": ledger}
 
@@ -224,7 +223,7 @@ def test_a_huge_list_keep_column_is_carried_and_stays_one_row(spark, tmp_path):
         "big": big,
     })
     assert shard.stat().st_size < 1_000_000
-    record = run_ingest(spark, [str(shard)], tmp_path / "ingest", IngestOptions(keep_columns=("big",)))
+    record = run_one_stage(spark, "ingest", [str(shard)], tmp_path / "ingest", {"keep_columns": ["big"]})
     assert_ledger_invariant(record, tmp_path / "ingest")
     carried = pq.read_table(tmp_path / "ingest", columns=["caption", "big"]).sort_by("caption")
     assert pc.list_value_length(carried["big"]).to_pylist() == [elements, 1]
@@ -243,40 +242,40 @@ GOOD = _table(url=URLS, caption=["a", "b"])
 TRUNCATED = parquet_bytes(_table(url=URLS * 200, caption=["c"] * 400))
 SHARD_ERRORS = {
     # case -> (files written into the input folder, options, message pattern)
-    "no url column": ({"s.parquet": _table(link=URLS, caption=["a", "b"])}, IngestOptions(),
+    "no url column": ({"s.parquet": _table(link=URLS, caption=["a", "b"])}, {},
                       r"s\.parquet: no url column found .*'link'"),
-    "no caption column": ({"s.parquet": _table(url=URLS, words=["a", "b"])}, IngestOptions(),
+    "no caption column": ({"s.parquet": _table(url=URLS, words=["a", "b"])}, {},
                           r"s\.parquet: no text column found .*'words'"),
-    "named url column missing": ({"s.parquet": GOOD}, IngestOptions(url_column="URL"),
+    "named url column missing": ({"s.parquet": GOOD}, {"url_column": "URL"},
                                  r"s\.parquet: url column 'URL' not found"),
-    "url as int64": ({"s.parquet": _table(url=[1, 2], caption=["a", "b"])}, IngestOptions(),
+    "url as int64": ({"s.parquet": _table(url=[1, 2], caption=["a", "b"])}, {},
                      r"s\.parquet: url column 'url' has type int64, expected a string or binary column"),
-    "caption as list<string>": ({"s.parquet": _table(url=URLS, caption=[["a"], ["b"]])}, IngestOptions(),
+    "caption as list<string>": ({"s.parquet": _table(url=URLS, caption=[["a"], ["b"]])}, {},
                                 r"s\.parquet: text column 'caption' has type list<.*>, expected a string"),
-    "caption as struct": ({"s.parquet": _table(url=URLS, caption=[{"t": "a"}, {"t": "b"}])}, IngestOptions(),
+    "caption as struct": ({"s.parquet": _table(url=URLS, caption=[{"t": "a"}, {"t": "b"}])}, {},
                           r"s\.parquet: text column 'caption' has type struct<.*>, expected a string"),
     "duplicate column names": (
         {"s.parquet": pa.Table.from_arrays([pa.array(URLS), pa.array(["a", "b"]), pa.array(URLS)],
                                            names=["url", "caption", "url"])},
-        IngestOptions(), r"s\.parquet: column name\(s\) \['url'\] appear more than once"),
+        {}, r"s\.parquet: column name\(s\) \['url'\] appear more than once"),
     "keep column missing in one shard": (
         {"a.parquet": _table(url=URLS, caption=["a", "b"], w=[1, 2]), "b.parquet": GOOD},
-        IngestOptions(keep_columns=("w",)), r"b\.parquet: keep column\(s\) \['w'\] not found"),
+        {"keep_columns": ["w"]}, r"b\.parquet: keep column\(s\) \['w'\] not found"),
     "keep column types differ between shards": (
         {"a.parquet": _table(url=URLS, caption=["a", "b"], w=[1, 2]),
          "b.parquet": _table(url=URLS, caption=["c", "d"], w=["x", "y"])},
-        IngestOptions(keep_columns=("w",)),
+        {"keep_columns": ["w"]},
         r"b\.parquet: keep column 'w' has type string, but earlier shards have int64"),
     "dictionary-encoded keep column": (
         {"s.parquet": _table(url=URLS, caption=["a", "b"], w=pa.array(["x", "y"]).dictionary_encode())},
-        IngestOptions(keep_columns=("w",)), r"s\.parquet: keep column 'w' has type dictionary<.*Spark cannot carry"),
-    "zero-byte file": ({"s.parquet": b""}, IngestOptions(), r"s\.parquet: Parquet file size is 0 bytes"),
-    "truncated parquet": ({"s.parquet": TRUNCATED[: len(TRUNCATED) // 2]}, IngestOptions(),
+        {"keep_columns": ["w"]}, r"s\.parquet: keep column 'w' has type dictionary<.*Spark cannot carry"),
+    "zero-byte file": ({"s.parquet": b""}, {}, r"s\.parquet: Parquet file size is 0 bytes"),
+    "truncated parquet": ({"s.parquet": TRUNCATED[: len(TRUNCATED) // 2]}, {},
                           r"s\.parquet: .*magic bytes not found"),
-    "README.txt beside the shards": ({"a.parquet": GOOD, "README.txt": b"crawl of 2024-01\n"}, IngestOptions(),
+    "README.txt beside the shards": ({"a.parquet": GOOD, "README.txt": b"crawl of 2024-01\n"}, {},
                                      r"README\.txt: .*(footer|magic bytes)"),
     "JPEG beside the shards": ({"a.parquet": GOOD, "cover.jpg": b"\xff\xd8\xff\xe0" + bytes(300) + b"\xff\xd9"},
-                               IngestOptions(), r"cover\.jpg: .*magic bytes not found"),
+                               {}, r"cover\.jpg: .*magic bytes not found"),
 }
 
 
@@ -295,7 +294,7 @@ def test_bad_shard_fails_the_plan_naming_file_column_and_problem(spark, tmp_path
     files, options, pattern = SHARD_ERRORS[case]
     folder = _write_folder(tmp_path / "in", files)
     with pytest.raises(IngestError, match=pattern) as raised:
-        run_ingest(spark, [str(folder)], tmp_path / "ingest", options)
+        run_one_stage(spark, "ingest", [str(folder)], tmp_path / "ingest", options)
     assert "cannot use input shard" in str(raised.value) and "--skip-bad-files" in str(raised.value)
     assert not (tmp_path / "ingest").exists(), "a failed plan must leave no stage folder"
 
@@ -311,7 +310,7 @@ def test_skip_bad_files_records_every_unusable_shard_and_ingests_the_rest(spark,
         files, _, _ = SHARD_ERRORS[case]
         bad = {name: content for name, content in files.items() if content is not GOOD}
         expected_skipped |= {str(_write_folder(folder / f"bad{index}", bad) / name) for name in bad}
-    record = run_ingest(spark, [str(folder)], tmp_path / "ingest", IngestOptions(), skip_bad_files=True)
+    record = run_one_stage(spark, "ingest", [str(folder)], tmp_path / "ingest", {"skip_bad_files": True})
     assert_ledger_invariant(record, tmp_path / "ingest")
     assert (record["rows_in"], record["rows_out"]) == (2, 2)
     assert [f["path"] for f in record["input"]["files"]] == [str(folder / "good.parquet")]
@@ -333,12 +332,12 @@ def test_skip_bad_files_records_every_unusable_shard_and_ingests_the_rest(spark,
 )
 def test_empty_or_missing_input_is_a_clear_error(spark, tmp_path, case, make_input, pattern):
     with pytest.raises(IngestError, match=pattern):
-        run_ingest(spark, [str(make_input(tmp_path))], tmp_path / "ingest", IngestOptions())
+        run_one_stage(spark, "ingest", [str(make_input(tmp_path))], tmp_path / "ingest")
 
 
 def test_only_empty_shards_give_an_empty_stage(spark, tmp_path):
     folder = _write_folder(tmp_path / "in", {"a.parquet": GOOD.slice(0, 0), "b.parquet": GOOD.slice(0, 0)})
-    record = run_ingest(spark, [str(folder)], tmp_path / "ingest", IngestOptions())
+    record = run_one_stage(spark, "ingest", [str(folder)], tmp_path / "ingest")
     assert (record["rows_in"], record["rows_out"], record["drops"]) == (0, 0, {})
     assert (tmp_path / "ingest" / "_SUCCESS").is_file()
 
@@ -352,8 +351,8 @@ def test_a_corrupt_page_behind_a_valid_footer_fails_naming_file_and_row_group(sp
     # skip_bad_files only covers shards whose footer is unusable: rows of this one may already be counted.
     for skip_bad_files in (False, True):
         with pytest.raises(Exception, match=r"cannot read row group 0 of input shard .*s\.parquet"):
-            run_ingest(spark, [str(folder)], tmp_path / f"ingest{skip_bad_files}", IngestOptions(),
-                       skip_bad_files=skip_bad_files)
+            run_one_stage(spark, "ingest", [str(folder)], tmp_path / f"ingest{skip_bad_files}",
+                          {"skip_bad_files": skip_bad_files})
         assert not (tmp_path / f"ingest{skip_bad_files}").exists()
 
 
@@ -501,8 +500,8 @@ def image_stage(spark, tmp_path_factory):
         "url": urls, "caption": captions, "jpg": pa.array([data for data, _ in cases.values()], pa.binary()),
     })
     with time_limit():
-        ingest_record = run_ingest(spark, [str(shard)], root / "ingest", IngestOptions(keep_columns=("jpg",)))
-        record = run_dedup_image(spark, root / "ingest", root / "dedup")
+        ingest_record = run_one_stage(spark, "ingest", [str(shard)], root / "ingest", {"keep_columns": ["jpg"]})
+        record = run_one_stage(spark, "dedup_image", root / "ingest", root / "dedup")
     assert ingest_record["rows_out"] == len(cases)
     _, ledger = assert_ledger_invariant(record, root / "dedup")
     uid = {caption: uid_of(url.encode(), caption.encode()) for url, caption in zip(urls, captions, strict=True)}

@@ -21,10 +21,10 @@ def spark():
 def demo_run(spark, tmp_path_factory):
     """A finished run folder of every demo stage over a 1,500-row demo corpus (images from a 127.0.0.1 server),
     with the demo's blocklists and evaluation set, and balancing again after the image stages."""
-    from curation.config import parse_run_config
     from curation.demo_images import demo_resolver
     from curation.image_server import ImageServer
     from curation.pipeline import run_pipeline
+    from curation.stages import parse_run_config
 
     root = tmp_path_factory.mktemp("demo_run")
     with ImageServer(demo_resolver(seed=0)) as server:

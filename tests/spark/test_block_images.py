@@ -16,10 +16,8 @@ from curation.io import LEDGER_DIR, downloaded_images_dir, read_stage_record, re
 from curation.ops import tars as tar_ops
 from curation.ops.image_blocklist import BlocklistError, format_phash
 from curation.ops.imagehash import decode_image, hamming_distances, image_sha256, perceptual_hash
-from curation.ops.ingest import IngestOptions
+from curation.pipeline import run_one_stage
 from curation.schema import Reason
-from curation.spark.blocklist import run_block_images
-from curation.spark.stages import run_ingest
 from tests import imagekit
 
 pytestmark = pytest.mark.spark
@@ -33,8 +31,7 @@ def _stage(run_dir, name):
 
 
 def _options(**given) -> dict:
-    return {"sha256_file": None, "phash_file": None, "max_distance": MAX_DISTANCE, "image_column": "jpg",
-            "partitions": None, **given}
+    return {"max_distance": MAX_DISTANCE, **given}
 
 
 def _keys_from_tars(stage_dir) -> dict[str, tuple[str, int]]:
@@ -92,9 +89,9 @@ def test_images_read_from_the_download_tars_are_blocked_by_sha256_and_by_phash_d
                                                                                            tmp_path):
     source = _stage(demo_run, "download")
     root = lists["root"]
-    record = run_block_images(spark, source, tmp_path / "blocked",
-                              _options(sha256_file=str(root / "sha256.txt"), phash_file=str(root / "phash.txt")),
-                              2, {"stage": "block_images"})
+    record = run_one_stage(spark, "block_images", source, tmp_path / "blocked",
+                           _options(sha256_file=str(root / "sha256.txt"), phash_file=str(root / "phash.txt"),
+                                    partitions=2))
     assert _ledger(tmp_path / "blocked") == lists["expected"]
     assert record["drops"] == {Reason.BLOCKED_IMAGE: len(lists["expected"])}
     summary = record["block_images"]
@@ -125,11 +122,12 @@ def test_dedup_image_columns_are_used_through_the_cli_and_agree_with_the_tars(de
 
 def test_distance_zero_blocks_only_exact_hashes_and_an_empty_list_blocks_nothing(spark, demo_run, lists, tmp_path):
     source = _stage(demo_run, "dedup_image")
-    record = run_block_images(spark, source, tmp_path / "exact",
-                              _options(phash_file=str(lists["root"] / "phash.txt"), max_distance=0))
+    record = run_one_stage(spark, "block_images", source, tmp_path / "exact",
+                           _options(phash_file=str(lists["root"] / "phash.txt"), max_distance=0))
     assert record["drops"] == {}
     (tmp_path / "empty.txt").write_text("# nothing blocked yet\n")
-    record = run_block_images(spark, source, tmp_path / "none", _options(sha256_file=str(tmp_path / "empty.txt")))
+    record = run_one_stage(spark, "block_images", source, tmp_path / "none",
+                           _options(sha256_file=str(tmp_path / "empty.txt")))
     assert record["drops"] == {} and record["rows_out"] == record["rows_in"]
 
 
@@ -139,12 +137,11 @@ def test_an_image_bytes_column_is_hashed_and_an_undecodable_image_is_counted_not
     pq.write_table(pa.table({"url": [f"https://img.example/{i}.jpg" for i in range(len(photos))],
                              "caption": [f"photo {i}" for i in range(len(photos))],
                              "jpg": pa.array(photos, pa.binary())}), tmp_path / "raw.parquet")
-    run_ingest(spark, [str(tmp_path / "raw.parquet")], tmp_path / "ingest", IngestOptions(keep_columns=("jpg",)))
+    run_one_stage(spark, "ingest", [str(tmp_path / "raw.parquet")], tmp_path / "ingest", {"keep_columns": ["jpg"]})
     (tmp_path / "phash.txt").write_text(format_phash(perceptual_hash(decode_image(photos[1]).image) ^ 0b11) + "\n")
     (tmp_path / "sha256.txt").write_text(image_sha256(photos[4]) + "\n")
-    record = run_block_images(spark, tmp_path / "ingest", tmp_path / "blocked",
-                              _options(sha256_file=str(tmp_path / "sha256.txt"),
-                                       phash_file=str(tmp_path / "phash.txt")))
+    record = run_one_stage(spark, "block_images", tmp_path / "ingest", tmp_path / "blocked",
+                           _options(sha256_file=str(tmp_path / "sha256.txt"), phash_file=str(tmp_path / "phash.txt")))
     assert record["block_images"]["key_sources"] == {"sha256": "column jpg", "source_sha256": None,
                                                      "phash": "column jpg"}
     assert record["block_images"]["unhashed"] == 1, "the truncated image has a sha256 but no perceptual hash"
@@ -164,12 +161,12 @@ def test_a_listed_sha256_of_the_original_file_blocks_its_row(spark, tmp_path):
                              "caption": [f"photo {i}" for i in range(len(photos))],
                              "jpg": pa.array(photos, pa.binary()),
                              "image_source_sha256": [image_sha256(o) for o in originals]}), tmp_path / "raw.parquet")
-    run_ingest(spark, [str(tmp_path / "raw.parquet")], tmp_path / "ingest",
-               IngestOptions(keep_columns=("jpg", "image_source_sha256")))
+    run_one_stage(spark, "ingest", [str(tmp_path / "raw.parquet")], tmp_path / "ingest",
+                  {"keep_columns": ["jpg", "image_source_sha256"]})
     (tmp_path / "sha256.txt").write_text(f"{image_sha256(originals[1]).upper()}  owner's original\n"
                                          f"{image_sha256(photos[2])}\n")
-    record = run_block_images(spark, tmp_path / "ingest", tmp_path / "blocked",
-                              _options(sha256_file=str(tmp_path / "sha256.txt")))
+    record = run_one_stage(spark, "block_images", tmp_path / "ingest", tmp_path / "blocked",
+                           _options(sha256_file=str(tmp_path / "sha256.txt")))
     assert record["block_images"]["key_sources"] == {"sha256": "column jpg",
                                                      "source_sha256": "column image_source_sha256", "phash": None}
     details = sorted(_ledger(tmp_path / "blocked").values(), key=lambda d: d["matched"])
@@ -181,10 +178,10 @@ def test_a_listed_sha256_of_the_original_file_blocks_its_row(spark, tmp_path):
 def test_lists_are_required_and_checked(spark, demo_run, tmp_path):
     source = _stage(demo_run, "dedup_image")
     with pytest.raises(ValueError, match="needs sha256_file or phash_file"):
-        run_block_images(spark, source, tmp_path / "x", _options())
+        run_one_stage(spark, "block_images", source, tmp_path / "x", _options())
     (tmp_path / "bad.txt").write_text("# ok\n" + "ab" * 32 + "\nnot-a-hash\n")
     with pytest.raises(BlocklistError, match=r"bad\.txt:3: 'not-a-hash' is not a sha256"):
-        run_block_images(spark, source, tmp_path / "x", _options(sha256_file=str(tmp_path / "bad.txt")))
+        run_one_stage(spark, "block_images", source, tmp_path / "x", _options(sha256_file=str(tmp_path / "bad.txt")))
     assert cli_main(["block-images", "--input", str(source), "--output", str(tmp_path / "x"),
                      "--phash-file", str(tmp_path / "bad.txt")]) == 2
     assert not (tmp_path / "x").exists()

@@ -15,15 +15,9 @@ from PIL import Image
 from curation.cli import main as cli_main
 from curation.image_server import NOT_FOUND, ImageServer, Response
 from curation.io import ARTIFACTS_DIR, LEDGER_DIR, read_stage_record
-from curation.ops.download import DownloadOptions
-from curation.ops.ingest import IngestOptions
 from curation.ops.uid import uid_of
+from curation.pipeline import run_one_stage
 from curation.schema import Reason
-from curation.spark.decontaminate import run_decontaminate
-from curation.spark.download import run_download
-from curation.spark.embed import EmbedOptions, run_embed
-from curation.spark.image_dedup import run_dedup_image
-from curation.spark.stages import run_ingest
 from tests import imagekit
 
 pytestmark = pytest.mark.spark
@@ -97,7 +91,7 @@ def jpg_ingest(spark, planted):
     table = pa.table({"url": [f"https://img.example/{c}" for c in captions], "caption": captions,
                       "jpg": pa.array([planted["corpus"][c] for c in captions], pa.binary())})
     pq.write_table(table, root / "raw.parquet")
-    run_ingest(spark, [str(root / "raw.parquet")], root / "ingest", IngestOptions(keep_columns=("jpg",)))
+    run_one_stage(spark, "ingest", [str(root / "raw.parquet")], root / "ingest", {"keep_columns": ["jpg"]})
     return root / "ingest"
 
 
@@ -138,7 +132,7 @@ def test_copies_are_dropped_with_an_evaluation_folder(planted, jpg_ingest):
 def test_copies_are_dropped_with_an_evaluation_parquet_file(spark, planted, jpg_ingest):
     output = planted["root"] / "decon_parquet"
     options = {"eval_images": str(planted["root"] / "eval.parquet"), "eval_image_column": "image"}
-    record = run_decontaminate(spark, jpg_ingest, output, options)
+    record = run_one_stage(spark, "decontaminate", jpg_ingest, output, options)
     _assert_copies_dropped_and_photos_kept(output, planted, lambda i: ("eval.parquet", i))
     folder_record = read_stage_record(planted["root"] / "decon_folder")
     assert record["rows_out"] == folder_record["rows_out"]
@@ -147,9 +141,9 @@ def test_copies_are_dropped_with_an_evaluation_parquet_file(spark, planted, jpg_
 
 def test_precomputed_image_phash_is_used_after_dedup_image(spark, planted, jpg_ingest):
     root = planted["root"]
-    run_dedup_image(spark, jpg_ingest, root / "dedup_image")
-    record = run_decontaminate(spark, root / "dedup_image", root / "decon_after_dedup",
-                               {"eval_images": str(planted["folder"])})
+    run_one_stage(spark, "dedup_image", jpg_ingest, root / "dedup_image")
+    record = run_one_stage(spark, "decontaminate", root / "dedup_image", root / "decon_after_dedup",
+                           {"eval_images": str(planted["folder"])})
     assert record["decontaminate"]["hash_source"] == "column image_phash"
     survivors = _kept(root / "dedup_image")
     kept = _kept(root / "decon_after_dedup")
@@ -164,21 +158,21 @@ def test_precomputed_image_phash_is_used_after_dedup_image(spark, planted, jpg_i
 
 def test_a_larger_max_distance_is_no_excuse_for_dropping_other_photos(spark, planted, jpg_ingest):
     # Distinct real photos are >= 20 bits apart; copies were <= 4. A generous 10 still separates them.
-    record = run_decontaminate(spark, jpg_ingest, planted["root"] / "decon_d10",
-                               {"eval_images": str(planted["folder"]), "max_distance": 10})
+    record = run_one_stage(spark, "decontaminate", jpg_ingest, planted["root"] / "decon_d10",
+                           {"eval_images": str(planted["folder"]), "max_distance": 10})
     assert record["rows_out"] == len(planted["corpus"]) - len(planted["source"])
 
 
 def test_bad_evaluation_sets_fail_before_writing(spark, planted, jpg_ingest, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(planted["corpus"]["photo 0"][:200])
     with pytest.raises(ValueError, match=r"broken\.jpg"):
-        run_decontaminate(spark, jpg_ingest, tmp_path / "out", {"eval_images": str(tmp_path)})
+        run_one_stage(spark, "decontaminate", jpg_ingest, tmp_path / "out", {"eval_images": str(tmp_path)})
     (tmp_path / "broken.jpg").unlink()
     with pytest.raises(ValueError, match="no evaluation image"):
-        run_decontaminate(spark, jpg_ingest, tmp_path / "out", {"eval_images": str(tmp_path)})
+        run_one_stage(spark, "decontaminate", jpg_ingest, tmp_path / "out", {"eval_images": str(tmp_path)})
     with pytest.raises(ValueError, match="no embed stage upstream"):
-        run_decontaminate(spark, jpg_ingest, tmp_path / "out",
-                          {"eval_images": str(planted["folder"]), "use_embeddings": "always"})
+        run_one_stage(spark, "decontaminate", jpg_ingest, tmp_path / "out",
+                      {"eval_images": str(planted["folder"]), "use_embeddings": "always"})
     assert not (tmp_path / "out").exists()
 
 
@@ -188,8 +182,9 @@ def test_an_empty_corpus_gives_an_empty_stage_folder(spark, planted):
     # The one raw row has no url: ingest rejects it, so decontaminate reads an empty stage.
     pq.write_table(pa.table({"url": [""], "caption": ["no url"], "jpg": pa.array([b"x"], pa.binary())}),
                    root / "raw.parquet")
-    run_ingest(spark, [str(root / "raw.parquet")], root / "ingest", IngestOptions(keep_columns=("jpg",)))
-    record = run_decontaminate(spark, root / "ingest", root / "out", {"eval_images": str(planted["folder"])})
+    run_one_stage(spark, "ingest", [str(root / "raw.parquet")], root / "ingest", {"keep_columns": ["jpg"]})
+    record = run_one_stage(spark, "decontaminate", root / "ingest", root / "out",
+                           {"eval_images": str(planted["folder"])})
     assert (record["rows_in"], record["rows_out"], record["drops"]) == (0, 0, {})
     assert record["decontaminate"]["drops_by_test"] == {"phash": 0, "cosine": 0}
 
@@ -227,12 +222,12 @@ def embedded(spark, planted):
     with ImageServer(lambda path: routes.get(path, NOT_FOUND)) as server:
         urls = [f"{server.base_url}/{i}.jpg" for i in range(len(captions))]
         pq.write_table(pa.table({"url": urls, "caption": captions}), root / "raw.parquet")
-        run_ingest(spark, [str(root / "raw.parquet")], root / "ingest", IngestOptions())
-        options = DownloadOptions(allow_hosts=(f"127.0.0.1:{server.port}",), image_size=128,
-                                  resize_mode="keep_ratio", timeout=5, thread_count=4)
-        run_download(spark, root / "ingest", root / "download", options, shard_rows=32)
+        run_one_stage(spark, "ingest", [str(root / "raw.parquet")], root / "ingest")
+        run_one_stage(spark, "download", root / "ingest", root / "download", {
+            "allow_hosts": [f"127.0.0.1:{server.port}"], "image_size": 128, "resize_mode": "keep_ratio", "timeout": 5,
+            "thread_count": 4, "shard_rows": 32})
     assert read_stage_record(root / "download")["drops"] == {}
-    run_embed(spark, root / "download", root / "embed", EmbedOptions(**TINY))
+    run_one_stage(spark, "embed", root / "download", root / "embed", TINY)
     uid_of_caption = {c: uid_of(u.encode(), c.encode()) for u, c in zip(urls, captions, strict=True)}
     return {"root": root, "uid": uid_of_caption, "crops": crops}
 
@@ -256,8 +251,8 @@ def _nearest_cosines(embed_dir, eval_folder) -> dict[str, float]:
 def test_embeddings_catch_crops_that_phash_misses(spark, planted, embedded):
     root, uid = embedded["root"], embedded["uid"]
     output = root / "decontaminate"
-    record = run_decontaminate(spark, root / "embed", output,
-                               {"eval_images": str(planted["folder"]), "min_cosine": MIN_COSINE})
+    record = run_one_stage(spark, "decontaminate", root / "embed", output,
+                           {"eval_images": str(planted["folder"]), "min_cosine": MIN_COSINE})
     ledger, kept = _ledger(output), _kept(output)
     for caption, row_uid in uid.items():
         if caption in planted["source"]:
@@ -291,8 +286,8 @@ def test_embeddings_catch_crops_that_phash_misses(spark, planted, embedded):
 
 def test_without_embeddings_only_phash_copies_are_dropped(spark, planted, embedded):
     root = embedded["root"]
-    record = run_decontaminate(spark, root / "embed", root / "decontaminate_phash_only",
-                               {"eval_images": str(planted["folder"]), "use_embeddings": "never"})
+    record = run_one_stage(spark, "decontaminate", root / "embed", root / "decontaminate_phash_only",
+                           {"eval_images": str(planted["folder"]), "use_embeddings": "never"})
     kept = _kept(root / "decontaminate_phash_only")
     assert record["decontaminate"]["embeddings"] is None
     assert record["drops"] == {Reason.EVAL_CONTAMINATION: len(planted["source"])}

@@ -10,9 +10,8 @@ import pytest
 from PIL import Image
 
 from curation.cli import main as cli_main
-from curation.ops.ingest import IngestOptions
 from curation.ops.uid import uid_of
-from curation.spark.stages import run_ingest
+from curation.pipeline import run_one_stage
 
 pytestmark = pytest.mark.spark
 
@@ -59,7 +58,7 @@ def image_run(spark, tmp_path_factory):
     table = pa.table({"url": [r[0] for r in rows], "caption": [r[1] for r in rows],
                       "jpg": pa.array([r[2] for r in rows], pa.binary())})
     pq.write_table(table, root / "raw.parquet")
-    run_ingest(spark, [str(root / "raw.parquet")], root / "ingest", IngestOptions(keep_columns=("jpg",)))
+    run_one_stage(spark, "ingest", [str(root / "raw.parquet")], root / "ingest", {"keep_columns": ["jpg"]})
     assert cli_main(["dedup-image", "--input", str(root / "ingest"), "--output", str(root / "dedup")]) == 0
     record = json.loads((root / "dedup" / "_stage.json").read_text())
     uid = {caption: uid_of(url.encode(), caption.encode()) for url, caption, _ in rows}

@@ -20,17 +20,11 @@ from curation.cli import main as cli_main
 from curation.image_server import NOT_FOUND, ImageServer, Response
 from curation.io import ARTIFACTS_DIR, LEDGER_DIR, read_stage_record
 from curation.manifest import verify_manifest
-from curation.ops.download import DownloadOptions
-from curation.ops.ingest import IngestOptions
 from curation.ops.tars import TarReader
 from curation.ops.uid import uid_of
+from curation.pipeline import run_one_stage
 from curation.schema import Reason
 from curation.spark.common import StageRun
-from curation.spark.download import run_download
-from curation.spark.embed import EmbedOptions, run_embed
-from curation.spark.image_dedup import run_dedup_image
-from curation.spark.publish import run_publish
-from curation.spark.stages import run_ingest
 from tests import imagekit
 
 pytestmark = pytest.mark.spark
@@ -65,6 +59,11 @@ def served(tmp_path_factory):
         yield server, expected
 
 
+def _download_options(server, **more) -> dict:
+    return {"allow_hosts": [f"127.0.0.1:{server.port}"], "image_size": 128, "resize_mode": "keep_ratio",
+            "timeout": 5, "thread_count": 4, **more}
+
+
 @pytest.fixture(scope="module")
 def image_run(spark, served, tmp_path_factory):
     server, expected = served
@@ -72,13 +71,11 @@ def image_run(spark, served, tmp_path_factory):
     urls = sorted(expected)
     captions = [f"picture number {i}" for i in range(len(urls))]
     pq.write_table(pa.table({"url": urls, "caption": captions}), root / "raw.parquet")
-    run_ingest(spark, [str(root / "raw.parquet")], root / "ingest", IngestOptions())
-    options = DownloadOptions(allow_hosts=(f"127.0.0.1:{server.port}",), image_size=128, resize_mode="keep_ratio",
-                              timeout=5, thread_count=4)
+    run_one_stage(spark, "ingest", [str(root / "raw.parquet")], root / "ingest")
     # Two tars, so that batches and engines are exercised across shards.
-    run_download(spark, root / "ingest", root / "download", options, shard_rows=9)
-    run_embed(spark, root / "download", root / "embed", EmbedOptions(**TINY, num_workers=0))
-    run_dedup_image(spark, root / "embed", root / "dedup_image")
+    run_one_stage(spark, "download", root / "ingest", root / "download", _download_options(server, shard_rows=9))
+    run_one_stage(spark, "embed", root / "download", root / "embed", {**TINY, "num_workers": 0})
+    run_one_stage(spark, "dedup_image", root / "embed", root / "dedup_image")
     uid_to_url = {uid_of(url.encode(), caption.encode()): url for url, caption in zip(urls, captions, strict=True)}
     return root, expected, uid_to_url
 
@@ -153,15 +150,16 @@ def _assert_within_one_ulp(a: pa.Table, b: pa.Table) -> None:
 def test_engines_and_worker_counts_agree_within_one_fp16_ulp(spark, image_run):
     root, _, _ = image_run
     reference = _embeddings(root / "embed")
-    run_embed(spark, root / "download", root / "embed_workers", EmbedOptions(**TINY, num_workers=2))
-    run_embed(spark, root / "download", root / "embed_spark", EmbedOptions(**TINY, num_workers=0, engine="spark"))
+    run_one_stage(spark, "embed", root / "download", root / "embed_workers", {**TINY, "num_workers": 2})
+    run_one_stage(spark, "embed", root / "download", root / "embed_spark",
+                  {**TINY, "num_workers": 0, "engine": "spark"})
     _assert_within_one_ulp(reference, _embeddings(root / "embed_workers"))
     _assert_within_one_ulp(reference, _embeddings(root / "embed_spark"))
 
 
 def test_rerun_gives_byte_identical_embeddings(spark, image_run):
     root, _, _ = image_run
-    run_embed(spark, root / "download", root / "embed_again", EmbedOptions(**TINY, num_workers=0))
+    run_one_stage(spark, "embed", root / "download", root / "embed_again", {**TINY, "num_workers": 0})
     for first in sorted((root / "embed" / ARTIFACTS_DIR / "embeddings").glob("*.parquet")):
         again = root / "embed_again" / ARTIFACTS_DIR / "embeddings" / first.name
         assert first.read_bytes() == again.read_bytes()
@@ -170,8 +168,7 @@ def test_rerun_gives_byte_identical_embeddings(spark, image_run):
 def test_download_rerun_after_a_crash_fetches_nothing_again(spark, served, image_run, tmp_path, monkeypatch):
     root, _, _ = image_run
     server, _ = served
-    options = DownloadOptions(allow_hosts=(f"127.0.0.1:{server.port}",), image_size=128, resize_mode="keep_ratio",
-                              timeout=5, thread_count=4)
+    options = _download_options(server, shard_rows=9)
 
     def crash(*args, **kwargs):
         raise RuntimeError("killed after the shards were downloaded")
@@ -179,10 +176,10 @@ def test_download_rerun_after_a_crash_fetches_nothing_again(spark, served, image
     with monkeypatch.context() as patch:
         patch.setattr(StageRun, "record", crash)
         with pytest.raises(RuntimeError, match="killed"):
-            run_download(spark, root / "ingest", tmp_path / "download", options, shard_rows=9)
+            run_one_stage(spark, "download", root / "ingest", tmp_path / "download", options)
     assert not (tmp_path / "download").exists()
     requests_after_crash = server.requests
-    resumed = run_download(spark, root / "ingest", tmp_path / "download", options, shard_rows=9)
+    resumed = run_one_stage(spark, "download", root / "ingest", tmp_path / "download", options)
     assert server.requests == requests_after_crash
     assert resumed["download"]["shards_resumed"] == 2
     assert resumed["rows_out"] == read_stage_record(root / "download")["rows_out"]
@@ -191,10 +188,10 @@ def test_download_rerun_after_a_crash_fetches_nothing_again(spark, served, image
 
 def test_release_carries_the_images_as_tars_twinned_with_the_parquet_shards(spark, image_run):
     root, _, _ = image_run
-    run_publish(spark, root / "dedup_image", root / "publish", shard_rows=5)
+    run_one_stage(spark, "publish", root / "dedup_image", root / "publish", {"shard_rows": 5})
     spark.conf.set("spark.sql.shuffle.partitions", "1")
     try:
-        run_publish(spark, root / "dedup_image", root / "publish_again", shard_rows=5)
+        run_one_stage(spark, "publish", root / "dedup_image", root / "publish_again", {"shard_rows": 5})
     finally:
         spark.conf.set("spark.sql.shuffle.partitions", "4")
     assert verify_manifest(root / "publish") == []
@@ -240,9 +237,8 @@ def test_run_config_chains_download_embed_and_dedup_image(served, image_run, tmp
 def test_rows_can_carry_the_image_bytes_as_parquet_with_images(spark, served, image_run, tmp_path):
     root, _, _ = image_run
     server, _ = served
-    options = DownloadOptions(allow_hosts=(f"127.0.0.1:{server.port}",), image_size=128, resize_mode="keep_ratio",
-                              timeout=5, thread_count=4)
-    run_download(spark, root / "ingest", tmp_path / "download", options, shard_rows=9, image_bytes_column="jpg")
+    options = _download_options(server, shard_rows=9, image_bytes_column="jpg")
+    run_one_stage(spark, "download", root / "ingest", tmp_path / "download", options)
     rows = pq.read_table(tmp_path / "download", columns=["uid", "image_shard", "image_key", "jpg"]).to_pylist()
     assert rows and all(row["jpg"] for row in rows)
     with TarReader() as reader:
@@ -250,7 +246,7 @@ def test_rows_can_carry_the_image_bytes_as_parquet_with_images(spark, served, im
             _, data = reader.image(tmp_path / "download" / ARTIFACTS_DIR / "images" / row["image_shard"],
                                    row["image_key"])
             assert data == row["jpg"]
-    run_publish(spark, tmp_path / "download", tmp_path / "publish", shard_rows=100)
+    run_one_stage(spark, "publish", tmp_path / "download", tmp_path / "publish", {"shard_rows": 100})
     assert verify_manifest(tmp_path / "publish") == []
     with tarfile.open(next((tmp_path / "publish" / "images").glob("*.tar"))) as tar:
         sample = json.loads(tar.extractfile(next(n for n in tar.getnames() if n.endswith(".json"))).read())

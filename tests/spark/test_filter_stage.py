@@ -21,10 +21,9 @@ from curation.cli import main as cli_main
 from curation.io import LEDGER_DIR, StageWriter, read_stage_record
 from curation.ops.filters import RULES, FilterOptions, apply_filter, caption_repeat_counts, top_cutoff
 from curation.ops.uid import compute_uids, uniform
+from curation.pipeline import run_one_stage
 from curation.schema import Reason
 from curation.spark.common import StageRun
-from curation.spark.filters import run_filter
-from curation.spark.stages import read_stage_data
 from tests.imagekit import photos
 
 pytestmark = pytest.mark.spark
@@ -80,7 +79,7 @@ def _write_stage(folder: Path, stage: str, rows: pa.Table, files: int = 1) -> No
 def runs(spark, scored_stage, tmp_path_factory) -> tuple[Path, Path]:
     """The stage with 1 partition (the adapter), and with 4 partitions and 7 shuffle partitions (the CLI)."""
     root = tmp_path_factory.mktemp("filter_runs")
-    run_filter(spark, scored_stage, root / "one", {**OPTIONS, "partitions": 1}, 1, {"stage": "filter", **OPTIONS})
+    run_one_stage(spark, "filter", scored_stage, root / "one", {**OPTIONS, "partitions": 1})
     spark.conf.set("spark.sql.shuffle.partitions", "7")
     try:
         flags = [f"--{name.replace('_', '-')}={value}" for name, value in OPTIONS.items()]
@@ -149,7 +148,7 @@ def test_counting_per_partition_would_decide_differently(spark, scored_stage, ru
     each partition's own top differs from the whole input's; the stage dropped by the whole input all the same."""
     from pyspark.sql import functions as F
 
-    layout = (read_stage_data(spark, scored_stage, 4).withColumn("_p", F.spark_partition_id())
+    layout = (spark.read.parquet(str(scored_stage)).repartition(4).withColumn("_p", F.spark_partition_id())
               .select("uid", "caption", "clip_score", "_p").toArrow())
     ledger = _ledger(runs[1])
     per_partition = pc.value_counts(pc.binary_join_element_wise(
@@ -182,7 +181,7 @@ def test_a_missing_column_is_a_clear_error(spark, scored_stage, tmp_path, caplog
     ingest_dir = tmp_path / "ingest"
     _write_stage(ingest_dir, "ingest", pq.read_table(scored_stage, columns=["uid", "url", "caption"]))
     with pytest.raises(ValueError, match=r"low_clip_score needs the column clip_score .*\['caption', 'uid', 'url'\]"):
-        run_filter(spark, ingest_dir, tmp_path / "out", {"min_clip_score": 0.2})
+        run_one_stage(spark, "filter", ingest_dir, tmp_path / "out", {"min_clip_score": 0.2})
     assert cli_main(["filter", "--input", str(ingest_dir), "--output", str(tmp_path / "cli"), "--min-image-side",
                      "200"]) == 2
     assert "image_too_small needs the image size columns" in caplog.text
@@ -191,7 +190,7 @@ def test_a_missing_column_is_a_clear_error(spark, scored_stage, tmp_path, caplog
 
 def test_an_empty_input_passes_through(spark, scored_stage, tmp_path):
     _write_stage(tmp_path / "empty", "embed", pq.read_table(scored_stage).slice(0, 0))
-    record = run_filter(spark, tmp_path / "empty", tmp_path / "out", OPTIONS)
+    record = run_one_stage(spark, "filter", tmp_path / "empty", tmp_path / "out", OPTIONS)
     assert (record["rows_in"], record["rows_out"], record["drops"]) == (0, 0, {})
     assert record["filter"]["rules"][Reason.CLIP_SCORE_NOT_TOP]["keep_count"] == 0
     assert pq.read_schema(next((tmp_path / "out").glob("*.parquet"))).names == pq.read_schema(

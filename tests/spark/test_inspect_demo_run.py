@@ -12,7 +12,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from curation.cli import main as cli_main
-from curation.inspect import InspectError, inspect_entry, inspect_uid
+from curation.inspection import InspectError, inspect_entry, inspect_uid
 from curation.io import list_files, stage_chain
 from curation.ops.metaclip import reference_match
 from curation.schema import REASONS_SHARING_KEPT_UID

@@ -13,21 +13,15 @@ from PIL import Image
 from curation.image_server import ImageServer, Response, dict_resolver
 from curation.io import ARTIFACTS_DIR, LEDGER_DIR, read_stage_record
 from curation.manifest import verify_manifest
-from curation.ops.download import DownloadOptions
-from curation.ops.ingest import IngestOptions
+from curation.pipeline import run_one_stage
 from curation.schema import Reason
 from curation.spark.common import StageRun
-from curation.spark.download import run_download
-from curation.spark.embed import EmbedOptions, run_embed
-from curation.spark.logos import BankOptions, FlagOptions, MiningOptions, run_flag_logos, run_logo_bank, run_mine_logos
-from curation.spark.publish import run_publish
-from curation.spark.stages import run_ingest
 from tests import imagekit
 
 pytestmark = pytest.mark.spark
 
-MINING = MiningOptions(models=("tiny-clip:random", "toy"), probe_count=6, max_logos=8, logo_block=2, batch_size=8,
-                       recheck_top=3, device="cpu")
+MINING = {"targets": ["greedy", "harmless"], "models": ["tiny-clip:random", "toy"], "probe_count": 6, "max_logos": 8,
+          "logo_block": 2, "batch_size": 8, "recheck_top": 3, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +38,16 @@ def logo_run(spark, tmp_path_factory):
             pa.table({"url": urls, "caption": [f"picture {i}" for i in range(len(urls))]}),
             root / "raw.parquet",
         )
-        run_ingest(spark, [str(root / "raw.parquet")], root / "ingest", IngestOptions())
-        run_download(spark, root / "ingest", root / "download",
-                     DownloadOptions(allow_hosts=(f"127.0.0.1:{server.port}",), image_size=96, timeout=5,
-                                     thread_count=4), shard_rows=8)
-    run_embed(spark, root / "download", root / "embed",
-              EmbedOptions(model="tiny-clip", pretrained="random", device="cpu", num_workers=0))
-    run_logo_bank(spark, root / "embed", root / "logo_bank", BankOptions(q=0.5))
-    run_mine_logos(spark, root / "logo_bank", root / "mine_logos", MINING)
-    run_flag_logos(spark, root / "mine_logos", root / "flag_logos",
-                   FlagOptions(threshold=0.999, top=2, min_spuriousness=-1.0, policy="drop"))
+        run_one_stage(spark, "ingest", [str(root / "raw.parquet")], root / "ingest")
+        run_one_stage(spark, "download", root / "ingest", root / "download",
+                      {"allow_hosts": [f"127.0.0.1:{server.port}"], "image_size": 96, "timeout": 5,
+                       "thread_count": 4, "shard_rows": 8})
+    run_one_stage(spark, "embed", root / "download", root / "embed",
+                  {"model": "tiny-clip", "pretrained": "random", "device": "cpu", "num_workers": 0})
+    run_one_stage(spark, "logo_bank", root / "embed", root / "logo_bank", {"q": 0.5})
+    run_one_stage(spark, "mine_logos", root / "logo_bank", root / "mine_logos", MINING)
+    run_one_stage(spark, "flag_logos", root / "mine_logos", root / "flag_logos",
+                  {"threshold": 0.999, "top": 2, "min_spuriousness": -1.0, "policy": "drop"})
     return root, len(urls)
 
 
@@ -76,8 +70,8 @@ def test_mining_ranks_every_bank_logo_for_every_target_with_both_models(logo_run
     root, rows = logo_run
     table = pq.read_table(root / "mine_logos" / ARTIFACTS_DIR / "mining.parquet")
     bank = pq.read_table(root / "logo_bank" / ARTIFACTS_DIR / "logo_bank.parquet")
-    assert len(table) == len(bank) * len(MINING.targets)
-    assert set(table.column("target").to_pylist()) == set(MINING.targets)
+    assert len(table) == len(bank) * len(MINING["targets"])
+    assert set(table.column("target").to_pylist()) == set(MINING["targets"])
     record = read_stage_record(root / "mine_logos")
     assert record["rows_in"] == record["rows_out"] == rows and record["data_from"]
     assert len(record["mining"]["models"]) == 2
@@ -98,7 +92,7 @@ def test_flag_logos_drops_images_of_the_top_mined_logos(logo_run):
 
 def test_release_after_the_logo_stages_verifies(spark, logo_run):
     root, _ = logo_run
-    run_publish(spark, root / "flag_logos", root / "publish", shard_rows=100)
+    run_one_stage(spark, "publish", root / "flag_logos", root / "publish", {"shard_rows": 100})
     assert verify_manifest(root / "publish") == []
 
 
@@ -111,9 +105,9 @@ def test_mining_resumes_after_a_crash_with_the_same_ranking(spark, logo_run, tmp
     with monkeypatch.context() as patch:
         patch.setattr(StageRun, "record", crash)
         with pytest.raises(RuntimeError, match="killed"):
-            run_mine_logos(spark, root / "logo_bank", tmp_path / "mine", MINING)
+            run_one_stage(spark, "mine_logos", root / "logo_bank", tmp_path / "mine", MINING)
     assert sorted(p.name for p in (tmp_path / ".mine.work" / "blocks").glob("block-*.parquet"))
-    run_mine_logos(spark, root / "logo_bank", tmp_path / "mine", MINING)
+    run_one_stage(spark, "mine_logos", root / "logo_bank", tmp_path / "mine", MINING)
     again = pq.read_table(tmp_path / "mine" / ARTIFACTS_DIR / "mining.parquet")
     first = pq.read_table(root / "mine_logos" / ARTIFACTS_DIR / "mining.parquet")
     assert again.equals(first)

@@ -12,13 +12,10 @@ from curation.cli import main as cli_main
 from curation.gpu.nsfw import load_nsfw_model
 from curation.image_server import NOT_FOUND, ImageServer, Response
 from curation.io import downloaded_images_dir, read_stage_record
-from curation.ops.download import DownloadOptions
-from curation.ops.ingest import IngestOptions
 from curation.ops.tars import TarReader
 from curation.ops.uid import uid_of
+from curation.pipeline import run_one_stage
 from curation.schema import Reason
-from curation.spark.download import run_download
-from curation.spark.stages import run_ingest
 from tests import imagekit
 
 pytestmark = pytest.mark.spark
@@ -49,7 +46,7 @@ def stage_input(spark, shared_data, tmp_path_factory):
     table = pa.table({"url": [r[0] for r in rows], "caption": [r[1] for r in rows],
                       "jpg": pa.array([r[2] for r in rows], pa.binary())})
     pq.write_table(table, root / "raw.parquet")
-    run_ingest(spark, [str(root / "raw.parquet")], root / "ingest", IngestOptions(keep_columns=("jpg",)))
+    run_one_stage(spark, "ingest", [str(root / "raw.parquet")], root / "ingest", {"keep_columns": ["jpg"]})
     uid = {caption: uid_of(url.encode(), caption.encode()) for url, caption, _ in rows}
     expected = load_nsfw_model("cpu", threads=1).score(photos).scores
     return {"root": root, "rows": rows, "uid": uid, "photos": photos,
@@ -150,10 +147,10 @@ def test_images_come_from_the_download_tars_without_a_bytes_column(spark, stage_
         urls = [f"{server.base_url}/photo/{i}.jpg" for i in range(len(photos))]
         pq.write_table(pa.table({"url": urls, "caption": [f"photo {i}" for i in range(len(urls))]}),
                        tmp_path / "raw.parquet")
-        run_ingest(spark, [str(tmp_path / "raw.parquet")], tmp_path / "ingest", IngestOptions())
-        options = DownloadOptions(allow_hosts=(f"127.0.0.1:{server.port}",), image_size=256, resize_mode="keep_ratio",
-                                  timeout=5, thread_count=2)
-        run_download(spark, tmp_path / "ingest", tmp_path / "download", options, shard_rows=3)
+        run_one_stage(spark, "ingest", [str(tmp_path / "raw.parquet")], tmp_path / "ingest")
+        run_one_stage(spark, "download", tmp_path / "ingest", tmp_path / "download", {
+            "allow_hosts": [f"127.0.0.1:{server.port}"], "image_size": 256, "resize_mode": "keep_ratio", "timeout": 5,
+            "thread_count": 2, "shard_rows": 3})
     assert cli_main(["nsfw", "--input", str(tmp_path / "download"), "--output", str(tmp_path / "nsfw"), *NSFW]) == 0
     kept = _rows(tmp_path / "nsfw")
     assert len(kept) == len(photos) and read_stage_record(tmp_path / "nsfw")["nsfw"]["image_source"] == "download tars"

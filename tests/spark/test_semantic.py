@@ -17,12 +17,10 @@ import pytest
 
 from curation.cli import main as cli_main
 from curation.gpu.embed import embedding_schema
-from curation.io import ARTIFACTS_DIR, LEDGER_DIR, StageWriter, read_stage_record
-from curation.ops.ingest import IngestOptions
+from curation.io import ARTIFACTS_DIR, LEDGER_DIR, StageWriter, fingerprint_files, list_files, read_stage_record
+from curation.pipeline import run_one_stage
 from curation.schema import Reason
 from curation.spark.common import StageRun
-from curation.spark.semantic import KMeansOptions, PruneOptions, run_cluster, run_prune, run_semdedup
-from curation.spark.stages import run_ingest, stage_input
 
 pytestmark = pytest.mark.spark
 logger = logging.getLogger(__name__)
@@ -76,7 +74,8 @@ def _write_embed_stage(ingest_dir: Path, embed_dir: Path, vectors: np.ndarray, u
             pq.write_table(rows.filter(pa.array(np.isin(rows.column("uid").to_numpy(zero_copy_only=False),
                                                         [uids[i] for i in chunk]))),
                            writer.temp_dir / f"part-{part:05d}.parquet")
-        writer.commit(run.record(stage_input(ingest_dir, writer), len(rows), len(rows), {}))
+        upstream = {"stage": writer.link_to(ingest_dir), "fingerprint": fingerprint_files(list_files(ingest_dir))}
+        writer.commit(run.record(upstream, len(rows), len(rows), {}))
 
 
 def _chain(spark, root: Path, files: int) -> tuple[Path, list[str], list[list[int]]]:
@@ -87,16 +86,14 @@ def _chain(spark, root: Path, files: int) -> tuple[Path, list[str], list[list[in
     for part, chunk in enumerate(np.array_split(np.arange(len(vectors)), files)):
         pq.write_table(pa.table({"url": [urls[i] for i in chunk], "caption": [f"image {i}" for i in chunk]}),
                        raw / f"part-{part}.parquet")
-    run_ingest(spark, [str(raw)], root / "ingest", IngestOptions(), partitions=files)
+    run_one_stage(spark, "ingest", [str(raw)], root / "ingest", {"partitions": files})
     by_url = dict(zip(*pq.read_table(root / "ingest", columns=["url", "uid"]).to_pydict().values(), strict=True))
     uids = [by_url[url] for url in urls]
     _write_embed_stage(root / "ingest", root / "embed", vectors, uids, files)
-    kmeans = KMeansOptions(k=CONCEPTS, sample_size=100_000, threads=1, device="cpu", seed=3)
-    run_cluster(spark, root / "embed", root / "cluster", kmeans)
-    run_semdedup(spark, root / "cluster", root / "semdedup", eps=EPS)
-    run_prune(spark, root / "semdedup", root / "prune", KMeansOptions(k=8, sample_size=100_000, threads=1,
-                                                                       device="cpu", seed=3),
-              PruneOptions(keep_fraction=0.5))
+    kmeans = {"sample_size": 100_000, "threads": 1, "device": "cpu", "seed": 3}
+    run_one_stage(spark, "cluster", root / "embed", root / "cluster", {"k": CONCEPTS, **kmeans})
+    run_one_stage(spark, "semdedup", root / "cluster", root / "semdedup", {"eps": EPS})
+    run_one_stage(spark, "prune", root / "semdedup", root / "prune", {"k": 8, **kmeans, "keep_fraction": 0.5})
     return root, uids, groups
 
 
@@ -167,7 +164,7 @@ def test_prune_keeps_exactly_the_quotas(chains):
 
 def test_target_keep_fraction_chooses_eps(spark, chains, tmp_path):
     (root, _, _), _ = chains
-    record = run_semdedup(spark, root / "cluster", tmp_path / "semdedup", eps=None, target_keep_fraction=0.8)
+    record = run_one_stage(spark, "semdedup", root / "cluster", tmp_path / "semdedup", {"target_keep_fraction": 0.8})
     assert record["rows_out"] >= 0.8 * record["rows_in"]
     assert record["rows_out"] <= 0.8 * record["rows_in"] + 2
     assert record["semdedup"]["eps_from"] == "target_keep_fraction"
@@ -191,12 +188,12 @@ def test_stages_pass_an_empty_input_through(spark, tmp_path):
     raw.mkdir()
     pq.write_table(pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())}),
                    raw / "part-0.parquet")
-    run_ingest(spark, [str(raw)], tmp_path / "ingest", IngestOptions())
+    run_one_stage(spark, "ingest", [str(raw)], tmp_path / "ingest")
     _write_embed_stage(tmp_path / "ingest", tmp_path / "embed", np.empty((0, DIM), np.float32), [], files=1)
-    kmeans = KMeansOptions(k=4, threads=1, device="cpu")
-    assert run_cluster(spark, tmp_path / "embed", tmp_path / "cluster", kmeans)["rows_out"] == 0
-    assert run_semdedup(spark, tmp_path / "cluster", tmp_path / "semdedup", eps=None,
-                        target_keep_fraction=0.5)["rows_out"] == 0
-    assert run_prune(spark, tmp_path / "semdedup", tmp_path / "prune", kmeans,
-                     PruneOptions(keep_fraction=0.5))["rows_out"] == 0
+    kmeans = {"k": 4, "threads": 1, "device": "cpu"}
+    assert run_one_stage(spark, "cluster", tmp_path / "embed", tmp_path / "cluster", kmeans)["rows_out"] == 0
+    assert run_one_stage(spark, "semdedup", tmp_path / "cluster", tmp_path / "semdedup",
+                         {"target_keep_fraction": 0.5})["rows_out"] == 0
+    assert run_one_stage(spark, "prune", tmp_path / "semdedup", tmp_path / "prune",
+                         {**kmeans, "keep_fraction": 0.5})["rows_out"] == 0
     assert "prune_cluster" in pq.read_schema(next((tmp_path / "prune").glob("*.parquet"))).names

@@ -12,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.cli import main as cli_main
-from curation.config import parse_run_config
 from curation.demo import generate_demo_corpus
 from curation.manifest import verify_manifest, without_volatile
 from curation.ops import balance as balance_ops
@@ -21,6 +20,7 @@ from curation.ops.metadata import build_metadata, write_metadata
 from curation.ops.uid import uniform
 from curation.pipeline import run_pipeline
 from curation.schema import Reason
+from curation.stages import parse_run_config
 
 pytestmark = pytest.mark.spark
 

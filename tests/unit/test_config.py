@@ -1,6 +1,7 @@
 import pytest
 
-from curation.config import ConfigError, load_run_config, parse_run_config
+from curation.config import ConfigError
+from curation.stages import load_run_config, parse_run_config
 
 
 def test_defaults_and_run_level_values_fill_stage_options():
@@ -40,7 +41,7 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 
 def test_the_boilerplate_rule_is_turned_off_by_null_in_yaml_or_zero():
-    from curation.config import stage_options
+    from curation.stages import stage_options
 
     assert stage_options("filter", {}, {})["max_caption_repeats"] == 1000
     assert stage_options("filter", {"max_caption_repeats": None}, {})["max_caption_repeats"] is None
@@ -48,3 +49,41 @@ def test_the_boilerplate_rule_is_turned_off_by_null_in_yaml_or_zero():
     assert stage_options("filter", {"max_caption_repeats": 10}, {})["max_caption_repeats"] == 10
     # other options keep "null means the default"
     assert stage_options("nsfw", {"batch_size": None}, {})["batch_size"] == 64
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        ({"balance": {"t": 100, "target_size": 5000}}, r"stage balance: give at most one of t, target_size, "
+                                                       r"tail_share \(got t, target_size\)"),
+        ({"balance": {"t": "many"}}, r"stage balance: option t is 'many'; allowed: a number \| null"),
+        ({"dedup_text": {"num_perm": 12.5}}, r"stage dedup_text: option num_perm is 12.5; allowed: an integer"),
+        ({"prune": {"keep_fraction": 0.5, "selection": "hardest"}},
+         r"stage prune: option selection is 'hardest'; allowed: hard \| easy \| random"),
+        ({"prune": {"k": 10}}, r"stage prune: give exactly one of keep_fraction, keep_count \(got none\)"),
+        ({"filter": {"min_clip_score": 0.2, "min_clip_scor": 0.3}},
+         r"stage filter: unknown option\(s\) \['min_clip_scor'\]; options are \[.*'min_clip_score'"),
+        ({"download": {"allow_hosts": "127.0.0.1:80"}}, r"stage download: option allow_hosts is '127.0.0.1:80'; "
+                                                        r"allowed: a list of strings"),
+    ],
+)
+def test_option_errors_fail_at_load_naming_stage_option_and_allowed_values(stage, message):
+    raw = {"input": "x", "metadata": "m.json", "stages": ["ingest", "match", stage]}
+    with pytest.raises(ConfigError, match=message):
+        parse_run_config(raw)
+
+
+def test_a_bad_config_fails_before_spark_starts(tmp_path):
+    """`curation run` exits 2 with the one-line error, and pyspark was never imported."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "run.yaml"
+    config.write_text("input: x\nmetadata: m.json\nstages: [ingest, match, {balance: {t: 100, target_size: 5}}]\n")
+    script = ("import sys\nfrom curation.cli import main\ncode = main(['run', sys.argv[1], '--output', sys.argv[2]])\n"
+              "print(code, 'pyspark' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(config), str(tmp_path / "run")], capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False"]
+    assert "stage balance: give at most one of t, target_size, tail_share" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

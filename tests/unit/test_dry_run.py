@@ -12,15 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.cli import main as cli_main
-from curation.config import parse_run_config
 from curation.demo import generate_demo_corpus
 from curation.dry_run import dry_run
 from curation.io import StageWriter
 from curation.ops import balance as balance_ops
-from curation.ops.ingest import IngestError, normalise_rows
+from curation.ops.ingest import IngestError, IngestOptions, normalise_rows
 from curation.ops.metaclip import Matcher
 from curation.ops.metadata import build_metadata, write_metadata
-from curation.pipeline import current_input_fingerprint, hashed_config, ingest_options
+from curation.pipeline import current_input_fingerprint
+from curation.stages import hashed_config, parse_run_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ROWS = 6_000
@@ -97,7 +97,7 @@ def test_row_estimates_are_near_the_real_counts(corpus, tmp_path):
     root, entries = corpus
     config = demo_config(root)
     lines = dry_run(config, tmp_path / "run")
-    options = ingest_options(config.stages[0].options)
+    options = IngestOptions.from_options(config.stages[0].options)
     kept = full_normalise(sorted((root / "corpus").glob("*.parquet")), options)
 
     ingest_in, ingest_out = estimated(lines, "ingest")
@@ -195,7 +195,7 @@ def test_no_spark_is_started(corpus, tmp_path):
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from curation.config import load_run_config\n"
+        "from curation.stages import load_run_config\n"
         "from curation.dry_run import dry_run\n"
         f"lines = dry_run(load_run_config(Path({str(config_path)!r})), Path({str(tmp_path / 'run')!r}))\n"
         "assert any(line.startswith('inputs:') for line in lines)\n"
@@ -241,7 +241,7 @@ def test_real_captions(shared_data, tmp_path, corpus):
         assert f"{path}: " in text
     assert re.search(r"^\s+3 balance\s+stages/03_balance\s+will run", text, re.MULTILINE)
 
-    options = ingest_options(config.stages[0].options)
+    options = IngestOptions.from_options(config.stages[0].options)
     kept = full_normalise(files, options)
     ingest_in, ingest_out = estimated(lines, "ingest")
     assert ingest_in == rows

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.cli import main as cli_main
-from curation.inspect import InspectError, inspect_entry, inspect_uid
+from curation.inspection import InspectError, inspect_entry, inspect_uid
 from curation.io import StageWriter
 from curation.ops.uid import uid_of
 from curation.schema import LEDGER_SCHEMA

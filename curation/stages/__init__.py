@@ -1,0 +1,105 @@
+"""The registry of stages: every module of this package declares one stage as `STAGE` (a `curation.stage.Stage`).
+
+Adding a module here adds the stage everywhere: the YAML loader below, `curation <stage>` and its flags, `curation
+run`, the dry run, the README's tables (`make docs`) and the spark-submit entry point `jobs/stage.py`. Importing the
+registry imports the declarations only; a stage's Spark, torch or faiss code is imported when it runs.
+"""
+
+import importlib
+import pkgutil
+from functools import cache
+from pathlib import Path
+
+from curation.config import (
+    DEFAULT_RELEASE_NAME,
+    RUN_KEYS,
+    SPARK_KEYS,
+    ConfigError,
+    RunConfig,
+    StageConfig,
+    read_yaml,
+)
+from curation.stage import Stage
+
+
+@cache
+def _registry() -> dict[str, Stage]:
+    found: dict[str, Stage] = {}
+    for module in pkgutil.iter_modules(__path__):
+        stage = importlib.import_module(f"{__name__}.{module.name}").STAGE
+        if stage.name in found:
+            raise TypeError(f"two declarations of stage {stage.name}")
+        found[stage.name] = stage
+    return dict(sorted(found.items(), key=lambda item: (item[1].flow, item[0])))
+
+
+def all_stages() -> list[Stage]:
+    """Every declared stage, in data-flow order."""
+    return list(_registry().values())
+
+
+def get_stage(name: str) -> Stage:
+    stages = _registry()
+    if name not in stages:
+        raise ConfigError(f"unknown stage {name!r}; stages are {sorted(stages)}")
+    return stages[name]
+
+
+def stage_options(stage: str, given: dict | None, run_defaults: dict) -> dict:
+    """The full, checked option dict of `stage` (see `Stage.options`)."""
+    return get_stage(stage).options(given, run_defaults)
+
+
+def hashed_config(stage: StageConfig) -> dict:
+    return get_stage(stage.name).hashed_config(stage.options)
+
+
+def parse_run_config(raw: dict) -> RunConfig:
+    """A checked RunConfig: unknown keys and options, wrong types and broken rules between options fail here,
+    before anything runs, naming the stage, the option and what it allows."""
+    if not isinstance(raw, dict):
+        raise ConfigError("the run configuration must be a mapping")
+    unknown = sorted(set(raw) - RUN_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {unknown}; keys are {sorted(RUN_KEYS)}")
+    if "input" not in raw:
+        raise ConfigError("`input` is required: a path, folder or glob of parquet shards, or a list of them")
+    inputs = raw["input"] if isinstance(raw["input"], list) else [raw["input"]]
+    spark = raw.get("spark") or {}
+    if not isinstance(spark, dict):
+        raise ConfigError(f"`spark` must be a mapping with keys {sorted(SPARK_KEYS)}, got {spark!r}")
+    unknown_spark = sorted(set(spark) - SPARK_KEYS)
+    if unknown_spark:
+        raise ConfigError(f"unknown spark key(s) {unknown_spark}; keys are {sorted(SPARK_KEYS)}")
+    name = str(raw.get("name", DEFAULT_RELEASE_NAME))
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"`seed` must be an integer, got {seed!r}")
+    run_defaults = {"metadata": raw.get("metadata"), "seed": seed, "name": name}
+    stages = []
+    for item in raw.get("stages") or []:
+        if isinstance(item, str):
+            stage_name, given = item, {}
+        elif isinstance(item, dict) and len(item) == 1:
+            stage_name, given = next(iter(item.items()))
+        else:
+            raise ConfigError(f"a stage must be a name or a one-key mapping, got {item!r}")
+        if given is not None and not isinstance(given, dict):
+            raise ConfigError(f"options of stage {stage_name} must be a mapping, got {given!r}")
+        stages.append(StageConfig(stage_name, stage_options(stage_name, given, run_defaults)))
+    if not stages:
+        raise ConfigError("`stages` is empty: list the stages to run, e.g. [ingest, match, count, balance, publish]")
+    if stages[0].name != "ingest":
+        raise ConfigError("the first stage must be ingest")
+    return RunConfig(
+        name=name, inputs=[str(i) for i in inputs], seed=seed, stages=stages, spark_master=spark.get("master"),
+        spark_partitions=spark.get("partitions"), spark_conf=dict(spark.get("conf") or {}), raw=raw,
+    )
+
+
+def load_run_config(path: Path) -> RunConfig:
+    raw = read_yaml(path)
+    try:
+        return parse_run_config(raw)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from error

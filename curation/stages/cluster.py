@@ -1,0 +1,69 @@
+"""The cluster stage."""
+
+from dataclasses import dataclass
+
+from curation.config import ConfigError
+from curation.stage import RateAssumption, Stage, StageOptions, option
+
+
+@dataclass(frozen=True)
+class KMeansOptions(StageOptions):
+    """What the cluster and prune stages share: both fit spherical k-means on the image embeddings."""
+
+    sample_size: int = option(
+        500_000, "k-means is fit on the driver on a uniform sample (u(seed, uid)) of about this many"
+    )
+    iterations: int = option(20, "k-means iterations (faiss may stop earlier once converged)")
+    threads: int = option(4, "faiss threads for the fit (fixed, so the centroids do not depend on the machine)")
+    device: str = option("auto", "auto (GPU faiss when present), cuda or cpu", choices=("auto", "cuda", "cpu"))
+    init: str = option(
+        "random", "centroid seeding: random (faiss's, as SemDeDup) or kmeans++", choices=("random", "kmeans++")
+    )
+    seed: int | None = option(None, "seed of the sample draw and of faiss", from_run=True)
+
+    def check_kmeans(self, stage: str) -> None:
+        """The k-means sizes must be positive (`k` is each stage's own field)."""
+        sizes = {name: getattr(self, name) for name in ("k", "sample_size", "iterations", "threads")}
+        if min(sizes.values()) < 1:
+            raise ConfigError(f"stage {stage}: k, sample_size, iterations and threads must be positive, got {sizes}")
+
+
+@dataclass(frozen=True)
+class ClusterOptions(KMeansOptions):
+    k: int = option(1000, "number of k-means clusters on the image embeddings (SemDeDup used 50,000 for 440M)")
+
+    def check(self) -> None:
+        self.check_kmeans("cluster")
+
+
+class ClusterStage(Stage):
+    name = "cluster"
+    Options = ClusterOptions
+    flow = 140
+    summary = "spherical k-means on the image embeddings; rows gain cluster"
+    input_help = "stage folder downstream of embed"
+    passes_all_rows = True
+    description = (
+        "spherical k-means (FAISS; GPU when present) on the image embeddings of the upstream embed stage: fit on the "
+        "driver on a uniform sample by u(seed, uid), sorted by uid, with fixed seed, threads and "
+        "`max_points_per_centroid` = ceil(sample / k) so faiss trains on the whole sample; every row assigned in a "
+        "distributed pass with the centroids broadcast; adds `cluster`, `centroid_similarity`; artifacts "
+        "`centroids.npy`, `cluster_sizes.parquet`, `assignments/`"
+    )
+    drops = "-"
+    assumed_rate = RateAssumption(
+        80_000,
+        "rows/s",
+        "assigning rows to centroids, plus the k-means fit (bench/results/semdedup.json when present)",
+    )
+
+    def run(self, context):
+        from curation.spark.semantic import run_cluster
+
+        return run_cluster(context)
+
+    def estimate(self, estimator, stage, rows):
+        return estimator.cluster(stage, rows)
+
+
+STAGE = ClusterStage()

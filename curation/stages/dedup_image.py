@@ -1,0 +1,45 @@
+"""The dedup_image stage."""
+
+from dataclasses import dataclass
+
+from curation.stage import RateAssumption, Stage, StageOptions, option, partitions_option
+
+
+@dataclass(frozen=True)
+class DedupImageOptions(StageOptions):
+    image_column: str = option("jpg", "column of encoded image bytes (img2dataset's parquet output calls it jpg)")
+    max_distance: int = option(4, "perceptual hashes within this Hamming distance are near duplicates")
+    max_anchors: int = option(
+        8,
+        "in a hash-chunk bucket larger than full_pairs_limit, members pair with this many anchors",
+    )
+    full_pairs_limit: int = option(64, "hash-chunk buckets up to this size are compared pair by pair")
+    partitions: int | None = partitions_option()
+
+
+class DedupImageStage(Stage):
+    name = "dedup_image"
+    Options = DedupImageOptions
+    flow = 90
+    summary = "exact (sha256) and perceptual-hash image duplicates"
+    input_help = "stage folder whose rows carry image bytes"
+    reads_images = True
+    drops_depend_on = "duplicates"
+    description = (
+        "for rows that carry image bytes (column `jpg`, as img2dataset's parquet output writes them) or point into a "
+        "download stage's tars: images that do not decode (decompression bombs refused before decoding, only web "
+        "formats) are dropped; exact duplicates by sha256 of the bytes; near duplicates by a 64-bit DCT perceptual "
+        "hash within Hamming distance 4 (candidates share one of 5 hash chunks in a Spark shuffle, groups by connected"
+        " components); the survivor is the largest image, ties by smallest uid; adds `image_sha256`, `image_phash`, "
+        "`image_width`, `image_height`, `image_dup_group`"
+    )
+    drops = "`undecodable_image`, `duplicate_image_bytes`, `near_duplicate_image`"
+    assumed_rate = RateAssumption(300, "images/s", "JPEG decode and perceptual hash of a small image (guess)", None)
+
+    def run(self, context):
+        from curation.spark.image_dedup import run_dedup_image
+
+        return run_dedup_image(context)
+
+
+STAGE = DedupImageStage()

@@ -1,0 +1,64 @@
+"""The semdedup stage."""
+
+from dataclasses import dataclass
+
+from curation.config import ConfigError
+from curation.stage import RateAssumption, Stage, StageOptions, option
+
+
+@dataclass(frozen=True)
+class SemdedupOptions(StageOptions):
+    eps: float = option(
+        0.07,
+        "drop a member whose cosine similarity to an earlier member of its cluster exceeds 1 - eps",
+    )
+    target_keep_fraction: float | None = option(
+        None,
+        "choose eps so that this fraction of the rows is kept (instead of eps)",
+    )
+    block_rows: int = option(2048, "rows per similarity block: memory is O(block_rows^2), not O(cluster^2)")
+
+    def check(self) -> None:
+        fraction = self.target_keep_fraction
+        if fraction is not None and not 0 < fraction <= 1:
+            raise ConfigError(f"stage semdedup: target_keep_fraction must be in (0, 1], got {fraction}")
+        if fraction is None and not 0 < self.eps < 2:
+            raise ConfigError(f"stage semdedup: eps must be in (0, 2), got {self.eps}")
+
+
+class SemdedupStage(Stage):
+    name = "semdedup"
+    Options = SemdedupOptions
+    flow = 150
+    summary = "SemDeDup inside the clusters of a cluster stage"
+    input_help = "stage folder of a cluster stage (or after it)"
+    drops_depend_on = "duplicates"
+    description = (
+        "SemDeDup (Abbas et al. 2023) inside each cluster (one Spark group per cluster): members in decreasing "
+        "distance to the centroid (ties by uid), member j dropped if its cosine similarity to any earlier member, kept"
+        " or not, exceeds 1 - eps; similarities computed in blocks (memory O(block_rows^2)); `target_keep_fraction` "
+        "picks eps from every member's largest similarity to an earlier one; adds `semdedup_max_similarity`"
+    )
+    drops = (
+        "`semantic_duplicate` (related_uid: the kept member it resolves to; detail: cluster, group, similarity, "
+        "eps)"
+    )
+    assumed_rate = RateAssumption(
+        60_000,
+        "rows/s",
+        "blocked similarities within clusters (bench/results/semdedup.json when present)",
+        None,
+    )
+
+    def survival(self, options: dict) -> tuple[float, str]:
+        if options["target_keep_fraction"] is not None:
+            return float(options["target_keep_fraction"]), "exact: target_keep_fraction"
+        return super().survival(options)
+
+    def run(self, context):
+        from curation.spark.semantic import run_semdedup
+
+        return run_semdedup(context)
+
+
+STAGE = SemdedupStage()

@@ -1,0 +1,91 @@
+"""The house's floors hold (docs: contracts -> ops -> gpu -> spark -> stages -> pipeline/cli): checked on the source's
+imports, including the ones inside functions, and on what importing the CLI loads."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from curation.stages import all_stages
+from tests.conftest import REPO_ROOT
+
+PACKAGE = REPO_ROOT / "curation"
+CONTRACTS = ("config", "schema", "io", "manifest", "stage")
+HEAVY = ("pyspark", "torch", "faiss", "open_clip", "onnxruntime")
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module `path` imports, at any depth (absolute names)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _modules(folder: str) -> list[Path]:
+    return sorted((PACKAGE / folder).rglob("*.py"))
+
+
+def test_gpu_imports_nothing_from_spark():
+    offenders = {str(p.relative_to(REPO_ROOT)): sorted(m for m in _imports(p) if m.startswith("curation.spark"))
+                 for p in _modules("gpu")}
+    assert not {p: m for p, m in offenders.items() if m}
+
+
+@pytest.mark.parametrize("contract", CONTRACTS)
+def test_contracts_import_no_op_and_no_upper_floor(contract):
+    upper = ("curation.ops", "curation.gpu", "curation.spark", "curation.stages", "curation.pipeline", "curation.cli")
+    imported = _imports(PACKAGE / f"{contract}.py")
+    assert not sorted(m for m in imported if m.startswith(upper))
+
+
+@pytest.mark.parametrize("floor", ["ops", "gpu", "spark"])
+def test_lower_floors_import_no_stage_declaration_pipeline_or_cli(floor):
+    upper = ("curation.stages", "curation.pipeline", "curation.cli", "curation.dry_run", "curation.report")
+    offenders = {str(p.relative_to(REPO_ROOT)): sorted(m for m in _imports(p) if m.startswith(upper))
+                 for p in _modules(floor)}
+    assert not {p: m for p, m in offenders.items() if m}
+
+
+def test_torch_only_in_the_gpu_package():
+    offenders = [str(p.relative_to(REPO_ROOT)) for p in PACKAGE.rglob("*.py")
+                 if "gpu" not in p.relative_to(PACKAGE).parts and {"torch", "open_clip", "faiss"} & _imports(p)]
+    assert not offenders
+
+
+def test_the_cli_runs_as_a_script():
+    """A module of the package named like a standard-library module that the CLI's imports need (inspect, once)
+    shadows it when a file of the package is run as a script."""
+    result = subprocess.run([sys.executable, str(PACKAGE / "cli.py"), "--help"], capture_output=True, text=True,
+                            cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_importing_the_cli_loads_no_heavy_library():
+    script = f"import sys, curation.cli; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", ["cli.py", "pipeline.py", "dry_run.py"])
+def test_no_stage_is_dispatched_by_name(module):
+    """No comparison of a stage name with a declared stage's name: what differs per stage is in its declaration."""
+    names = {stage.name for stage in all_stages()} | {stage.command for stage in all_stages()}
+    tree = ast.parse((PACKAGE / module).read_text())
+    compared = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            for operand in [node.left, *node.comparators]:
+                values = operand.elts if isinstance(operand, ast.Tuple | ast.Set | ast.List) else [operand]
+                compared += [v.value for v in values if isinstance(v, ast.Constant) and v.value in names]
+        if isinstance(node, ast.Dict):
+            compared += [k.value for k in node.keys if isinstance(k, ast.Constant) and k.value in names]
+    assert not compared, f"{module} dispatches on stage names {compared}"
