@@ -195,7 +195,7 @@ def test_spark_submit_runs_a_job(corpus, tmp_path):
     output = tmp_path / "ingested"
     completed = subprocess.run(
         [str(spark_submit), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
-         str(REPO_ROOT / "jobs" / "ingest.py"), "--input", str(corpus["raw"]), "--output", str(output)],
+         str(REPO_ROOT / "jobs" / "stage.py"), "ingest", "--input", str(corpus["raw"]), "--output", str(output)],
         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
