@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from curation.config import ConfigError
+from curation.io import RELEASE_DIR
 from curation.pipeline import COMMAND_RUN_DEFAULTS, INGEST
 from curation.stage import OptionSpec, Stage
 from curation.stages import all_stages, get_stage, load_run_config
@@ -204,7 +205,7 @@ def run_summary(results, run_dir: Path) -> list[str]:
                 f"{'':<10} t = {balancing['t']:.6g} ({balancing['t_from']}); tail share "
                 f"{balancing['tail_share_before']:.3f} before -> {balancing['tail_share_after']:.3f} after"
             )
-    manifest = run_dir / "publish" / "manifest.json"
+    manifest = run_dir / RELEASE_DIR / "manifest.json"
     if manifest.is_file():
         lines.append(f"manifest: {manifest}")
     return lines

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from curation.config import RunConfig, StageConfig
 from curation.inputs import InputPlan, _filesystem_and_path, plan_inputs
-from curation.io import StageFolderError, is_complete, read_stage_record
+from curation.io import RELEASE_DIR, StageFolderError, is_complete, read_stage_record
 from curation.ops import balance as balance_ops
 from curation.ops.ingest import IngestOptions, normalise_rows
 from curation.ops.uid import uniform
@@ -418,7 +418,7 @@ class Estimator:
     def ingest(self, stage: StageConfig, rows: float) -> StageEstimate:
         sample = self.sample
         if not sample.raw_rows:
-            return StageEstimate("ingest", rows, rows, "no sample", None, "no sample")
+            return StageEstimate(stage.name, rows, rows, "no sample", None, "no sample")
         kept = sample.kept_rows / sample.raw_rows
         uids = sample.kept.column(UID)
         repeats = sample.kept_rows - len(pc.unique(uids))
@@ -433,7 +433,7 @@ class Estimator:
             self.notes.append(f"ingest: {repeats:,} of the sample's rows repeat an earlier (url, caption) pair; "
                               "ingest drops such repeats (duplicate_pair) over the whole input, not estimated here")
         seconds = rows / (per_core * self.cores)
-        return StageEstimate("ingest", rows, rows_out, basis, seconds,
+        return StageEstimate(stage.name, rows, rows_out, basis, seconds,
                              f"measured: read + normalise_rows {per_core:,.0f} rows/s on one core")
 
     def match(self, stage: StageConfig, rows: float) -> StageEstimate:
@@ -469,13 +469,13 @@ class Estimator:
         seconds = rows / (per_core * self.cores) + build_seconds
         basis = f"measured: {matched:.1%} of the sample's captions match" + (
             " (keep_unmatched: all kept)" if stage.options["keep_unmatched"] else "")
-        return StageEstimate("match", rows, rows * survival, basis, seconds,
+        return StageEstimate(stage.name, rows, rows * survival, basis, seconds,
                              f"measured: {per_core:,.0f} captions/s on one core, plus building the Matcher")
 
     def balance(self, stage: StageConfig, rows: float) -> StageEstimate:
         if self.table is None or ENTRY_IDS not in self.table.column_names or not self.table.num_rows:
-            return StageEstimate("balance", rows, rows, "not estimated: no match stage before it in the sample",
-                                 *self.timed("balance", rows))
+            return StageEstimate(stage.name, rows, rows, "not estimated: no match stage before it in the sample",
+                                 *self.timed(stage.name, rows))
         options = stage.options
         started = time.perf_counter()
         offsets, values = balance_ops.list_parts(self.table.column(ENTRY_IDS))
@@ -505,7 +505,7 @@ class Estimator:
             f"the {rows:,.0f} rows expected at the stage, which overstates rare entries, so the kept share "
             f"({survival:.1%}) leans low for large corpora"
         )
-        return StageEstimate("balance", rows, rows * survival, f"measured: mean P(keep) {survival:.1%} at t = "
+        return StageEstimate(stage.name, rows, rows * survival, f"measured: mean P(keep) {survival:.1%} at t = "
                              f"{threshold:.6g}", rows / (per_core * self.cores),
                              f"measured: {per_core:,.0f} rows/s on one core")
 
@@ -546,7 +546,7 @@ class Estimator:
         embed_dim = (config or {}).get("embed_dim")
         if embed_dim:
             self.embedding_bytes = rows * 2 * embed_dim * 2  # image and text embeddings, float16
-        cpu_rate, cpu_basis = self.rate("embed")
+        cpu_rate, cpu_basis = self.rate(stage.name)
         cost = _vision_cost(config) if config else None
         scale = 1.0
         if cost and model != "ViT-B-32":
@@ -563,15 +563,15 @@ class Estimator:
         cpu_seconds = rows / (cpu_rate * self.cores)
         gpu_seconds = rows / gpu_rate
         if device == "cpu":
-            return StageEstimate("embed", rows, rows, "assumed: keeps every row", cpu_seconds,
+            return StageEstimate(stage.name, rows, rows, "assumed: keeps every row", cpu_seconds,
                                  f"{cpu_basis}{scaled}; on CPU")
         gpu_scaled = f", scaled x{min(scale, 1.0):.3g} for {model}'s vision tower" if scale < 1.0 else ""
         if device == "cuda":
-            return StageEstimate("embed", rows, rows, "assumed: keeps every row", gpu_seconds,
+            return StageEstimate(stage.name, rows, rows, "assumed: keeps every row", gpu_seconds,
                                  f"{gpu_basis}{gpu_scaled}; one GPU")
         self.notes.append(f"embed (device auto): on CPU about {_duration(cpu_seconds)} ({cpu_basis}{scaled}); with "
                           f"one GPU about {_duration(gpu_seconds)} ({gpu_basis}{gpu_scaled})")
-        return StageEstimate("embed", rows, rows, "assumed: keeps every row", gpu_seconds,
+        return StageEstimate(stage.name, rows, rows, "assumed: keeps every row", gpu_seconds,
                              "with one GPU (device auto; see the note for CPU)")
 
     def _kmeans_seconds(self, stage: StageConfig, rows: float) -> tuple[float, str]:
@@ -588,7 +588,7 @@ class Estimator:
 
     def cluster(self, stage: StageConfig, rows: float) -> StageEstimate:
         seconds, basis = self._kmeans_seconds(stage, rows)
-        return StageEstimate("cluster", rows, rows, "exact: drops nothing", seconds, basis)
+        return StageEstimate(stage.name, rows, rows, "exact: drops nothing", seconds, basis)
 
     def prune(self, stage: StageConfig, rows: float) -> StageEstimate:
         estimate = self.generic(stage, rows)
@@ -603,10 +603,10 @@ class Estimator:
         for model in models:
             key = next((k for k in self.rates if k.startswith("mine_logos:") and model.split(":")[0]
                         in k.split(":", 1)[1]), None)
-            rate, basis = self.rates[key] if key else self.rate("mine_logos")
+            rate, basis = self.rates[key] if key else self.rate(stage.name)
             seconds += pastes / rate
             bases.append(f"{model}: {basis}")
-        return StageEstimate("mine_logos", rows, rows, "exact: drops nothing", seconds,
+        return StageEstimate(stage.name, rows, rows, "exact: drops nothing", seconds,
                              f"{pastes:,} pastes per model ({'; '.join(bases)})")
 
     def measure_bytes_per_row(self) -> None:
@@ -670,7 +670,7 @@ def dry_run(run_config: RunConfig, run_dir: Path, sample_rows: int = DEFAULT_SAM
         finished = sum(1 for p in (run_dir / "stages").glob("*") if is_complete(p)) if (
             run_dir / "stages").is_dir() else 0
         state = f"exists, {finished} finished stage folder{'s' if finished != 1 else ''}" + (
-            ", a release" if is_complete(run_dir / "publish") else "")
+            ", a release" if is_complete(run_dir / RELEASE_DIR) else "")
     else:
         state = "does not exist yet"
     lines = [f"dry run of {run_config.name!r}: nothing is run or written, and no Spark session is started",

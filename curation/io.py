@@ -24,6 +24,7 @@ LEDGER_DIR = "_ledger"
 ARTIFACTS_DIR = "_artifacts"
 WORK_IDENTITY = "_work.json"
 IMAGES_DIR = "images"
+RELEASE_DIR = "publish"  # a run folder's release (the publish stage's folder)
 
 
 class StageFolderError(ValueError):

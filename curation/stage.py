@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from curation.config import ConfigError
-from curation.io import fingerprint_files, list_files, resolve_data_dir, sha256_of_file
+from curation.io import RELEASE_DIR, fingerprint_files, list_files, resolve_data_dir, sha256_of_file
 
 # How an option is filled when a stage does not give it, besides its own default.
 FROM_RUN = "from_run"  # the run's top-level value of that name (seed, metadata, name)
@@ -205,7 +205,7 @@ class Stage:
         return self.input_kind in ("raw", "either")
 
     def folder_name(self, position: int) -> str:
-        return "publish" if self.release else f"{position:02d}_{self.name}"
+        return RELEASE_DIR if self.release else f"{position:02d}_{self.name}"
 
     # --- options
 
