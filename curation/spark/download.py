@@ -173,14 +173,8 @@ def run_download(context: StageContext) -> StageOutput:
         downloaded = tagged.filter(F.col(TAG_REASON).isNull())
         tagged = tagged.join(image_bytes(downloaded, images_dir, image_bytes_column), UID, "left")
         written_columns.append(image_bytes_column)
-
-    def move_images() -> None:
-        for leftover in images_dir.glob(".*.tmp-*"):
-            shutil.rmtree(leftover)  # an attempt Spark retried after its worker died
-        os.replace(images_dir, context.artifact(IMAGES_DIR))
-
     return StageOutput(
-        rows=tagged, columns=written_columns, before_commit=move_images,
+        rows=tagged, columns=written_columns, finished_work={IMAGES_DIR: images_dir},
         record={"download": {"shards": shard_count, "shards_resumed": done,
                              "options": download_ops.options_record(options)}},
     )

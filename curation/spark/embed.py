@@ -152,6 +152,6 @@ def run_embed(context: StageContext) -> StageOutput:
                         detail=F.col("_failure"))
     return StageOutput(
         rows=tagged, columns=[*data_columns, CLIP_SCORE],
-        before_commit=lambda: os.replace(embeddings_dir, context.artifact(EMBEDDINGS_DIR)),
+        finished_work={EMBEDDINGS_DIR: embeddings_dir},
         record={"embed": {"options": asdict(options), "model": _model_record(outputs), "shards": len(shard_names)}},
     )

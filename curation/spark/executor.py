@@ -3,10 +3,10 @@
 `execute` builds the stage folder in a temporary sibling (`StageWriter`), hands the stage a `StageContext`, writes
 the kept rows and the ledger the stage returns (`StageOutput.rows`: one tagged DataFrame, see
 `curation.spark.common`), assembles the record (rows in and out, drops by reason, seconds, config hash, input
-fingerprint; `StageRun` checks that no row is lost), and commits: rename, then `_SUCCESS` last. A stage never
-writes `_stage.json`, renames a folder or writes its rows itself; it asks the context for a place for its
-artifacts (`artifact`), for a work folder that outlives a failed attempt (`work_dir`), and hands the context what
-must be released after the write (`broadcast`, `persist`).
+fingerprint; `StageRun` checks that no row is lost), moves the finished work folders the stage names into its
+artifacts, and commits: rename, then `_SUCCESS` last. A stage never writes `_stage.json`, renames a folder or writes
+its rows itself; it asks the context for a place for its artifacts (`artifact`), for a work folder that outlives a
+failed attempt (`work_dir`), and hands the context what must be released after the write (`broadcast`, `persist`).
 
 That is the seam the next steps grow through without touching the stages: a commit per uid range (one marker per
 range), a marker written last on object stores, a filesystem other than the local one behind `StageWriter`, and
@@ -14,6 +14,7 @@ several row-local stages (`curation.spark.rowfilter`) fused into one pass.
 """
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from curation.io import (
     fingerprint_files,
     list_files,
     read_stage_record,
+    remove_leftovers,
     resolve_data_dir,
 )
 from curation.spark.common import StageRun, write_tagged
@@ -53,9 +55,9 @@ class StageOutput:
     after_write: Callable[[Path], dict] | None = None
     # Called with the drops by reason after the write: more record fields (filter's drops per rule).
     with_drops: Callable[[dict[str, int]], dict] | None = None
-    # Called last, after the record is made and right before the commit: moves what a work folder finished (images,
-    # embeddings) into the stage folder, so a crash before this point still resumes from the work folder.
-    before_commit: Callable[[], None] | None = None
+    # Artifact name -> a folder of finished work (download's images, embed's embeddings): moved into `_artifacts/`
+    # last, right before the commit, so that a crash before then still resumes from the work folder.
+    finished_work: dict[str, Path] = field(default_factory=dict)
 
 
 class StageContext:
@@ -191,7 +193,8 @@ def execute(spark, stage, options: dict, config: dict, input_location, output_di
             extra["data_from"] = writer.link_to(output.data_from)
         input_info = output.input if output.input is not None else context.input_link()
         record = run.record(input_info, rows_in, rows_out, drops, **extra)
-        if output.before_commit is not None:
-            output.before_commit()
+        for name, folder in output.finished_work.items():
+            remove_leftovers(folder)  # attempts Spark retried after their worker died
+            os.replace(folder, writer.artifacts_dir / name)
         writer.commit(record)
     return record
