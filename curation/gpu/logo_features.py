@@ -10,7 +10,7 @@ import torch
 
 from curation.gpu import slant, zeroshot
 from curation.gpu.embed import load_model
-from curation.ops.embeddings import RANDOM_INIT
+from curation.ops.embeddings import RANDOM_INIT, EmbedOptions
 
 # A `models` entry naming SLANT's toy scorer: deterministic, with a planted red-logo feature (tests and demos
 # without pretrained weights).
@@ -20,10 +20,9 @@ TOY_MODEL = "toy"
 def embed_stage_scorer(embed_options: dict, device: str = "auto") -> slant.OpenClipScorer:
     """A scorer over the embed stage's model (same name, weights and preprocessing), from the options its record
     stores, loaded in this process."""
-    pretrained = embed_options["pretrained"]
-    weights = None if pretrained == RANDOM_INIT else pretrained
-    precision = embed_options["precision"] if device != "cpu" else "auto"
-    return slant.OpenClipScorer(load_model(embed_options["model"], weights, device, precision))
+    options = EmbedOptions(**embed_options)
+    precision = options.precision if device != "cpu" else "auto"
+    return slant.OpenClipScorer(load_model(options.model, options.weights, device, precision))
 
 
 def mining_scorer(spec: str, device: str):

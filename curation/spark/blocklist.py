@@ -25,13 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from curation.ops.image_blocklist import format_phash, load_phash_list, load_sha256_list, sha256_matches
 from curation.ops.imagehash import DecodeFailure, PhashIndex, decode_image, image_sha256, perceptual_hash
 from curation.schema import UID, Reason
 from curation.spark.executor import StageContext
-from curation.spark.rowfilter import DROPPED_DETAIL, DROPPED_REASON, FilterPlan
+from curation.spark.rowfilter import DropRule, FilterPlan
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +155,7 @@ def block_images_plan(context: StageContext, df) -> FilterPlan:
                "max_distance": options.max_distance, "matched_by": {"sha256": 0, "phash": 0}, "unhashed": 0}
     if not (want_sha256 or want_phash):
         logger.warning("block_images: the lists hold no hash; every row passes")
-        return FilterPlan(keep=_keep, rows=df.withColumn(_BLOCK_DETAIL, F.lit(None).cast("string")),
-                          record={"block_images": summary})
+        return FilterPlan(record={"block_images": summary})
     keys, summary["key_sources"] = _image_keys(df, context.input_dir, options.image_column, want_sha256, want_phash,
                                                context.partitions)
     keys = keys.localCheckpoint()
@@ -171,16 +169,5 @@ def block_images_plan(context: StageContext, df) -> FilterPlan:
         _match_worker(context.broadcast(blocked_sha256), context.broadcast(blocked_phash), options.max_distance),
         _MATCHES_SCHEMA).localCheckpoint()
     summary["matched_by"].update({row[0]: row[1] for row in matches.groupBy("_block_list").count().collect()})
-    return FilterPlan(keep=_keep, rows=df.join(matches, UID, "left"), record={"block_images": summary})
-
-
-def _keep(table: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """The rows with a block detail (a match) are dropped as blocked_image."""
-    detail = table.column(_BLOCK_DETAIL)
-    blocked = pc.is_valid(detail)
-    uids = table.column(UID).filter(blocked)
-    return table.filter(pc.invert(blocked)), pa.table({
-        UID: uids,
-        DROPPED_REASON: pa.array([Reason.BLOCKED_IMAGE] * len(uids), pa.string()),
-        DROPPED_DETAIL: detail.filter(blocked),
-    })
+    return FilterPlan(rows=df.join(matches, UID, "left"), drops=(DropRule(_BLOCK_DETAIL, Reason.BLOCKED_IMAGE),),
+                      record={"block_images": summary})

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from curation.io import find_upstream, read_stage_record
 from curation.ops import embeddings as embedding_ops
@@ -46,7 +45,7 @@ from curation.ops.decontaminate import (
 from curation.ops.imagehash import PhashIndex, perceptual_hashes
 from curation.schema import UID, Reason
 from curation.spark.executor import StageContext
-from curation.spark.rowfilter import DROPPED_DETAIL, DROPPED_REASON, FilterPlan
+from curation.spark.rowfilter import DropRule, FilterPlan
 
 logger = logging.getLogger(__name__)
 
@@ -198,23 +197,12 @@ def decontaminate_plan(context: StageContext, df) -> FilterPlan:
         max_kept = stats["max_cosine_kept"]
         embeddings = {"embed_stage": context.link_to(embed_dir), "model": model_record, "min_cosine": opts.min_cosine,
                       "max_cosine_kept": None if max_kept is None else round(float(max_kept), 6)}
-    return FilterPlan(keep=_keep, rows=df.join(matches, UID, "left"), record={"decontaminate": {
+    # The pHash match's detail when both tests matched.
+    drops = (DropRule(_PHASH_DETAIL, Reason.EVAL_CONTAMINATION), DropRule(_COSINE_DETAIL, Reason.EVAL_CONTAMINATION))
+    return FilterPlan(rows=df.join(matches, UID, "left"), drops=drops, record={"decontaminate": {
         "eval_set": eval_set.summary(), "eval_image_column": opts.eval_image_column,
         "max_distance": opts.max_distance, "hash_source": hash_source,
         "unhashed_rows": int(stats["unhashed"] or 0),
         "drops_by_test": {TEST_PHASH: int(stats["phash"]), TEST_COSINE: int(stats["cosine"])},
         "embeddings": embeddings,
     }})
-
-
-def _keep(table: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """The rows either test matched are dropped as eval_contamination, with the pHash match's detail when both
-    matched."""
-    phash, cosine = table.column(_PHASH_DETAIL), table.column(_COSINE_DETAIL)
-    contaminated = pc.or_(pc.is_valid(phash), pc.is_valid(cosine))
-    uids = table.column(UID).filter(contaminated)
-    return table.filter(pc.invert(contaminated)), pa.table({
-        UID: uids,
-        DROPPED_REASON: pa.array([Reason.EVAL_CONTAMINATION] * len(uids), pa.string()),
-        DROPPED_DETAIL: pc.coalesce(phash.filter(contaminated), cosine.filter(contaminated)),
-    })

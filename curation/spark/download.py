@@ -141,7 +141,7 @@ def run_download(context: StageContext) -> StageOutput:
                          "raise shard_rows")
     data_columns = [c for c in df.columns if c not in IMAGE_COLUMNS]
 
-    work_dir = context.work_dir({"config": context.config, "input": context.input_link(), "shards": shard_count})
+    work_dir = context.work_dir({"config": context.config, "input": context.input_link, "shards": shard_count})
     images_dir = work_dir / IMAGES_DIR
     images_dir.mkdir(exist_ok=True)
     for leftover in images_dir.glob(".*.tmp-*"):

@@ -129,7 +129,7 @@ def run_embed(context: StageContext) -> StageOutput:
     data_columns = [c for c in df.columns if c != CLIP_SCORE]
     shard_names = sorted(row[0] for row in df.select("image_shard").distinct().collect())
 
-    embeddings_dir = context.work_dir({"config": context.config, "input": context.input_link()}) / EMBEDDINGS_DIR
+    embeddings_dir = context.work_dir({"config": context.config, "input": context.input_link}) / EMBEDDINGS_DIR
     embeddings_dir.mkdir(exist_ok=True)
     logger.info("embed: %d rows in %d shards with %s (%s), %s engine", context.rows_in, len(shard_names),
                 options.model, options.pretrained, options.engine)

@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from curation.io import (
@@ -51,10 +52,9 @@ class StageOutput:
     data_from: Path | None = None  # pass-through: the folder holding this stage's rows
     input: dict | None = None  # the record's input; default: the input folder's link and fingerprint
     record: dict = field(default_factory=dict)  # more fields of the record (summaries)
-    # Called with the written rows' folder after the write: more record fields (balance's counts after the draw).
-    after_write: Callable[[Path], dict] | None = None
-    # Called with the drops by reason after the write: more record fields (filter's drops per rule).
-    with_drops: Callable[[dict[str, int]], dict] | None = None
+    # Called after the write with the written rows' folder, rows out and drops by reason: more record fields
+    # (balance's counts after the draw, filter's drops per rule) or a check (prune's quotas).
+    after_write: Callable[[Path, int, dict[str, int]], dict] | None = None
     # Artifact name -> a folder of finished work (download's images, embed's embeddings): moved into `_artifacts/`
     # last, right before the commit, so that a crash before then still resumes from the work folder.
     finished_work: dict[str, Path] = field(default_factory=dict)
@@ -93,18 +93,19 @@ class StageContext:
                 self._input_dir = Path(self.input_location)
         return self._input_dir
 
-    @property
+    @cached_property
     def rows_in(self) -> int:
         return read_stage_record(self.input_dir)["rows_out"]
 
-    def read_rows(self, partitions: int | None = None):
+    def read_rows(self):
         """The input's rows as a DataFrame, repartitioned to the stage's `partitions` when it has them."""
         df = self.spark.read.parquet(str(resolve_data_dir(self.input_dir)))
-        partitions = partitions or self.partitions
-        return df.repartition(partitions) if partitions else df
+        return df.repartition(self.partitions) if self.partitions else df
 
+    @cached_property
     def input_link(self) -> dict:
-        """The record's input: the upstream folder relative to this one, and its data's fingerprint."""
+        """The record's input: the upstream folder relative to this one, and its data's fingerprint (listed once:
+        work-folder identities use it too)."""
         data_dir = resolve_data_dir(self.input_dir)
         link = NESTED_INGEST if self._raw_ingest is not None else self._writer.link_to(self.input_dir)
         return {"stage": link, "fingerprint": fingerprint_files(list_files(data_dir))}
@@ -117,10 +118,6 @@ class StageContext:
     def building_dir(self) -> Path:
         """The stage folder being built (a temporary sibling of the final one, renamed into place at the commit)."""
         return self._writer.temp_dir
-
-    def output_path(self, name: str) -> Path:
-        """A path directly inside the stage folder being built (a release lays out shards/, ledger/, images/)."""
-        return self.building_dir / name
 
     def work_dir(self, identity: dict) -> Path:
         """A folder that outlives a failed attempt with the same `identity` (finished shards a rerun resumes)."""
@@ -180,18 +177,16 @@ def execute(spark, stage, options: dict, config: dict, input_location, output_di
             else:
                 rows_out, drops = output.rows_out, output.drops
             extra = dict(output.record)
+            rows_in = output.rows_in if output.rows_in is not None else context.rows_in
+            if rows_out is None:
+                rows_out = rows_in
             if output.after_write is not None:
-                extra.update(output.after_write(writer.temp_dir))
-            if output.with_drops is not None:
-                extra.update(output.with_drops(drops))
+                extra.update(output.after_write(writer.temp_dir, rows_out, drops))
         finally:
             context.close()
-        rows_in = output.rows_in if output.rows_in is not None else context.rows_in
-        if rows_out is None:
-            rows_out = rows_in
         if output.data_from is not None:
             extra["data_from"] = writer.link_to(output.data_from)
-        input_info = output.input if output.input is not None else context.input_link()
+        input_info = output.input if output.input is not None else context.input_link
         record = run.record(input_info, rows_in, rows_out, drops, **extra)
         for name, folder in output.finished_work.items():
             remove_leftovers(folder)  # attempts Spark retried after their worker died

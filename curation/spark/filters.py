@@ -13,6 +13,7 @@ the outcome does not depend on the partitioning:
 """
 
 import logging
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -122,7 +123,7 @@ def filter_plan(context: StageContext, df) -> FilterPlan:
         repeats = table.column(CAPTION_REPEATS) if CAPTION_REPEATS in table.column_names else None
         return apply_filter(table, rules, top_cutoff=cutoff, caption_repeats=repeats)
 
-    def filter_summary(drops: dict[str, int]) -> dict:
+    def filter_summary(written_dir: Path, rows_out: int, drops: dict[str, int]) -> dict:
         return {"filter": {
             "rules": {
                 reason: {option: getattr(rules, option), "columns": list(columns[reason]),
@@ -133,4 +134,4 @@ def filter_plan(context: StageContext, df) -> FilterPlan:
             "off": [reason for reason, _ in RULES if reason not in columns],
         }}
 
-    return FilterPlan(keep=keep, rows=rows, with_drops=filter_summary)
+    return FilterPlan(rows=rows, keep=keep, after_write=filter_summary)

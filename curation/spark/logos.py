@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.io import (
@@ -35,9 +34,9 @@ from curation.ops import tars as tar_ops
 from curation.ops.embeddings import EMBEDDING_COLUMN
 from curation.ops.uid import uniform
 from curation.schema import UID, Reason
-from curation.spark.common import untagged
+from curation.spark.common import arrow_schema_of, spark_schema, untagged
 from curation.spark.executor import StageContext, StageOutput
-from curation.spark.rowfilter import DROPPED_DETAIL, DROPPED_REASON, DROPPED_RELATED, FilterPlan
+from curation.spark.rowfilter import DropRule, FilterPlan
 from curation.spark.semantic import with_embeddings
 
 logger = logging.getLogger(__name__)
@@ -47,6 +46,7 @@ BANK_IMAGES = "bank"
 MINING_TABLE = "mining.parquet"
 CONTACT_SHEET = "contact_sheet.png"
 PROBE_PURPOSE = "slant_probe"
+_PROBE_DRAW = "_probe_draw"  # u(seed, uid, PROBE_PURPOSE) of a candidate probe
 SPURIOUS_LOGO = "spurious_logo"
 SPURIOUS_LOGO_SIMILARITY = "spurious_logo_similarity"
 # The ledger detail of a flagged row, made by Spark's to_json before the row pass (so its float text is Spark's).
@@ -163,17 +163,28 @@ def _probe_images(context: StageContext) -> list:
         if not paths:
             raise ValueError(f"probe_folder {options.probe_folder} holds no jpg/png/webp images")
         return [(str(p.relative_to(options.probe_folder)), Image.open(p).convert("RGB")) for p in paths]
-    rows = context.read_rows().select(UID, "image_shard", "image_key").toArrow()
-    draws = uniform(options.seed, rows.column(UID), PROBE_PURPOSE)
-    chosen = np.argsort(draws, kind="stable")[: options.probe_count]
+    # The probe_count smallest draws, found by Spark (a bounded top-k per partition): only they reach the driver.
+    rows = context.read_rows().select(UID, "image_shard", "image_key")
+    schema = arrow_schema_of(rows).append(pa.field(_PROBE_DRAW, pa.float64()))
+    chosen = (rows.mapInArrow(_probe_draw_worker(options.seed), spark_schema(schema))
+              .orderBy(_PROBE_DRAW, UID).limit(options.probe_count).toArrow().sort_by(UID))
     images_dir = downloaded_images_dir(context.input_dir)
     probes = []
     with tar_ops.TarReader() as reader:
-        for index in sorted(chosen.tolist(), key=lambda i: rows.column(UID)[i].as_py()):
-            uid, shard, key = (rows.column(name)[index].as_py() for name in (UID, "image_shard", "image_key"))
+        for uid, shard, key in zip(*(chosen.column(name).to_pylist() for name in (UID, "image_shard", "image_key")),
+                                   strict=True):
             _, data = reader.image(images_dir / shard, key)
             probes.append((uid, Image.open(io.BytesIO(data)).convert("RGB")))
     return probes
+
+
+def _probe_draw_worker(seed: int):
+    def run(batches):
+        for batch in batches:
+            draws = pa.array(uniform(seed, batch.column(UID), PROBE_PURPOSE))
+            yield pa.RecordBatch.from_arrays([*batch.columns, draws], names=[*batch.schema.names, _PROBE_DRAW])
+
+    return run
 
 
 def _bank_logos(stage_dir: Path, max_logos: int) -> list:
@@ -198,7 +209,7 @@ def run_mine_logos(context: StageContext) -> StageOutput:
     logos = _bank_logos(context.input_dir, options.max_logos)
     probes = _probe_images(context)
     scorers = _scorers(options.models, context.input_dir, options.device)
-    work_dir = context.work_dir({"config": context.config, "input": context.input_link()})
+    work_dir = context.work_dir({"config": context.config, "input": context.input_link})
     result = slant.mine_logos(
         scorers, logos, probes, list(options.targets), list(options.contrast), scale=options.scale,
         batch_size=options.batch_size, heldout_fraction=options.heldout_fraction, recheck_top=options.recheck_top,
@@ -250,23 +261,6 @@ def mined_spurious_logos(stage_dir: Path, top: int, min_spuriousness: float) -> 
     return chosen
 
 
-def _keep_every_row(table: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """Policy tag: every row is kept, flagged or not."""
-    return table, pa.table({UID: pa.array([], pa.string()), DROPPED_REASON: pa.array([], pa.string())})
-
-
-def _drop_flagged_rows(table: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """Policy drop: a flagged row goes to the ledger with its logo (related_uid) and the detail Spark made."""
-    flagged = pc.is_valid(table.column(SPURIOUS_LOGO))
-    dropped = table.filter(flagged)
-    return table.filter(pc.invert(flagged)), pa.table({
-        UID: dropped.column(UID),
-        DROPPED_REASON: pa.array([Reason.SPURIOUS_LOGO] * len(dropped), pa.string()),
-        DROPPED_RELATED: dropped.column(SPURIOUS_LOGO),
-        DROPPED_DETAIL: dropped.column(_FLAG_DETAIL),
-    })
-
-
 def flag_logos_plan(context: StageContext, rows) -> FilterPlan:
     """Rows gain `spurious_logo` (the mined logo uid within cosine `threshold`, or null) and its similarity; with
     policy drop, flagged rows go to the ledger (spurious_logo)."""
@@ -286,10 +280,14 @@ def flag_logos_plan(context: StageContext, rows) -> FilterPlan:
     data_columns = [c for c in rows.columns if c not in (SPURIOUS_LOGO, SPURIOUS_LOGO_SIMILARITY)]
     flagged = rows.select(*data_columns).join(flags, UID)
     if options.policy == "drop":
-        flagged = flagged.withColumn(_FLAG_DETAIL, F.to_json(F.struct(
-            F.col(SPURIOUS_LOGO).alias("logo"), F.col(SPURIOUS_LOGO_SIMILARITY).alias("similarity"))))
+        flagged = flagged.withColumn(_FLAG_DETAIL, F.when(F.col(SPURIOUS_LOGO).isNotNull(), F.to_json(F.struct(
+            F.col(SPURIOUS_LOGO).alias("logo"), F.col(SPURIOUS_LOGO_SIMILARITY).alias("similarity")))))
+    # Policy drop: a flagged row (a logo within the threshold) goes to the ledger with its logo (related_uid) and the
+    # detail Spark made.
+    drops = (DropRule(_FLAG_DETAIL, Reason.SPURIOUS_LOGO, related=SPURIOUS_LOGO),) if options.policy == "drop" else ()
     return FilterPlan(
-        keep=_drop_flagged_rows if options.policy == "drop" else _keep_every_row, rows=flagged,
+        rows=flagged,
+        drops=drops,
         added=[pa.field(SPURIOUS_LOGO, pa.string()), pa.field(SPURIOUS_LOGO_SIMILARITY, pa.float32())],
         record={"flag_logos": {"logos": logo_uids, "threshold": options.threshold, "policy": options.policy}},
     )

@@ -14,12 +14,11 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from curation.schema import UID, Reason
 from curation.spark.download import row_images
 from curation.spark.executor import StageContext
-from curation.spark.rowfilter import DROPPED_DETAIL, DROPPED_REASON, FilterPlan
+from curation.spark.rowfilter import DropRule, FilterPlan
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +109,8 @@ def nsfw_plan(context: StageContext, df) -> FilterPlan:
 
     summary = _summary(scores, seconds)
     return FilterPlan(
-        keep=_keep,
         rows=rows,
+        drops=(DropRule(_DECODE_FAILURE, Reason.UNDECODABLE_IMAGE), DropRule(_OVER_MAX_SCORE, Reason.NSFW)),
         added=[pa.field(SCORE_COLUMN, pa.float32())],
         record={"nsfw": {
             **model_identity(), "providers": summary.pop("providers"), "threads": options.threads,
@@ -119,18 +118,6 @@ def nsfw_plan(context: StageContext, df) -> FilterPlan:
             "image_source": source, **summary,
         }},
     )
-
-
-def _keep(table: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """Rows whose image did not decode are dropped as undecodable_image, then those above max_score as nsfw."""
-    failure, over = table.column(_DECODE_FAILURE), table.column(_OVER_MAX_SCORE)
-    dropped = pc.or_(pc.is_valid(failure), pc.is_valid(over))
-    undecodable = pc.is_valid(failure.filter(dropped))
-    return table.filter(pc.invert(dropped)), pa.table({
-        UID: table.column(UID).filter(dropped),
-        DROPPED_REASON: pc.if_else(undecodable, Reason.UNDECODABLE_IMAGE, Reason.NSFW),
-        DROPPED_DETAIL: pc.coalesce(failure.filter(dropped), over.filter(dropped)),
-    })
 
 
 def _summary(scores, seconds: float) -> dict:

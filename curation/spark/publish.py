@@ -187,14 +187,14 @@ def run_publish(context: StageContext) -> StageOutput:
 
     release_dir = context.building_dir
     written = write_uid_shards(
-        data_df, last_record["rows_out"], shard_rows, context.output_path("shards"), "shard", data_schema, [UID],
+        data_df, last_record["rows_out"], shard_rows, release_dir / "shards", "shard", data_schema, [UID],
         images_dir,
     )
     shard_paths = [path for path, _ in written]
     image_shards = [tar_entry(release_dir, tar, rows=file_entry(release_dir, path)["rows"])
                     for path, tar in written if tar is not None]
     ledger_paths = [path for path, _ in write_uid_shards(
-        ledger_df, ledger_rows, shard_rows, context.output_path("ledger"), "ledger", LEDGER_SCHEMA,
+        ledger_df, ledger_rows, shard_rows, release_dir / "ledger", "ledger", LEDGER_SCHEMA,
         ["uid", "stage", "reason", "related_uid", "detail"],
     )]
     ingest_record = chain[0][1]
@@ -227,7 +227,7 @@ def run_publish(context: StageContext) -> StageOutput:
         execution=execution,
     )
 
-    atomic_write_json(context.output_path(MANIFEST_NAME), manifest)
+    atomic_write_json(release_dir / MANIFEST_NAME, manifest)
     totals = manifest["totals"]
     if totals["rows_in"] != totals["rows_published"] + totals["rows_in_ledger"]:
         raise RuntimeError(f"ledger invariant broken at publish: {totals}")

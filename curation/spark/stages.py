@@ -342,7 +342,7 @@ def run_balance(context: StageContext) -> StageOutput:
     if count_dir is None:
         _write_counts(context.artifact(ENTRY_COUNTS_ARTIFACT), entries, count=counts)
 
-    def balancing_summary(written_dir: Path) -> dict:
+    def balancing_summary(written_dir: Path, rows_out: int, drops: dict[str, int]) -> dict:
         counts_after = compute_entry_counts(context.spark.read.parquet(str(written_dir)), len(entries))
         _write_counts(context.artifact(BALANCED_COUNTS_ARTIFACT), entries, count_before=counts,
                       count_after=counts_after)
