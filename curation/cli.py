@@ -12,7 +12,7 @@ from curation.config import ConfigError
 from curation.io import RELEASE_DIR
 from curation.pipeline import COMMAND_RUN_DEFAULTS, INGEST
 from curation.stage import OptionSpec, Stage
-from curation.stages import all_stages, get_stage, load_run_config
+from curation.stages import all_stages, get_stage, hashed_config, load_run_config
 
 logger = logging.getLogger("curation")
 
@@ -25,8 +25,8 @@ DEMO_IMAGE_PORT = 18765
 
 def _option_help(spec: OptionSpec) -> str:
     text = spec.help
-    if spec.choices is not None:
-        text += f"; one of {', '.join(map(str, spec.choices))}"
+    if spec.limits():
+        text += f"; {spec.limits()}"
     default = spec.describe_default()
     if spec.from_run:
         run_default = COMMAND_RUN_DEFAULTS.get(spec.name)
@@ -176,16 +176,16 @@ def _spark(args):
 
 def _stage_command(args, stage: Stage) -> dict:
     """Run one stage command with the same options, checks and progress reporting as a stage of `curation run`."""
-    from curation.pipeline import run_one_stage
+    from curation.pipeline import command_stage, run_stage
     from curation.progress import spark_progress
 
-    given = _given_options(args, stage)
     ingest_given = _given_options(args, get_stage(INGEST)) if stage.input_kind == "either" else None
-    # Check the options before Spark starts: a bad flag fails in a second, not after the session is up.
-    stage.options(given, COMMAND_RUN_DEFAULTS)
+    # Checked before Spark starts: a bad flag fails in a second, not after the session is up.
+    configured, ingest_options = command_stage(stage.name, _given_options(args, stage), ingest_given)
+    config = hashed_config(configured)
     spark = _spark(args)
     with spark_progress(spark, args.command):
-        return run_one_stage(spark, stage.name, args.input, args.output, given, ingest_given)
+        return run_stage(spark, configured, config, args.input, args.output, ingest_options=ingest_options)
 
 
 def _write(text: str) -> None:

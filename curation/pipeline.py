@@ -83,14 +83,20 @@ def _single_folder(input_location) -> Path:
     return Path(input_location)
 
 
+def command_stage(name: str, options: dict | None = None,
+                  ingest_options: dict | None = None) -> tuple[StageConfig, dict | None]:
+    """The stage `name` with the `options` it is given, the rest defaulted and checked as `curation run` does, and
+    the checked ingest options it uses when given raw shards (None: ingest's defaults)."""
+    stage = StageConfig(name, get_stage(name).options(options, COMMAND_RUN_DEFAULTS))
+    ingest = get_stage(INGEST).options(ingest_options, COMMAND_RUN_DEFAULTS) if ingest_options is not None else None
+    return stage, ingest
+
+
 def run_one_stage(spark, name: str, input_location, output_dir: Path, options: dict | None = None,
-                  ingest_options: dict | None = None, run_defaults: dict | None = None) -> dict:
-    """Run the stage `name` with the `options` it is given (the rest defaulted and checked as `curation run` does)
-    from `input_location` (a stage folder, or raw shards for ingest and the stages that take them) into
-    `output_dir`; the stage commands and the tests use it."""
-    defaults = {**COMMAND_RUN_DEFAULTS, **(run_defaults or {})}
-    stage = StageConfig(name, get_stage(name).options(options, defaults))
-    ingest = get_stage(INGEST).options(ingest_options, defaults) if ingest_options is not None else None
+                  ingest_options: dict | None = None) -> dict:
+    """Run the stage `name` (see `command_stage`) from `input_location` (a stage folder, or raw shards for ingest
+    and the stages that take them) into `output_dir`; the tests and the benchmarks use it."""
+    stage, ingest = command_stage(name, options, ingest_options)
     return run_stage(spark, stage, hashed_config(stage), input_location, output_dir, ingest_options=ingest)
 
 

@@ -27,7 +27,7 @@ def stage_table() -> list[str]:
 
 
 def _spec_key(spec: OptionSpec) -> tuple:
-    return spec.name, spec.describe_default(), spec.help, spec.choices
+    return spec.name, spec.describe_default(), spec.help, spec.limits()
 
 
 def option_table() -> list[str]:
@@ -37,8 +37,8 @@ def option_table() -> list[str]:
         for spec in stage.specs():
             rows.setdefault(_spec_key(spec), []).append(stage.name)
     lines = ["| stage | option | default | meaning |", "|---|---|---|---|"]
-    for (name, default, help_text, choices), stages in rows.items():
-        meaning = help_text + (f" (one of {', '.join(f'`{c}`' for c in choices)})" if choices else "")
+    for (name, default, help_text, limits), stages in rows.items():
+        meaning = help_text + (f" ({limits})" if limits else "")
         lines.append(f"| {', '.join(stages)} | `{name}` | {_cell(default)} | {_cell(meaning)} |")
     return lines
 

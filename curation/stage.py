@@ -21,26 +21,39 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import ClassVar
 
 from curation.config import ConfigError
 from curation.io import RELEASE_DIR, fingerprint_files, list_files, resolve_data_dir, sha256_of_file
 
-# How an option is filled when a stage does not give it, besides its own default.
-FROM_RUN = "from_run"  # the run's top-level value of that name (seed, metadata, name)
-OFF_BY_NULL_OR_ZERO = "off_by_null_or_zero"  # on by default; null in YAML or 0 on the command line turns it off
-HASHED_FILE = "hashed_file"  # a file whose content hash joins the config hash as `<option>_sha256`
-CHOICES = "choices"
-HELP = "help"
-DEFAULT_TEXT = "default_text"  # how the README and --help name a default that is not a plain value
+
+@dataclass(frozen=True)
+class OptionText:
+    """What `option(...)` says of an option besides its default and type."""
+
+    help: str
+    choices: tuple | None = None
+    from_run: bool = False  # unset, it takes the run's top-level value of that name (seed, metadata, name)
+    off_by_null_or_zero: bool = False  # on by default; null in YAML or 0 on the command line turns it off
+    hashed_file: bool = False  # names a file whose content hash joins the config hash as `<option>_sha256`
+    default_text: str | None = None  # how the README and --help name a default that is not a plain value
+    # The range of a number: at least / above the lower bound, at most / below the upper one.
+    at_least: float | None = None
+    above: float | None = None
+    at_most: float | None = None
+    below: float | None = None
 
 
-def option(default, help: str, *, choices: tuple | None = None, from_run: bool = False, off_by_null_or_zero=False,
-           hashed_file: bool = False, default_text: str | None = None):
-    """A field of a stage's Options dataclass: its default and help text, and how it is checked and filled."""
-    metadata = {HELP: help, CHOICES: choices, FROM_RUN: from_run, OFF_BY_NULL_OR_ZERO: off_by_null_or_zero,
-                HASHED_FILE: hashed_file, DEFAULT_TEXT: default_text}
+_OPTION = "curation_option"  # the dataclass field metadata key of an OptionText
+
+
+def option(default, help: str, **how):
+    """A field of a stage's Options dataclass: its default, its help text, and how it is checked and filled (the
+    keywords are OptionText's: choices, from_run, off_by_null_or_zero, hashed_file, default_text and a number's
+    range at_least, above, at_most, below)."""
+    metadata = {_OPTION: OptionText(help, **how)}
     if isinstance(default, list):
         frozen = list(default)
         return dataclasses.field(default_factory=lambda: list(frozen), metadata=metadata)
@@ -65,6 +78,10 @@ class OptionSpec:
     off_by_null_or_zero: bool
     hashed_file: bool
     default_text: str | None
+    at_least: float | None
+    above: float | None
+    at_most: float | None
+    below: float | None
 
     @property
     def flag(self) -> str:
@@ -96,18 +113,42 @@ class OptionSpec:
             str: lambda v: isinstance(v, str),
             list: lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v),
         }[self.kind](value)
-        if not fits:
+        if not fits or (self.choices is not None and value not in self.choices) or not self._in_range(value):
             raise ConfigError(f"stage {stage}: option {self.name} is {value!r}; allowed: {self.allowed()}")
-        if self.choices is not None and value not in self.choices:
-            raise ConfigError(f"stage {stage}: option {self.name} is {value!r}; allowed: {self.allowed()}")
+
+    def _in_range(self, value) -> bool:
+        # Written so that NaN, which compares false to everything, is out of any range.
+        return ((self.at_least is None or value >= self.at_least) and (self.above is None or value > self.above)
+                and (self.at_most is None or value <= self.at_most) and (self.below is None or value < self.below))
 
     def allowed(self) -> str:
         if self.choices is not None:
             text = " | ".join(map(str, self.choices))
         else:
             text = {bool: "true | false", int: "an integer", float: "a number", str: "a string",
-                    list: "a list of strings"}[self.kind]
+                    list: "a list of strings"}[self.kind] + self.range_text()
         return text + (" | null" if self.nullable else "")
+
+    def limits(self) -> str:
+        """What the README and --help add to the help text: the choices or the range, if the option has them."""
+        if self.choices is not None:
+            return f"one of {', '.join(map(str, self.choices))}"
+        bounds = self.range_text().strip().removeprefix("in ")
+        return f"allowed: {bounds}" if bounds else ""
+
+    def range_text(self) -> str:
+        """" in (0, 1]", " >= 1", ... or "" for an option without a range."""
+        low = f"[{self.at_least:g}" if self.at_least is not None else f"({self.above:g}" if self.above is not None \
+            else None
+        high = f"{self.at_most:g}]" if self.at_most is not None else f"{self.below:g})" if self.below is not None \
+            else None
+        if low and high:
+            return f" in {low}, {high}"
+        if low:
+            return f" {'>=' if low[0] == '[' else '>'} {low[1:]}"
+        if high:
+            return f" {'<=' if high[-1] == ']' else '<'} {high[:-1]}"
+        return ""
 
 
 def _kind_of(annotation) -> tuple[type, bool]:
@@ -131,16 +172,17 @@ class StageOptions:
     `check` for rules that tie options together (raise ConfigError naming the options)."""
 
     @classmethod
-    def specs(cls) -> list[OptionSpec]:
+    @cache
+    def specs(cls) -> tuple[OptionSpec, ...]:
+        """Every option of the class, in declaration order (computed once per class; list defaults are copied by
+        whoever fills them)."""
         hints = typing.get_type_hints(cls)
         specs = []
         for item in dataclasses.fields(cls):
             kind, nullable = _kind_of(hints[item.name])
             default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
-            meta = item.metadata
-            specs.append(OptionSpec(item.name, kind, nullable, default, meta[HELP], meta[CHOICES], meta[FROM_RUN],
-                                    meta[OFF_BY_NULL_OR_ZERO], meta[HASHED_FILE], meta[DEFAULT_TEXT]))
-        return specs
+            specs.append(OptionSpec(item.name, kind, nullable, default, **dataclasses.asdict(item.metadata[_OPTION])))
+        return tuple(specs)
 
     def check(self) -> None:
         """Rules between options; the loader calls it after filling every option."""
@@ -165,13 +207,13 @@ def check_with(stage: str, validate) -> None:
 @dataclass(frozen=True)
 class RateAssumption:
     """A stage's throughput for the dry run when a benchmark gave none: `rate` per core (rows or images per second),
-    `survival` the share of its input it keeps (None: depends on the data, counted as 1, an upper bound), and the
-    basis."""
+    the basis, and `survival`, the share of its input it is assumed to keep (stages whose drops depend on the data
+    say so with `Stage.drops_depend_on` instead)."""
 
     rate: float
     unit: str
     basis: str
-    survival: float | None = 1.0
+    survival: float = 1.0
     per: str = "per core"
 
 
@@ -209,7 +251,7 @@ class Stage:
 
     # --- options
 
-    def specs(self) -> list[OptionSpec]:
+    def specs(self) -> tuple[OptionSpec, ...]:
         return self.Options.specs()
 
     def options(self, given: dict | None, run_defaults: dict) -> dict:
@@ -273,7 +315,7 @@ class Stage:
         if self.drops_depend_on is not None:
             return 1.0, f"upper bound: what it drops depends on the {self.drops_depend_on}"
         survival = self.assumed_rate.survival
-        if survival is None or survival == 1.0:
+        if survival == 1.0:
             return 1.0, "assumed: keeps every row"
         return survival, f"assumed: keeps {survival:.0%}"
 

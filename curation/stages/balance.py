@@ -2,31 +2,24 @@
 
 from dataclasses import dataclass
 
-from curation.config import ConfigError
 from curation.stage import RateAssumption, Stage, StageOptions, exactly_one, option, partitions_option
 
 
 @dataclass(frozen=True)
 class BalanceOptions(StageOptions):
     t: float | None = option(
-        None, "MetaCLIP threshold t", default_text="20000 (MetaCLIP's), unless target_size or tail_share is given"
+        None, "MetaCLIP threshold t", default_text="20000 (MetaCLIP's), unless target_size or tail_share is given",
+        above=0,
     )
-    target_size: int | None = option(None, "solve t so that the expected number of kept rows is this")
+    target_size: int | None = option(None, "solve t so that the expected number of kept rows is this", at_least=1)
     tail_share: float | None = option(
-        None,
-        "choose the smallest t whose tail share (matches on entries with c_e < t) >= this",
+        None, "choose the smallest t whose tail share (matches on entries with c_e < t) >= this", above=0, at_most=1
     )
     seed: int | None = option(None, "seed of the keep draw u(seed, uid)", from_run=True)
     partitions: int | None = partitions_option()
 
     def check(self) -> None:
         exactly_one("balance", self, ("t", "target_size", "tail_share"), required=False)
-        for name in ("t", "target_size"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"stage balance: option {name} is {value}; allowed: a positive number")
-        if self.tail_share is not None and not 0 < self.tail_share <= 1:
-            raise ConfigError(f"stage balance: option tail_share is {self.tail_share}; allowed: a number in (0, 1]")
 
 
 class BalanceStage(Stage):

@@ -49,7 +49,7 @@ class BlockImagesStage(RowFilterStage):
         "within a Hamming distance (so resized and re-encoded copies are caught)"
     )
     drops = "`blocked_image` (detail: which list, distance)"
-    assumed_rate = RateAssumption(300, "images/s", "image hashing against the blocklist (guess)", None)
+    assumed_rate = RateAssumption(300, "images/s", "image hashing against the blocklist (guess)")
 
     def plan(self, context, rows):
         from curation.spark.blocklist import block_images_plan

@@ -2,7 +2,6 @@
 
 from dataclasses import dataclass
 
-from curation.config import ConfigError
 from curation.stage import RateAssumption, Stage, StageOptions, option
 
 
@@ -11,29 +10,24 @@ class KMeansOptions(StageOptions):
     """What the cluster and prune stages share: both fit spherical k-means on the image embeddings."""
 
     sample_size: int = option(
-        500_000, "k-means is fit on the driver on a uniform sample (u(seed, uid)) of about this many"
+        500_000, "k-means is fit on the driver on a uniform sample (u(seed, uid)) of about this many", at_least=1
     )
-    iterations: int = option(20, "k-means iterations (faiss may stop earlier once converged)")
-    threads: int = option(4, "faiss threads for the fit (fixed, so the centroids do not depend on the machine)")
+    iterations: int = option(20, "k-means iterations (faiss may stop earlier once converged)", at_least=1)
+    threads: int = option(
+        4, "faiss threads for the fit (fixed, so the centroids do not depend on the machine)", at_least=1
+    )
     device: str = option("auto", "auto (GPU faiss when present), cuda or cpu", choices=("auto", "cuda", "cpu"))
     init: str = option(
         "random", "centroid seeding: random (faiss's, as SemDeDup) or kmeans++", choices=("random", "kmeans++")
     )
     seed: int | None = option(None, "seed of the sample draw and of faiss", from_run=True)
 
-    def check_kmeans(self, stage: str) -> None:
-        """The k-means sizes must be positive (`k` is each stage's own field)."""
-        sizes = {name: getattr(self, name) for name in ("k", "sample_size", "iterations", "threads")}
-        if min(sizes.values()) < 1:
-            raise ConfigError(f"stage {stage}: k, sample_size, iterations and threads must be positive, got {sizes}")
-
 
 @dataclass(frozen=True)
 class ClusterOptions(KMeansOptions):
-    k: int = option(1000, "number of k-means clusters on the image embeddings (SemDeDup used 50,000 for 440M)")
-
-    def check(self) -> None:
-        self.check_kmeans("cluster")
+    k: int = option(
+        1000, "number of k-means clusters on the image embeddings (SemDeDup used 50,000 for 440M)", at_least=1
+    )
 
 
 class ClusterStage(Stage):

@@ -53,7 +53,7 @@ class DecontaminateStage(RowFilterStage):
         "through the FAISS seam)"
     )
     drops = "`eval_contamination` (detail: the evaluation image, distance or cosine)"
-    assumed_rate = RateAssumption(300, "images/s", "image hashing against the evaluation set (guess)", None)
+    assumed_rate = RateAssumption(300, "images/s", "image hashing against the evaluation set (guess)")
 
     def hashed_files(self, options: dict) -> dict:
         return {"eval_images_fingerprint": folder_fingerprint(options["eval_images"])}

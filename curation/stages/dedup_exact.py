@@ -23,7 +23,7 @@ class DedupExactStage(Stage):
         "kept); optionally one row per exact caption; the survivor is the smallest uid"
     )
     drops = "`duplicate_url`, `duplicate_caption` (related_uid: the survivor)"
-    assumed_rate = RateAssumption(50_000, "rows/s", "a Spark shuffle on the normalised url (guess)", None)
+    assumed_rate = RateAssumption(50_000, "rows/s", "a Spark shuffle on the normalised url (guess)")
 
     def run(self, context):
         from curation.spark.dedup import run_dedup_exact

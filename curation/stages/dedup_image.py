@@ -34,7 +34,7 @@ class DedupImageStage(Stage):
         "`image_width`, `image_height`, `image_dup_group`"
     )
     drops = "`undecodable_image`, `duplicate_image_bytes`, `near_duplicate_image`"
-    assumed_rate = RateAssumption(300, "images/s", "JPEG decode and perceptual hash of a small image (guess)", None)
+    assumed_rate = RateAssumption(300, "images/s", "JPEG decode and perceptual hash of a small image (guess)")
 
     def run(self, context):
         from curation.spark.image_dedup import run_dedup_image

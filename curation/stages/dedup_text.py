@@ -2,13 +2,14 @@
 
 from dataclasses import dataclass
 
-from curation.config import ConfigError
 from curation.stage import RateAssumption, Stage, StageOptions, check_with, option, partitions_option
 
 
 @dataclass(frozen=True)
 class DedupTextOptions(StageOptions):
-    threshold: float = option(0.8, "exact shingle Jaccard at or above which two captions are near duplicates")
+    threshold: float = option(
+        0.8, "exact shingle Jaccard at or above which two captions are near duplicates", above=0, below=1
+    )
     shingles: str = option("char:5", "shingles: char:N (character N-grams) or word:N (word N-grams)")
     policy: str = option(
         "cap:10",
@@ -30,11 +31,8 @@ class DedupTextOptions(StageOptions):
     def check(self) -> None:
         from curation.ops import minhash
 
-        if not 0.0 < self.threshold < 1.0:
-            raise ConfigError(f"stage dedup_text: option threshold is {self.threshold}; allowed: a number in (0, 1)")
         check_with("dedup_text", lambda: minhash.parse_policy(self.policy))
         check_with("dedup_text", lambda: minhash.parse_shingle_spec(self.shingles))
-
 
 
 class DedupTextStage(Stage):
@@ -57,7 +55,6 @@ class DedupTextStage(Stage):
         2_500,
         "rows/s",
         "MinHash-LSH with exact Jaccard checks (bench/results/dedup_text.json when present)",
-        None,
     )
 
     def run(self, context):

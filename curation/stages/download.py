@@ -2,7 +2,6 @@
 
 from dataclasses import asdict, dataclass
 
-from curation.config import ConfigError
 from curation.stage import RateAssumption, Stage, StageOptions, check_with, option
 
 
@@ -15,7 +14,7 @@ class DownloadOptions(StageOptions):
             " address (refused by default)"
         ),
     )
-    shard_rows: int = option(10000, "about this many rows per image tar (uid-range shards)")
+    shard_rows: int = option(10000, "about this many rows per image tar (uid-range shards)", at_least=1)
     image_bytes_column: str | None = option(
         None,
         "also store each image's bytes in this column of the rows (e.g. jpg)",
@@ -50,10 +49,7 @@ class DownloadOptions(StageOptions):
     def check(self) -> None:
         from curation.ops import download as download_ops
 
-        if self.shard_rows < 1:
-            raise ConfigError(f"stage download: option shard_rows is {self.shard_rows}; allowed: an integer >= 1")
         check_with("download", lambda: download_ops.DownloadOptions.from_options(asdict(self)))
-
 
 
 class DownloadStage(Stage):

@@ -60,7 +60,7 @@ class FilterStage(RowFilterStage):
         "`low_clip_score`, `clip_score_not_top`, `image_too_small`, `extreme_aspect_ratio`, `too_few_caption_words`, "
         "`too_many_caption_words`, `boilerplate_caption` (detail: the value and the threshold)"
     )
-    assumed_rate = RateAssumption(200_000, "rows/s", "column rules (guess)", None)
+    assumed_rate = RateAssumption(200_000, "rows/s", "column rules (guess)")
 
     def plan(self, context, rows):
         from curation.spark.filters import filter_plan

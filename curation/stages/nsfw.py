@@ -2,7 +2,6 @@
 
 from dataclasses import dataclass
 
-from curation.config import ConfigError
 from curation.stage import RateAssumption, RowFilterStage, StageOptions, option, partitions_option
 
 
@@ -12,6 +11,8 @@ class NsfwOptions(StageOptions):
         None,
         "drop rows whose nsfw_score exceeds this (reason nsfw)",
         default_text="none: only add the score",
+        at_least=0,
+        at_most=1,
     )
     batch_size: int = option(
         64,
@@ -19,6 +20,7 @@ class NsfwOptions(StageOptions):
             "images per onnxruntime call on CUDA (the CPU runs one image per call, which is as fast there and "
             "independent of batch composition); also the preprocessing chunk"
         ),
+        at_least=1,
     )
     device: str = option(
         "auto",
@@ -26,21 +28,13 @@ class NsfwOptions(StageOptions):
         choices=("auto", "cuda", "cpu"),
     )
     threads: int | None = option(
-        None, "onnxruntime intra-op threads per Spark task", default_text="onnxruntime's"
+        None, "onnxruntime intra-op threads per Spark task", default_text="onnxruntime's", at_least=1
     )
     jpeg_reencode: bool = option(
         True,
         "the open_nsfw reference preprocessing (a JPEG round trip) for reference scores",
     )
     partitions: int | None = partitions_option()
-
-    def check(self) -> None:
-        if self.max_score is not None and not 0.0 <= self.max_score <= 1.0:
-            raise ConfigError(f"stage nsfw: option max_score is {self.max_score}; allowed: a probability in [0, 1]")
-        for name in ("batch_size", "threads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"stage nsfw: option {name} is {value}; allowed: an integer of at least 1")
 
 
 class NsfwStage(RowFilterStage):

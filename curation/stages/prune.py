@@ -8,7 +8,7 @@ from curation.stages.cluster import KMeansOptions
 
 @dataclass(frozen=True)
 class PruneOptions(KMeansOptions):
-    k: int = option(500, "number of concept clusters (500 in the paper for LAION)")
+    k: int = option(500, "number of concept clusters (500 in the paper for LAION)", at_least=1)
     keep_fraction: float | None = option(None, "fraction of the rows to keep (this or keep_count is required)")
     keep_count: int | None = option(None, "number of rows to keep")
     tau: float = option(0.1, "softmax temperature over cluster complexity")
@@ -20,7 +20,6 @@ class PruneOptions(KMeansOptions):
     )
 
     def check(self) -> None:
-        self.check_kmeans("prune")
         exactly_one("prune", self, ("keep_fraction", "keep_count"))
 
 

@@ -2,19 +2,13 @@
 
 from dataclasses import dataclass
 
-from curation.config import ConfigError
 from curation.stage import RateAssumption, Stage, StageOptions, option
 
 
 @dataclass(frozen=True)
 class PublishOptions(StageOptions):
-    shard_rows: int = option(100000, "about this many rows per parquet shard (uid-range shards)")
+    shard_rows: int = option(100000, "about this many rows per parquet shard (uid-range shards)", at_least=1)
     name: str | None = option(None, "dataset name in the manifest", from_run=True)
-
-    def check(self) -> None:
-        if self.shard_rows < 1:
-            raise ConfigError(f"stage publish: option shard_rows is {self.shard_rows}; allowed: an integer >= 1")
-
 
 
 class PublishStage(Stage):

@@ -2,19 +2,16 @@
 
 from dataclasses import dataclass
 
-from curation.config import ConfigError
 from curation.stage import RateAssumption, RowFilterStage, StageOptions, option, partitions_option
 
 
 @dataclass(frozen=True)
 class SampleOptions(StageOptions):
-    fraction: float = option(0.1, "share of the rows kept: a row is kept iff u(seed, uid) < fraction")
+    fraction: float = option(
+        0.1, "share of the rows kept: a row is kept iff u(seed, uid) < fraction", above=0, at_most=1
+    )
     seed: int | None = option(None, "seed of the draw u(seed, uid)", from_run=True)
     partitions: int | None = partitions_option()
-
-    def check(self) -> None:
-        if not 0 < self.fraction <= 1:
-            raise ConfigError(f"stage sample: option fraction is {self.fraction}; allowed: a number in (0, 1]")
 
 
 class SampleStage(RowFilterStage):

@@ -2,7 +2,6 @@
 
 from dataclasses import dataclass
 
-from curation.config import ConfigError
 from curation.stage import RateAssumption, Stage, StageOptions, option
 
 
@@ -11,19 +10,18 @@ class SemdedupOptions(StageOptions):
     eps: float = option(
         0.07,
         "drop a member whose cosine similarity to an earlier member of its cluster exceeds 1 - eps",
+        above=0,
+        below=2,
     )
     target_keep_fraction: float | None = option(
         None,
         "choose eps so that this fraction of the rows is kept (instead of eps)",
+        above=0,
+        at_most=1,
     )
-    block_rows: int = option(2048, "rows per similarity block: memory is O(block_rows^2), not O(cluster^2)")
-
-    def check(self) -> None:
-        fraction = self.target_keep_fraction
-        if fraction is not None and not 0 < fraction <= 1:
-            raise ConfigError(f"stage semdedup: target_keep_fraction must be in (0, 1], got {fraction}")
-        if fraction is None and not 0 < self.eps < 2:
-            raise ConfigError(f"stage semdedup: eps must be in (0, 2), got {self.eps}")
+    block_rows: int = option(
+        2048, "rows per similarity block: memory is O(block_rows^2), not O(cluster^2)", at_least=1
+    )
 
 
 class SemdedupStage(Stage):
@@ -47,7 +45,6 @@ class SemdedupStage(Stage):
         60_000,
         "rows/s",
         "blocked similarities within clusters (bench/results/semdedup.json when present)",
-        None,
     )
 
     def survival(self, options: dict) -> tuple[float, str]:

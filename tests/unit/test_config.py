@@ -56,8 +56,11 @@ def test_the_boilerplate_rule_is_turned_off_by_null_in_yaml_or_zero():
     [
         ({"balance": {"t": 100, "target_size": 5000}}, r"stage balance: give at most one of t, target_size, "
                                                        r"tail_share \(got t, target_size\)"),
-        ({"balance": {"t": "many"}}, r"stage balance: option t is 'many'; allowed: a number \| null"),
+        ({"balance": {"t": "many"}}, r"stage balance: option t is 'many'; allowed: a number > 0 \| null"),
         ({"dedup_text": {"num_perm": 12.5}}, r"stage dedup_text: option num_perm is 12.5; allowed: an integer"),
+        ({"balance": {"tail_share": 1.5}},
+         r"stage balance: option tail_share is 1.5; allowed: a number in \(0, 1\] \| null"),
+        ({"semdedup": {"eps": float("nan")}}, r"stage semdedup: option eps is nan; allowed: a number in \(0, 2\)"),
         ({"prune": {"keep_fraction": 0.5, "selection": "hardest"}},
          r"stage prune: option selection is 'hardest'; allowed: hard \| easy \| random"),
         ({"prune": {"k": 10}}, r"stage prune: give exactly one of keep_fraction, keep_count \(got none\)"),
