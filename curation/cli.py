@@ -51,9 +51,9 @@ def _add_option_flags(parser, stage: Stage, skip: frozenset = frozenset()) -> No
     for spec in stage.specs():
         if spec.name in skip:
             continue
-        if spec.kind is bool and spec.default is True:
-            group.add_argument(f"--no-{spec.name.replace('_', '-')}", dest=spec.name, action="store_false",
-                               default=None, help=f"turn off: {spec.help}")
+        if spec.switches_off:
+            group.add_argument(spec.flag, dest=spec.name, action="store_false", default=None,
+                               help=f"turn off: {spec.help}")
         elif spec.kind is bool:
             group.add_argument(spec.flag, dest=spec.name, action="store_true", default=None, help=_option_help(spec))
         elif spec.kind is list:

@@ -51,16 +51,12 @@ def _usage(stage: Stage) -> str:
 def stage_command_table() -> list[str]:
     lines = ["| command | what |", "|---|---|"]
     for stage in all_stages():
-        flags = ", ".join(f"`{_flag(spec)}`" for spec in stage.specs())
+        flags = ", ".join(f"`{spec.flag}`" for spec in stage.specs())
         raw = "; IN may also be raw parquet shards (ingest runs first, into `OUT/_ingest`, with the ingest flags)" \
             if stage.input_kind == "either" else ""
         what = f"{stage.summary}; IN: {stage.input_help}{raw}" + (f"; flags: {flags}" if flags else "")
         lines.append(f"| `{_usage(stage)}` | {_cell(what)} |")
     return lines
-
-
-def _flag(spec: OptionSpec) -> str:
-    return f"--no-{spec.name.replace('_', '-')}" if spec.kind is bool and spec.default is True else spec.flag
 
 
 TABLES = {"stages": stage_table, "options": option_table, "stage-commands": stage_command_table}

@@ -84,8 +84,13 @@ class OptionSpec:
     below: float | None
 
     @property
+    def switches_off(self) -> bool:
+        """A switch that is on by default: its command-line flag is `--no-NAME`."""
+        return self.kind is bool and self.default is True
+
+    @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return ("--no-" if self.switches_off else "--") + self.name.replace("_", "-")
 
     def describe_default(self) -> str:
         if self.default_text is not None:
