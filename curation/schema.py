@@ -7,6 +7,9 @@ URL = "url"
 CAPTION = "caption"
 ENTRY_IDS = "entry_ids"
 KEEP_PROBABILITY = "keep_probability"
+# Largest Hamming distance between two 64-bit perceptual hashes (image_phash) that the pigeonhole candidate keys
+# support: 32 chunk indexes keep the keys non-negative int64 (curation.ops.imagehash).
+MAX_PHASH_DISTANCE = 31
 
 LEDGER_SCHEMA = pa.schema(
     [

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from curation.schema import MAX_PHASH_DISTANCE
+
 __all__ = [
     "DECODABLE_FORMATS",
     "HASH_BITS",
@@ -83,8 +85,7 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 # key = (chunk index << _CHUNK_INDEX_SHIFT) | chunk value; see `chunk_keys`.
 _CHUNK_INDEX_SHIFT = 58
-MAX_DISTANCE_LIMIT = 31
-"""Largest supported Hamming distance for pigeonhole keys: 32 chunk indexes keep keys non-negative int64."""
+MAX_DISTANCE_LIMIT = MAX_PHASH_DISTANCE
 
 
 def _dct_matrix(size: int) -> np.ndarray:

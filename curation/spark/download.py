@@ -12,13 +12,12 @@ crash downloads only the unfinished ones. The images end in `_artifacts/images/<
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.io import IMAGES_DIR, downloaded_images_dir, resolve_data_dir
+from curation.io import IMAGES_DIR, downloaded_images_dir, remove_leftovers
 from curation.ops import download as download_ops
 from curation.ops import tars as tar_ops
 from curation.ops.download import DownloadOptions
@@ -130,10 +129,7 @@ def run_download(context: StageContext) -> StageOutput:
 
     options = DownloadOptions.from_options(context.options)
     shard_rows, image_bytes_column = context.options["shard_rows"], context.options["image_bytes_column"]
-    if shard_rows < 1:
-        raise ValueError(f"shard_rows must be positive, not {shard_rows}")
-    # Not repartitioned: the rows are shuffled into one task per uid-range shard below.
-    df = context.spark.read.parquet(str(resolve_data_dir(context.input_dir)))
+    df = context.read_rows()
     rows_in = context.rows_in
     shard_count = max(1, math.ceil(rows_in / shard_rows))
     if shard_count >= 10**download_ops.SHARD_DIGITS:
@@ -144,8 +140,7 @@ def run_download(context: StageContext) -> StageOutput:
     work_dir = context.work_dir({"config": context.config, "input": context.input_link, "shards": shard_count})
     images_dir = work_dir / IMAGES_DIR
     images_dir.mkdir(exist_ok=True)
-    for leftover in images_dir.glob(".*.tmp-*"):
-        shutil.rmtree(leftover)  # an attempt killed mid-shard
+    remove_leftovers(images_dir)  # shards of an attempt killed mid-shard
     done = sum(download_ops.is_shard_done(images_dir, shard) for shard in range(shard_count))
     logger.info("download: %d rows in %d shards (%d already done) into %s", rows_in, shard_count, done, images_dir)
     # Shard i is partition i (an identity partitioner; hashing shard ids would put two or three shards in some

@@ -18,7 +18,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from curation.io import downloaded_images_dir, resolve_data_dir
+from curation.io import downloaded_images_dir
 from curation.ops.embeddings import EmbedOptions
 from curation.schema import UID, Reason
 from curation.spark.common import drop_where, untagged
@@ -120,8 +120,7 @@ def run_embed(context: StageContext) -> StageOutput:
 
     spark, input_dir = context.spark, context.input_dir
     options = EmbedOptions.from_options(context.options)
-    # Not repartitioned: the engines group the rows by image tar themselves.
-    df = spark.read.parquet(str(resolve_data_dir(input_dir)))
+    df = context.read_rows()
     for column in ("image_shard", "image_key"):
         if column not in df.columns:
             raise ValueError(f"{input_dir} rows have no {column}: embed reads the images of a download stage")

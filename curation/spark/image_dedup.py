@@ -94,8 +94,6 @@ def run_dedup_image(context: StageContext) -> StageOutput:
 
     options = context.typed
     image_column, max_distance = options.image_column, options.max_distance
-    if not 0 <= max_distance <= 31:
-        raise ValueError(f"max_distance must be in 0..31, got {max_distance}")
     df = context.read_rows()
     images, _ = row_images(df, context.input_dir, image_column, context.partitions)
     data_columns = [c for c in df.columns if c not in IMAGE_COLUMNS]

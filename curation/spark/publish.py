@@ -169,8 +169,6 @@ def run_publish(context: StageContext) -> StageOutput:
     """Write the release folder: shards/, ledger/, manifest.json (the executor adds the record, `_SUCCESS` last)."""
     spark, input_dir, config, run_config = context.spark, context.input_dir, context.config, context.run_config
     shard_rows = context.options["shard_rows"]
-    if shard_rows < 1:
-        raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
     chain = stage_chain(input_dir)
     last_record = chain[-1][1]
     data_df = spark.read.parquet(str(resolve_data_dir(input_dir)))

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from curation.config import ConfigError
+from curation.schema import MAX_PHASH_DISTANCE
 from curation.stage import RateAssumption, RowFilterStage, StageOptions, option, partitions_option
 
 
@@ -18,19 +19,17 @@ class BlockImagesOptions(StageOptions):
         "text file of 64-bit perceptual hashes (16 hex digits), one a line",
         hashed_file=True,
     )
-    max_distance: int = option(4, "images within this Hamming distance of a blocked perceptual hash are blocked")
+    max_distance: int = option(
+        4, "images within this Hamming distance of a blocked perceptual hash are blocked", at_least=0,
+        at_most=MAX_PHASH_DISTANCE,
+    )
     image_column: str = option("jpg", "column of encoded image bytes, if the rows carry them (else the download tars)")
     partitions: int | None = partitions_option()
 
     def check(self) -> None:
-        from curation.ops.imagehash import MAX_DISTANCE_LIMIT
-
         if not self.sha256_file and not self.phash_file:
             raise ConfigError("stage block_images needs sha256_file or phash_file (or both): text files of image "
                               "hashes")
-        if not 0 <= self.max_distance <= MAX_DISTANCE_LIMIT:
-            raise ConfigError(f"stage block_images: option max_distance is {self.max_distance}; allowed: an integer "
-                              f"in 0..{MAX_DISTANCE_LIMIT}")
 
 
 class BlockImagesStage(RowFilterStage):

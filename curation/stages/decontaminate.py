@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from curation.config import ConfigError
+from curation.schema import MAX_PHASH_DISTANCE
 from curation.stage import RateAssumption, RowFilterStage, StageOptions, folder_fingerprint, option, partitions_option
 
 
@@ -16,6 +17,8 @@ class DecontaminateOptions(StageOptions):
     max_distance: int = option(
         4,
         "images within this perceptual-hash Hamming distance of an evaluation image are dropped (eval_contamination)",
+        at_least=0,
+        at_most=MAX_PHASH_DISTANCE,
     )
     min_cosine: float = option(
         0.95,

@@ -2,13 +2,16 @@
 
 from dataclasses import dataclass
 
+from curation.schema import MAX_PHASH_DISTANCE
 from curation.stage import RateAssumption, Stage, StageOptions, option, partitions_option
 
 
 @dataclass(frozen=True)
 class DedupImageOptions(StageOptions):
     image_column: str = option("jpg", "column of encoded image bytes (img2dataset's parquet output calls it jpg)")
-    max_distance: int = option(4, "perceptual hashes within this Hamming distance are near duplicates")
+    max_distance: int = option(
+        4, "perceptual hashes within this Hamming distance are near duplicates", at_least=0, at_most=MAX_PHASH_DISTANCE
+    )
     max_anchors: int = option(
         8,
         "in a hash-chunk bucket larger than full_pairs_limit, members pair with this many anchors",
