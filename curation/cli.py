@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from curation.config import ConfigError
-from curation.io import RELEASE_DIR
 from curation.pipeline import COMMAND_RUN_DEFAULTS, INGEST
+from curation.run_folder import RunFolder
 from curation.stage import OptionSpec, Stage
 from curation.stages import all_stages, get_stage, hashed_config, load_run_config
 
@@ -205,7 +205,7 @@ def run_summary(results, run_dir: Path) -> list[str]:
                 f"{'':<10} t = {balancing['t']:.6g} ({balancing['t_from']}); tail share "
                 f"{balancing['tail_share_before']:.3f} before -> {balancing['tail_share_after']:.3f} after"
             )
-    manifest = run_dir / RELEASE_DIR / "manifest.json"
+    manifest = RunFolder(run_dir).manifest_path
     if manifest.is_file():
         lines.append(f"manifest: {manifest}")
     return lines
@@ -286,10 +286,11 @@ def _dispatch(args) -> int:
         _write(json.dumps(summary, indent=2, sort_keys=True))
         return 0
     if args.command == "verify":
-        from curation.manifest import locate_manifest, verify_manifest
+        from curation.manifest import verify_manifest
+        from curation.run_folder import RunFolder, locate_manifest
         from curation.verify import verify_run
 
-        is_run = (args.path / "stages").is_dir()
+        is_run = RunFolder(args.path).is_run()
         problems = verify_run(args.path) if is_run else verify_manifest(args.path)
         for problem in problems:
             logger.error("verify: %s", problem)

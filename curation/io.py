@@ -1,4 +1,4 @@
-"""Stage folders, atomic writes and input fingerprints (DESIGN.md section 3).
+"""Writing stage folders atomically, and input fingerprints (DESIGN.md section 3); `curation.run_folder` reads them.
 
 A stage folder holds its data as parquet parts, `_ledger/` (the rows this stage dropped, LEDGER_SCHEMA),
 `_artifacts/` (small fitted outputs such as entry counts), `_stage.json` (the stage record) and `_SUCCESS`.
@@ -23,12 +23,7 @@ SUCCESS_MARKER = "_SUCCESS"
 LEDGER_DIR = "_ledger"
 ARTIFACTS_DIR = "_artifacts"
 WORK_IDENTITY = "_work.json"
-IMAGES_DIR = "images"
 RELEASE_DIR = "publish"  # a run folder's release (the publish stage's folder)
-
-
-class StageFolderError(ValueError):
-    """A stage folder that is missing, incomplete or inconsistent."""
 
 
 def canonical_json(value) -> str:
@@ -60,58 +55,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, value) -> None:
     atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
-
-
-def is_complete(stage_dir: Path) -> bool:
-    return (Path(stage_dir) / SUCCESS_MARKER).is_file() and (Path(stage_dir) / STAGE_RECORD).is_file()
-
-
-def is_stage_folder(path: Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / STAGE_RECORD).is_file()
-
-
-def read_stage_record(stage_dir: Path) -> dict:
-    stage_dir = Path(stage_dir)
-    if not is_complete(stage_dir):
-        raise StageFolderError(f"{stage_dir} is not a complete stage folder (no {SUCCESS_MARKER} or {STAGE_RECORD})")
-    return json.loads((stage_dir / STAGE_RECORD).read_text())
-
-
-def resolve_data_dir(stage_dir: Path) -> Path:
-    """The folder holding a stage's rows: itself, or for a pass-through stage (count) the folder it points to."""
-    stage_dir = Path(stage_dir)
-    record = read_stage_record(stage_dir)
-    data_from = record.get("data_from")
-    return resolve_data_dir(stage_dir / data_from) if data_from else stage_dir
-
-
-def stage_chain(stage_dir: Path) -> list[tuple[Path, dict]]:
-    """The stage folders from the first (ingest) to `stage_dir`, following each record's input link."""
-    chain = []
-    current: Path | None = Path(stage_dir)
-    while current is not None:
-        record = read_stage_record(current)
-        chain.append((current, record))
-        upstream = record.get("input", {}).get("stage")
-        current = (current / upstream).resolve() if upstream else None
-    return list(reversed(chain))
-
-
-def find_upstream(stage_dir: Path, stage_name: str) -> Path | None:
-    """The nearest stage folder named `stage_name` in the chain ending at `stage_dir`."""
-    for folder, record in reversed(stage_chain(stage_dir)):
-        if record["stage"] == stage_name:
-            return folder
-    return None
-
-
-def downloaded_images_dir(stage_dir: Path) -> Path:
-    """The folder of image tars that the rows of `stage_dir` point into (`image_shard`, `image_key`): the artifacts
-    of its nearest upstream download stage."""
-    download_dir = find_upstream(stage_dir, "download")
-    if download_dir is None:
-        raise StageFolderError(f"{stage_dir} has no download stage upstream: run download first")
-    return download_dir / ARTIFACTS_DIR / IMAGES_DIR
 
 
 def list_files(root: Path) -> list[Path]:

@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 
 import curation
 from curation.io import sha256_of_file
+from curation.run_folder import locate_manifest
 from curation.schema import REASONS_SHARING_KEPT_UID, UID
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "curation.manifest/v1"
-MANIFEST_NAME = "manifest.json"
 VOLATILE_FIELDS = ["created", "host", "execution", "stages[].seconds"]
 
 
@@ -93,15 +93,6 @@ def without_volatile(manifest: dict) -> dict:
     stable = {k: v for k, v in manifest.items() if k not in ("created", "host", "execution")}
     stable["stages"] = [{k: v for k, v in s.items() if k != "seconds"} for s in manifest.get("stages", [])]
     return stable
-
-
-def locate_manifest(path: Path) -> Path:
-    """A manifest path from a manifest file, a release folder or a run folder."""
-    path = Path(path)
-    for candidate in (path, path / MANIFEST_NAME, path / "publish" / MANIFEST_NAME):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"no {MANIFEST_NAME} at {path} (nor in {path}/publish)")
 
 
 def safe_member(release_dir: Path, relative: str) -> Path:

@@ -10,13 +10,9 @@ import logging
 from pathlib import Path
 
 from curation.config import DEFAULT_RELEASE_NAME, RunConfig, StageConfig
-from curation.io import (
-    is_complete,
-    is_stage_folder,
-    read_stage_record,
-    remove_leftovers,
-)
+from curation.io import remove_leftovers
 from curation.progress import spark_progress
+from curation.run_folder import RunFolder, is_complete, is_stage_folder, read_stage_record
 from curation.stages import get_stage, hashed_config
 
 logger = logging.getLogger(__name__)
@@ -48,8 +44,8 @@ def is_up_to_date(stage: StageConfig, config: dict, folder: Path, input_location
 
 
 def stage_folder(run_dir: Path, position: int, stage: StageConfig) -> Path:
-    folder = get_stage(stage.name).folder_name(position)
-    return run_dir / folder if get_stage(stage.name).release else run_dir / "stages" / folder
+    declaration = get_stage(stage.name)
+    return RunFolder(run_dir).stage_dir(position, declaration.name, declaration.release)
 
 
 def run_stage(spark, stage: StageConfig, config: dict, input_location, output_dir: Path,
@@ -103,7 +99,7 @@ def run_one_stage(spark, name: str, input_location, output_dir: Path, options: d
 def run_pipeline(spark, run_config: RunConfig, run_dir: Path, force: bool = False) -> list[tuple[Path, dict, bool]]:
     """Run every configured stage in order; (folder, record, was it skipped) per stage."""
     run_dir = Path(run_dir).resolve()
-    for folder in (run_dir, run_dir / "stages"):
+    for folder in (run_dir, RunFolder(run_dir).stages_dir):
         remove_leftovers(folder)
     results = []
     input_location = run_config.inputs

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from curation.config import ConfigError
-from curation.io import RELEASE_DIR, fingerprint_files, list_files, resolve_data_dir, sha256_of_file
+from curation.io import fingerprint_files, list_files, sha256_of_file
+from curation.run_folder import resolve_data_dir
 
 
 @dataclass(frozen=True)
@@ -250,9 +251,6 @@ class Stage:
     @property
     def takes_raw_shards(self) -> bool:
         return self.input_kind in ("raw", "either")
-
-    def folder_name(self, position: int) -> str:
-        return RELEASE_DIR if self.release else f"{position:02d}_{self.name}"
 
     # --- options
 

@@ -47,13 +47,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.io import StageWriter, atomic_write_json, is_complete, sha256_of_file
-from curation.manifest import MANIFEST_NAME, build_manifest, file_entry, locate_manifest, safe_member, tar_entry
+from curation.io import StageWriter, atomic_write_json, sha256_of_file
+from curation.manifest import build_manifest, file_entry, safe_member, tar_entry
 from curation.ops import tars as tar_ops
 from curation.ops.blocklists import BlocklistError, load_url_blocklist
 from curation.ops.image_blocklist import load_image_hash_list, sha256_matches
 from curation.ops.imagehash import DecodeFailure, PhashIndex, decode_image, image_sha256, perceptual_hash
 from curation.ops.urls import normalise_urls
+from curation.run_folder import MANIFEST_NAME, RELEASE_LEDGER_DIR, is_complete, locate_manifest
 from curation.schema import LEDGER_SCHEMA, UID, URL, Reason
 from curation.spark.common import StageRun
 from curation.spark.publish import write_image_tar, write_parquet_shard
@@ -343,7 +344,7 @@ def takedown_release(
                 "related_uid": pa.nulls(len(order), pa.string()),
                 "detail": pa.array([removed_details[i] for i in order], pa.string()),
             }, schema=LEDGER_SCHEMA)
-            ledger_path = root / "ledger" / f"{LEDGER_PREFIX}-{sequence:05d}.parquet"
+            ledger_path = root / RELEASE_LEDGER_DIR / f"{LEDGER_PREFIX}-{sequence:05d}.parquet"
             if ledger_path.exists():
                 raise ValueError(f"{ledger_path.name} is already a ledger file of {release_dir}")
             write_parquet_shard(ledger, ledger_path)

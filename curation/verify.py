@@ -10,53 +10,52 @@ Every problem is reported with what and where; an empty list means the run is co
 - nothing in the run folder is world-writable.
 """
 
-import json
 import logging
 import stat
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from curation.io import LEDGER_DIR, STAGE_RECORD, SUCCESS_MARKER, is_complete, list_files, stage_chain
-from curation.manifest import MANIFEST_NAME, verify_manifest
+from curation.io import LEDGER_DIR
+from curation.manifest import verify_manifest
+from curation.run_folder import INCOMPLETE, RELEASE_STAGE, RunFolder, is_complete
 
 logger = logging.getLogger(__name__)
 
 
-def _parquet_rows(folder: Path) -> int:
-    return sum(pq.ParquetFile(path).metadata.num_rows for path in list_files(folder) if path.suffix == ".parquet")
+def _parquet_rows(files: list[Path]) -> int:
+    return sum(pq.ParquetFile(path).metadata.num_rows for path in files)
 
 
-def _stage_folders(run_dir: Path) -> list[Path]:
+def _stage_folders(run: RunFolder) -> list[Path]:
     """The run's chain: from its release back to ingest by the records' input links (folders of stages an earlier
     config had are not part of it); without a complete release, every stage folder in order."""
-    if is_complete(run_dir / "publish"):
-        chain = [folder for folder, _ in stage_chain(run_dir / "publish")]
-        in_chain = {folder.resolve() for folder in chain}
-        stale = sorted(p.name for p in (run_dir / "stages").iterdir()
-                       if p.is_dir() and not p.name.startswith(".") and p.resolve() not in in_chain)
+    if run.has_release():
+        chain = run.chain()
+        stale = [folder.name for folder, _ in run.outside_chain(chain)]
         if stale:
             logger.info("not part of the run's chain (left by an earlier config): %s", stale)
-        return chain
-    return sorted(p for p in (run_dir / "stages").iterdir() if p.is_dir() and not p.name.startswith("."))
+        return [stage.folder for stage in chain]
+    return run.stage_folders()
 
 
-def _check_stage(folder: Path) -> tuple[list[str], dict | None]:
+def _check_stage(run: RunFolder, folder: Path) -> tuple[list[str], dict | None]:
     where = folder.name
-    if not (folder / SUCCESS_MARKER).is_file() or not (folder / STAGE_RECORD).is_file():
-        return [f"{where}: incomplete stage folder (no {SUCCESS_MARKER} or {STAGE_RECORD}): rerun the run"], None
-    record = json.loads((folder / STAGE_RECORD).read_text())
+    if not is_complete(folder):
+        return [f"{where}: incomplete stage folder ({INCOMPLETE}): rerun the run"], None
+    stage = run.stage(folder)
+    record = stage.record
     problems = []
     dropped = sum(record["drops"].values())
     if record["rows_in"] != record["rows_out"] + dropped:
         problems.append(f"{where}: record says {record['rows_in']} rows in but {record['rows_out']} out + "
                         f"{dropped} dropped")
-    if record["stage"] != "publish":
-        ledger_rows = _parquet_rows(folder / LEDGER_DIR) if (folder / LEDGER_DIR).is_dir() else 0
+    if not stage.is_release:
+        ledger_rows = _parquet_rows(stage.ledger_files)
         if ledger_rows != dropped:
             problems.append(f"{where}: {LEDGER_DIR}/ holds {ledger_rows} rows, the record says {dropped} dropped")
-        if not record.get("data_from"):
-            data_rows = _parquet_rows(folder)
+        if not stage.passes_through:
+            data_rows = _parquet_rows(stage.data_files)
             if data_rows != record["rows_out"]:
                 problems.append(f"{where}: data holds {data_rows} rows, the record says {record['rows_out']} out")
     return problems, record
@@ -70,12 +69,13 @@ def _world_writable(run_dir: Path) -> list[str]:
 def verify_run(run_dir: Path) -> list[str]:
     """Every inconsistency found in the run folder `run_dir` (see the module docstring); empty = consistent."""
     run_dir = Path(run_dir)
-    if not (run_dir / "stages").is_dir():
+    run = RunFolder(run_dir)
+    if not run.is_run():
         return [f"{run_dir}: not a run folder (no stages/)"]
     problems: list[str] = []
     records: list[tuple[Path, dict]] = []
-    for folder in _stage_folders(run_dir):
-        stage_problems, record = _check_stage(folder)
+    for folder in _stage_folders(run):
+        stage_problems, record = _check_stage(run, folder)
         problems.extend(stage_problems)
         if record is not None:
             records.append((folder, record))
@@ -86,12 +86,12 @@ def verify_run(run_dir: Path) -> list[str]:
         elif previous["rows_out"] != record["rows_in"]:
             problems.append(f"{folder.name}: {record['rows_in']} rows in, but {previous_folder.name} put out "
                             f"{previous['rows_out']}")
-    if records and records[-1][1]["stage"] == "publish":
+    if records and records[-1][1]["stage"] == RELEASE_STAGE:
         rows_read = records[0][1]["rows_in"]
         in_ledgers = sum(sum(record["drops"].values()) for _, record in records)
         published = records[-1][1]["rows_out"]
         if rows_read != published + in_ledgers:
             problems.append(f"run: {rows_read} rows read != {published} published + {in_ledgers} in the ledgers")
-        problems.extend(f"publish: {problem}" for problem in verify_manifest(run_dir / "publish" / MANIFEST_NAME))
+        problems.extend(f"publish: {problem}" for problem in verify_manifest(run.manifest_path))
     problems.extend(_world_writable(run_dir))
     return problems

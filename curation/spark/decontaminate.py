@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from curation.io import find_upstream, read_stage_record
 from curation.ops import embeddings as embedding_ops
 from curation.ops.decontaminate import (
     TEST_COSINE,
@@ -43,6 +42,7 @@ from curation.ops.decontaminate import (
     match_detail,
 )
 from curation.ops.imagehash import PhashIndex, perceptual_hashes
+from curation.run_folder import find_upstream, read_stage_record
 from curation.schema import UID, Reason
 from curation.spark.executor import StageContext
 from curation.spark.rowfilter import DropRule, FilterPlan

@@ -17,11 +17,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.io import IMAGES_DIR, downloaded_images_dir, remove_leftovers
+from curation.io import remove_leftovers
 from curation.ops import download as download_ops
 from curation.ops import tars as tar_ops
 from curation.ops.download import DownloadOptions
 from curation.progress import Progress, polling
+from curation.run_folder import Artifact, downloaded_images_dir
 from curation.schema import CAPTION, TAG_REASON, UID, URL
 from curation.spark.common import drop_where, untagged
 from curation.spark.executor import StageContext, StageOutput
@@ -138,7 +139,7 @@ def run_download(context: StageContext) -> StageOutput:
     data_columns = [c for c in df.columns if c not in IMAGE_COLUMNS]
 
     work_dir = context.work_dir({"config": context.config, "input": context.input_link, "shards": shard_count})
-    images_dir = work_dir / IMAGES_DIR
+    images_dir = work_dir / Artifact.IMAGES
     images_dir.mkdir(exist_ok=True)
     remove_leftovers(images_dir)  # shards of an attempt killed mid-shard
     done = sum(download_ops.is_shard_done(images_dir, shard) for shard in range(shard_count))
@@ -169,7 +170,7 @@ def run_download(context: StageContext) -> StageOutput:
         tagged = tagged.join(image_bytes(downloaded, images_dir, image_bytes_column), UID, "left")
         written_columns.append(image_bytes_column)
     return StageOutput(
-        rows=tagged, columns=written_columns, finished_work={IMAGES_DIR: images_dir},
+        rows=tagged, columns=written_columns, finished_work={Artifact.IMAGES: images_dir},
         record={"download": {"shards": shard_count, "shards_resumed": done,
                              "options": download_ops.options_record(options)}},
     )

@@ -18,15 +18,14 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from curation.io import downloaded_images_dir
 from curation.ops.embeddings import EmbedOptions
+from curation.run_folder import Artifact, downloaded_images_dir
 from curation.schema import UID, Reason
 from curation.spark.common import drop_where, untagged
 from curation.spark.executor import StageContext, StageOutput
 
 logger = logging.getLogger(__name__)
 
-EMBEDDINGS_DIR = "embeddings"
 CLIP_SCORE = "clip_score"
 
 
@@ -128,7 +127,7 @@ def run_embed(context: StageContext) -> StageOutput:
     data_columns = [c for c in df.columns if c != CLIP_SCORE]
     shard_names = sorted(row[0] for row in df.select("image_shard").distinct().collect())
 
-    embeddings_dir = context.work_dir({"config": context.config, "input": context.input_link}) / EMBEDDINGS_DIR
+    embeddings_dir = context.work_dir({"config": context.config, "input": context.input_link}) / Artifact.EMBEDDINGS
     embeddings_dir.mkdir(exist_ok=True)
     logger.info("embed: %d rows in %d shards with %s (%s), %s engine", context.rows_in, len(shard_names),
                 options.model, options.pretrained, options.engine)
@@ -151,6 +150,6 @@ def run_embed(context: StageContext) -> StageOutput:
                         detail=F.col("_failure"))
     return StageOutput(
         rows=tagged, columns=[*data_columns, CLIP_SCORE],
-        finished_work={EMBEDDINGS_DIR: embeddings_dir},
+        finished_work={Artifact.EMBEDDINGS: embeddings_dir},
         record={"embed": {"options": asdict(options), "model": _model_record(outputs), "shards": len(shard_names)}},
     )

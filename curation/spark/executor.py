@@ -20,14 +20,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from curation.io import (
-    StageWriter,
-    fingerprint_files,
-    list_files,
-    read_stage_record,
-    remove_leftovers,
-    resolve_data_dir,
-)
+from curation.io import StageWriter, fingerprint_files, list_files, remove_leftovers
+from curation.run_folder import read_stage_record, resolve_data_dir
 from curation.spark.common import StageRun, write_tagged
 from curation.stage import RowFilterStage, Stage
 

@@ -21,18 +21,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.io import (
-    ARTIFACTS_DIR,
-    downloaded_images_dir,
-    find_upstream,
-    read_stage_record,
-    resolve_data_dir,
-)
 from curation.ops import embeddings as embedding_ops
 from curation.ops import logos as logo_ops
 from curation.ops import tars as tar_ops
 from curation.ops.embeddings import EMBEDDING_COLUMN
 from curation.ops.uid import uniform
+from curation.run_folder import (
+    Artifact,
+    artifact_path,
+    downloaded_images_dir,
+    find_upstream,
+    read_stage_record,
+    resolve_data_dir,
+)
 from curation.schema import UID, Reason
 from curation.spark.common import arrow_schema_of, spark_schema, untagged
 from curation.spark.executor import StageContext, StageOutput
@@ -41,10 +42,6 @@ from curation.spark.semantic import with_embeddings
 
 logger = logging.getLogger(__name__)
 
-BANK_TABLE = "logo_bank.parquet"
-BANK_IMAGES = "bank"
-MINING_TABLE = "mining.parquet"
-CONTACT_SHEET = "contact_sheet.png"
 PROBE_PURPOSE = "slant_probe"
 _PROBE_DRAW = "_probe_draw"  # u(seed, uid, PROBE_PURPOSE) of a candidate probe
 SPURIOUS_LOGO = "spurious_logo"
@@ -110,8 +107,9 @@ def run_logo_bank(context: StageContext) -> StageOutput:
         "embedding": bank.column(EMBEDDING_COLUMN).take(pa.array(entries)) if len(entries) else pa.array([],
                                                                                                          pa.binary()),
     })
-    pq.write_table(table, context.artifact(BANK_TABLE))
-    _copy_bank_images(bank, entries, downloaded_images_dir(context.input_dir), context.artifact(BANK_IMAGES))
+    pq.write_table(table, context.artifact(Artifact.LOGO_BANK))
+    _copy_bank_images(bank, entries, downloaded_images_dir(context.input_dir),
+                      context.artifact(Artifact.LOGO_BANK_IMAGES))
     return StageOutput(
         rows=untagged(df.join(scores, UID)), columns=[*df.columns, "logo_score"],
         record={"logo_bank": {"taken": len(bank), "entries": len(entries), "q": options.q, "floor": options.floor,
@@ -136,7 +134,8 @@ def read_bank(stage_dir: Path) -> tuple[pa.Table, Path]:
     bank_dir = find_upstream(stage_dir, "logo_bank")
     if bank_dir is None:
         raise ValueError(f"{stage_dir} has no logo_bank stage upstream")
-    return pq.read_table(bank_dir / ARTIFACTS_DIR / BANK_TABLE), bank_dir / ARTIFACTS_DIR / BANK_IMAGES
+    return (pq.read_table(artifact_path(bank_dir, Artifact.LOGO_BANK)),
+            artifact_path(bank_dir, Artifact.LOGO_BANK_IMAGES))
 
 
 # ---------------------------------------------------------------------------------------------------- mine_logos
@@ -215,11 +214,11 @@ def run_mine_logos(context: StageContext) -> StageOutput:
         batch_size=options.batch_size, heldout_fraction=options.heldout_fraction, recheck_top=options.recheck_top,
         seed=options.seed, logo_block=options.logo_block, work_dir=work_dir / "blocks",
     )
-    pq.write_table(result.table, context.artifact(MINING_TABLE))
+    pq.write_table(result.table, context.artifact(Artifact.MINING))
     by_logo = dict(logos)
     top = result.table.slice(0, 32).to_pylist()
     slant.contact_sheet([(row["logo_id"], by_logo[row["logo_id"]]) for row in top],
-                        [row["spuriousness"] for row in top], context.artifact(CONTACT_SHEET))
+                        [row["spuriousness"] for row in top], context.artifact(Artifact.CONTACT_SHEET))
     ten_crop = ten_crop_check(scorers[0], logos, probes, result, list(options.targets), list(options.contrast),
                               options.scale)
     return StageOutput(data_from=resolve_data_dir(context.input_dir),
@@ -253,7 +252,7 @@ def mined_spurious_logos(stage_dir: Path, top: int, min_spuriousness: float) -> 
     mine_dir = find_upstream(stage_dir, "mine_logos")
     if mine_dir is None:
         raise ValueError(f"{stage_dir} has no mine_logos stage upstream")
-    table = pq.read_table(mine_dir / ARTIFACTS_DIR / MINING_TABLE).to_pylist()
+    table = pq.read_table(artifact_path(mine_dir, Artifact.MINING)).to_pylist()
     chosen = []
     for row in table:
         if row["rank"] <= top and row["spuriousness"] >= min_spuriousness and row["logo_id"] not in chosen:

@@ -19,17 +19,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.io import (
-    LEDGER_DIR,
-    atomic_write_json,
-    canonical_json,
+from curation.io import LEDGER_DIR, atomic_write_json, canonical_json, sha256_of_json
+from curation.manifest import build_manifest, file_entry, tar_entry
+from curation.ops import tars as tar_ops
+from curation.run_folder import (
+    MANIFEST_NAME,
+    RELEASE_IMAGES_DIR,
+    RELEASE_LEDGER_DIR,
+    RELEASE_SHARDS_DIR,
     downloaded_images_dir,
     resolve_data_dir,
-    sha256_of_json,
     stage_chain,
 )
-from curation.manifest import MANIFEST_NAME, build_manifest, file_entry, tar_entry
-from curation.ops import tars as tar_ops
 from curation.schema import CAPTION, LEDGER_SCHEMA, UID
 from curation.spark.common import arrow_schema_of
 from curation.spark.executor import StageContext, StageOutput
@@ -38,7 +39,6 @@ logger = logging.getLogger(__name__)
 
 SHARD_ROW_GROUP_ROWS = 65_536
 _UID_PREFIX_SPAN = 1 << 60
-IMAGE_SHARDS_DIR = "images"
 IMAGE_POINTER_COLUMNS = ("image_shard", "image_key")
 
 
@@ -110,7 +110,7 @@ def _shard_worker(out_dir: str, prefix: str, schema: pa.Schema, images_dir: str 
             write_parquet_shard(table.select(schema.names).cast(schema).combine_chunks(), path)
             tar_path = None
             if images_dir is not None:
-                tar_path = Path(out_dir).parent / IMAGE_SHARDS_DIR / f"{prefix}-{current:05d}.tar"
+                tar_path = Path(out_dir).parent / RELEASE_IMAGES_DIR / f"{prefix}-{current:05d}.tar"
                 write_image_tar(table, images_dir, tar_path, reader, schema)
             columns = [pa.array([current], pa.int32()), pa.array([str(path)]),
                        pa.array([str(tar_path) if tar_path else None], pa.string())]
@@ -185,14 +185,14 @@ def run_publish(context: StageContext) -> StageOutput:
 
     release_dir = context.building_dir
     written = write_uid_shards(
-        data_df, last_record["rows_out"], shard_rows, release_dir / "shards", "shard", data_schema, [UID],
+        data_df, last_record["rows_out"], shard_rows, release_dir / RELEASE_SHARDS_DIR, "shard", data_schema, [UID],
         images_dir,
     )
     shard_paths = [path for path, _ in written]
     image_shards = [tar_entry(release_dir, tar, rows=file_entry(release_dir, path)["rows"])
                     for path, tar in written if tar is not None]
     ledger_paths = [path for path, _ in write_uid_shards(
-        ledger_df, ledger_rows, shard_rows, release_dir / "ledger", "ledger", LEDGER_SCHEMA,
+        ledger_df, ledger_rows, shard_rows, release_dir / RELEASE_LEDGER_DIR, "ledger", LEDGER_SCHEMA,
         ["uid", "stage", "reason", "related_uid", "detail"],
     )]
     ingest_record = chain[0][1]

@@ -17,12 +17,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.io import ARTIFACTS_DIR, find_upstream
 from curation.ops import embeddings as embedding_ops
 from curation.ops import prune as prune_ops
 from curation.ops import semdedup as semdedup_ops
 from curation.ops.embeddings import EMBEDDING_COLUMN
 from curation.ops.uid import uniform
+from curation.run_folder import Artifact, artifact_path, find_upstream
 from curation.schema import UID, Reason
 from curation.spark.common import drop_where, untagged
 from curation.spark.executor import StageContext, StageOutput
@@ -49,7 +49,7 @@ def with_embeddings(spark, df, stage_dir: Path):
     embed_dir = find_upstream(stage_dir, "embed")
     if embed_dir is None:
         raise ValueError(f"{stage_dir} has no embed stage upstream: run embed first")
-    files = sorted(str(p) for p in (embed_dir / ARTIFACTS_DIR / "embeddings").glob("*.parquet"))
+    files = sorted(str(p) for p in artifact_path(embed_dir, Artifact.EMBEDDINGS).glob("*.parquet"))
     paths = spark.createDataFrame([(f,) for f in files], "path string").repartition(max(1, len(files)))
     vectors = paths.mapInArrow(_embedding_reader, f"{UID} string, {EMBEDDING_COLUMN} binary")
     # Checkpointed before the check, so that callers do not read and join every embedding a second time.
@@ -160,9 +160,9 @@ def run_cluster(context: StageContext) -> StageOutput:
     emb_df = with_embeddings(context.spark, df.select(UID), context.input_dir)
     result, sample_rows = fit_centroids(emb_df, rows_in, options)
     assigned = assign_all(context, emb_df, result.centroids, options.device).localCheckpoint()
-    np.save(context.artifact("centroids.npy"), result.centroids)
-    pq.write_table(_cluster_sizes(assigned), context.artifact("cluster_sizes.parquet"))
-    assigned.write.parquet(str(context.artifact("assignments")))
+    np.save(context.artifact(Artifact.CENTROIDS), result.centroids)
+    pq.write_table(_cluster_sizes(assigned), context.artifact(Artifact.CLUSTER_SIZES))
+    assigned.write.parquet(str(context.artifact(Artifact.ASSIGNMENTS)))
     return StageOutput(rows=untagged(df.select(*data_columns).join(assigned, UID)),
                        columns=[*data_columns, CLUSTER, CENTROID_SIMILARITY],
                        record={"kmeans": _kmeans_record(result, sample_rows, options)})
@@ -324,9 +324,9 @@ def run_prune(context: StageContext) -> StageOutput:
                                 F.col("_quota").alias("quota")))
     tagged = drop_where(untagged(joined), dropped, "prune", Reason.PRUNED_DENSE_CLUSTER, detail=detail)
     data_columns = [c for c in df.columns if c != "prune_cluster"] + ["prune_cluster"]
-    np.save(context.artifact("prune_centroids.npy"), result.centroids)
+    np.save(context.artifact(Artifact.PRUNE_CENTROIDS), result.centroids)
     pq.write_table(pa.table({name: np.asarray(values) for name, values in table.items()}),
-                   context.artifact("pruning_clusters.parquet"))
+                   context.artifact(Artifact.PRUNING_CLUSTERS))
 
     def check_quotas_kept(written_dir: Path, rows_out: int, drops: dict[str, int]) -> dict:
         if rows_out != n_keep:

@@ -15,18 +15,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.inputs import plan_inputs, read_row_group
-from curation.io import (
-    ARTIFACTS_DIR,
-    find_upstream,
-    fingerprint_files,
-    read_stage_record,
-    resolve_data_dir,
-    stage_chain,
-)
+from curation.io import fingerprint_files
 from curation.ops import balance as balance_ops
 from curation.ops.ingest import IngestOptions, normalise_rows
 from curation.ops.metadata import load_metadata, metadata_sha256, write_metadata
 from curation.ops.uid import uniform
+from curation.run_folder import (
+    Artifact,
+    artifact_path,
+    find_upstream,
+    read_stage_record,
+    resolve_data_dir,
+    stage_chain,
+)
 from curation.schema import CAPTION, ENTRY_IDS, KEEP_PROBABILITY, TAG_REASON, UID, URL, Reason
 from curation.spark.common import (
     arrow_schema_of,
@@ -39,9 +40,6 @@ from curation.spark.executor import StageContext, StageOutput
 
 logger = logging.getLogger(__name__)
 
-ENTRY_COUNTS_ARTIFACT = "entry_counts.parquet"
-BALANCED_COUNTS_ARTIFACT = "balanced_counts.parquet"
-METADATA_ARTIFACT = "metadata.json"
 
 
 # ---------------------------------------------------------------------------------------------------- ingest
@@ -176,7 +174,7 @@ def run_match(context: StageContext) -> StageOutput:
     tagged = df.mapInArrow(
         _match_worker(metadata_sha, entries_broadcast, context.options["keep_unmatched"], schema), spark_schema(schema)
     )
-    write_metadata(context.artifact(METADATA_ARTIFACT), entries)
+    write_metadata(context.artifact(Artifact.METADATA), entries)
     metadata_info = {"path": str(metadata_path), "entries": len(entries), "sha256": metadata_sha,
                      **_never_matching(entries)}
     return StageOutput(rows=tagged, columns=data_schema.names, record={"metadata": metadata_info})
@@ -200,7 +198,7 @@ def metadata_of(stage_dir: Path) -> list[str]:
     match_dir = find_upstream(stage_dir, "match")
     if match_dir is None:
         raise ValueError(f"{stage_dir} has no match stage upstream: balancing needs matched rows")
-    return load_metadata(match_dir / ARTIFACTS_DIR / METADATA_ARTIFACT)
+    return load_metadata(artifact_path(match_dir, Artifact.METADATA))
 
 
 def compute_entry_counts(df, entry_count: int) -> np.ndarray:
@@ -230,7 +228,7 @@ def run_count(context: StageContext) -> StageOutput:
     entries = metadata_of(context.input_dir)
     data_dir = resolve_data_dir(context.input_dir)
     counts = compute_entry_counts(context.spark.read.parquet(str(data_dir)), len(entries))
-    _write_counts(context.artifact(ENTRY_COUNTS_ARTIFACT), entries, count=counts)
+    _write_counts(context.artifact(Artifact.ENTRY_COUNTS), entries, count=counts)
     summary = {
         "entries_matched": int((counts > 0).sum()),
         "matches": int(counts.sum()),
@@ -325,7 +323,7 @@ def run_balance(context: StageContext) -> StageOutput:
     df = df.drop(KEEP_PROBABILITY)
     count_dir = input_dir if read_stage_record(input_dir)["stage"] == "count" else None
     if count_dir is not None:
-        counts = read_counts(count_dir / ARTIFACTS_DIR / ENTRY_COUNTS_ARTIFACT)
+        counts = read_counts(artifact_path(count_dir, Artifact.ENTRY_COUNTS))
     else:
         logger.info("balance: the input is not a count stage, so c_e is counted over the input's rows first")
         counts = compute_entry_counts(df, len(entries))
@@ -340,11 +338,11 @@ def run_balance(context: StageContext) -> StageOutput:
     counts_broadcast = context.broadcast(counts)
     tagged = df.mapInArrow(_balance_worker(counts_broadcast, threshold, seed, purpose, schema), spark_schema(schema))
     if count_dir is None:
-        _write_counts(context.artifact(ENTRY_COUNTS_ARTIFACT), entries, count=counts)
+        _write_counts(context.artifact(Artifact.ENTRY_COUNTS), entries, count=counts)
 
     def balancing_summary(written_dir: Path, rows_out: int, drops: dict[str, int]) -> dict:
         counts_after = compute_entry_counts(context.spark.read.parquet(str(written_dir)), len(entries))
-        _write_counts(context.artifact(BALANCED_COUNTS_ARTIFACT), entries, count_before=counts,
+        _write_counts(context.artifact(Artifact.BALANCED_COUNTS), entries, count_before=counts,
                       count_after=counts_after)
         return {"balancing": {
             "t": threshold,

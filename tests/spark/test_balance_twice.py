@@ -10,8 +10,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from curation.io import LEDGER_DIR, list_files, resolve_data_dir, stage_chain
+from curation.io import LEDGER_DIR, list_files
 from curation.ops.balance import BALANCE_PURPOSE, balance_purpose
+from curation.run_folder import resolve_data_dir, stage_chain
 from curation.schema import KEEP_PROBABILITY
 
 pytestmark = pytest.mark.spark

@@ -12,11 +12,12 @@ import pytest
 from PIL import Image
 
 from curation.cli import main as cli_main
-from curation.io import LEDGER_DIR, downloaded_images_dir, read_stage_record, resolve_data_dir
+from curation.io import LEDGER_DIR
 from curation.ops import tars as tar_ops
 from curation.ops.image_blocklist import BlocklistError, format_phash
 from curation.ops.imagehash import decode_image, hamming_distances, image_sha256, perceptual_hash
 from curation.pipeline import run_one_stage
+from curation.run_folder import downloaded_images_dir, read_stage_record, resolve_data_dir
 from curation.schema import Reason
 from tests import imagekit
 

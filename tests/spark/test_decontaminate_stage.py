@@ -14,9 +14,10 @@ from PIL import Image
 
 from curation.cli import main as cli_main
 from curation.image_server import NOT_FOUND, ImageServer, Response
-from curation.io import ARTIFACTS_DIR, LEDGER_DIR, read_stage_record
+from curation.io import ARTIFACTS_DIR, LEDGER_DIR
 from curation.ops.uid import uid_of
 from curation.pipeline import run_one_stage
+from curation.run_folder import read_stage_record
 from curation.schema import Reason
 from tests import imagekit
 

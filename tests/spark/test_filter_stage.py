@@ -18,10 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.cli import main as cli_main
-from curation.io import LEDGER_DIR, StageWriter, read_stage_record
+from curation.io import LEDGER_DIR, StageWriter
 from curation.ops.filters import RULES, FilterOptions, apply_filter, caption_repeat_counts, top_cutoff
 from curation.ops.uid import compute_uids, uniform
 from curation.pipeline import run_one_stage
+from curation.run_folder import read_stage_record
 from curation.schema import Reason
 from curation.spark.common import StageRun
 from tests.imagekit import photos

@@ -13,8 +13,9 @@ import pytest
 
 from curation.cli import main as cli_main
 from curation.inspection import InspectError, inspect_entry, inspect_uid
-from curation.io import list_files, stage_chain
+from curation.io import list_files
 from curation.ops.metaclip import reference_match
+from curation.run_folder import stage_chain
 from curation.schema import REASONS_SHARING_KEPT_UID
 
 pytestmark = pytest.mark.spark

@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from curation.image_server import ImageServer, Response, dict_resolver
-from curation.io import ARTIFACTS_DIR, LEDGER_DIR, read_stage_record
+from curation.io import ARTIFACTS_DIR, LEDGER_DIR
 from curation.manifest import verify_manifest
 from curation.pipeline import run_one_stage
+from curation.run_folder import read_stage_record
 from curation.schema import Reason
 from curation.spark.common import StageRun
 from tests import imagekit

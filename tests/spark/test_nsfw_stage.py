@@ -11,10 +11,10 @@ import pytest
 from curation.cli import main as cli_main
 from curation.gpu.nsfw import load_nsfw_model
 from curation.image_server import NOT_FOUND, ImageServer, Response
-from curation.io import downloaded_images_dir, read_stage_record
 from curation.ops.tars import TarReader
 from curation.ops.uid import uid_of
 from curation.pipeline import run_one_stage
+from curation.run_folder import downloaded_images_dir, read_stage_record
 from curation.schema import Reason
 from tests import imagekit
 

@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curation.io import sha256_of_file, stage_chain
+from curation.io import sha256_of_file
 from curation.report import SECTION_IDS, write_report
+from curation.run_folder import stage_chain
 from tests.unit.test_report import classes_in, is_absent, page_problems, parse_page, text_of
 
 pytestmark = pytest.mark.spark

@@ -8,10 +8,11 @@ import pytest
 
 from curation.cli import main as cli_main
 from curation.config import ConfigError
-from curation.io import LEDGER_DIR, read_stage_record
+from curation.io import LEDGER_DIR
 from curation.ops.sample import SAMPLED_OUT, sample_rows
 from curation.ops.uid import compute_uids
 from curation.pipeline import run_one_stage
+from curation.run_folder import read_stage_record
 from curation.stages import parse_run_config
 
 ROWS = 4_000

@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.cli import main as cli_main
-from curation.io import is_complete, sha256_of_file
-from curation.manifest import MANIFEST_NAME, file_entry, verify_manifest
+from curation.io import sha256_of_file
+from curation.manifest import file_entry, verify_manifest
 from curation.ops.image_blocklist import BlocklistError, format_phash
+from curation.run_folder import MANIFEST_NAME, is_complete
 from curation.schema import Reason
 from curation.takedown import takedown_release
 

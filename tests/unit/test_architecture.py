@@ -12,7 +12,7 @@ from curation.stages import all_stages
 from tests.conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "curation"
-CONTRACTS = ("config", "schema", "io", "manifest", "stage")
+CONTRACTS = ("config", "schema", "io", "manifest", "stage", "run_folder")
 HEAVY = ("pyspark", "torch", "faiss", "open_clip", "onnxruntime")
 
 
@@ -53,6 +53,37 @@ def test_lower_floors_import_no_stage_declaration_pipeline_or_cli(floor):
     assert not {p: m for p, m in offenders.items() if m}
 
 
+# A run folder's layout is known to its writer (io.StageWriter) and its one reader (run_folder) only.
+RUN_LAYOUT_OWNERS = (PACKAGE / "io.py", PACKAGE / "run_folder.py")
+RUN_LAYOUT_NAMES = {"STAGE_RECORD", "SUCCESS_MARKER", "STAGES_DIR", "RELEASE_DIR"}
+RUN_LAYOUT_STRINGS = ("_stage.json", "_SUCCESS")
+RUN_LAYOUT_FOLDERS = {"stages", "publish"}
+
+
+def _run_layout_uses(path: Path) -> list[str]:
+    """The names, strings (docstrings aside) and `/ "stages"`-style paths of a run folder's layout in `path`."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id in RUN_LAYOUT_NAMES:
+            found.append(node.id)
+        elif isinstance(node, ast.ImportFrom):
+            found.extend(alias.name for alias in node.names if alias.name in RUN_LAYOUT_NAMES)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            found.extend(text for text in RUN_LAYOUT_STRINGS if text in node.value)
+        elif (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant)
+              and node.right.value in RUN_LAYOUT_FOLDERS):
+            found.append(f'/ "{node.right.value}"')
+    return found
+
+
+def test_only_the_run_folder_reader_lists_stages_or_opens_stage_records():
+    offenders = {str(p.relative_to(REPO_ROOT)): _run_layout_uses(p) for p in PACKAGE.rglob("*.py")
+                 if p not in RUN_LAYOUT_OWNERS}
+    assert not {p: uses for p, uses in offenders.items() if uses}
+
+
 def test_torch_only_in_the_gpu_package():
     offenders = [str(p.relative_to(REPO_ROOT)) for p in PACKAGE.rglob("*.py")
                  if "gpu" not in p.relative_to(PACKAGE).parts and {"torch", "open_clip", "faiss"} & _imports(p)]
@@ -75,7 +106,7 @@ def test_importing_the_cli_loads_no_heavy_library():
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("module", ["cli.py", "pipeline.py", "dry_run.py"])
+@pytest.mark.parametrize("module", ["cli.py", "pipeline.py", *(f"dry_run/{p.name}" for p in _modules("dry_run"))])
 def test_no_stage_is_dispatched_by_name(module):
     """No comparison of a stage name with a declared stage's name: what differs per stage is in its declaration."""
     names = {stage.name for stage in all_stages()} | {stage.command for stage in all_stages()}

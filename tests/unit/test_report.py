@@ -14,8 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curation.io import IMAGES_DIR, StageWriter
-from curation.report import SECTION_IDS, ReportError, build_report, write_report
+from curation.io import StageWriter
+from curation.report import SECTION_IDS, build_report, write_report
+from curation.report.reading import ReportError
+from curation.run_folder import Artifact
 
 HOSTILE = '<script>alert("x")</script> & <img src=http://evil.example/x.png>'
 
@@ -325,7 +327,7 @@ def test_dedup_shows_group_sizes_and_a_gallery_of_image_duplicate_groups(tmp_pat
                                                                        ids[4], None],
                                        text_dup_group_size=[2, 2, None, None, 3, 3, 3, None]), 8)
     run.stage("download", rows_table(ids, captions, image_shard=["00000.tar"] * 8, image_key=list(images)), 8,
-              artifacts={IMAGES_DIR: tar})
+              artifacts={Artifact.IMAGES: tar})
     near = ledger([ids[1], ids[2]], "dedup_image", "near_duplicate_image", [ids[0], ids[0]],
                   [{"group": ids[0], "rank": 2}, {"group": ids[0], "rank": 3}])
     exact = ledger([ids[5]], "dedup_image", "duplicate_image_bytes", [ids[4]], [{"sha256": "ab"}])

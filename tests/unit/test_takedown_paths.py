@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.io import sha256_of_file
-from curation.manifest import MANIFEST_NAME, build_manifest, file_entry, safe_member, verify_manifest
+from curation.manifest import build_manifest, file_entry, safe_member, verify_manifest
+from curation.run_folder import MANIFEST_NAME
 from curation.schema import LEDGER_SCHEMA
 from curation.takedown import takedown_release
 
