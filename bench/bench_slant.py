@@ -32,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(REPO_ROOT))
 
-from curation.gpu.embed import load_model
+from curation.gpu.clip_model import load_model
 from curation.gpu.slant import CONTRAST_PROMPTS, CORNERS, OpenClipScorer, ToyLogoScorer, logo_tensor, mine_logos, paste
 
 logger = logging.getLogger("bench_slant")

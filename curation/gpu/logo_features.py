@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from curation.gpu import slant, zeroshot
-from curation.gpu.embed import load_model
+from curation.gpu.clip_model import load_model
 from curation.ops.embeddings import RANDOM_INIT, EmbedOptions
 
 # A `models` entry naming SLANT's toy scorer: deterministic, with a planted red-logo feature (tests and demos

@@ -12,7 +12,7 @@ batches on the scorer's device (CUDA when the model lives there, the CPU otherwi
 logos (DESIGN.md section 5).
 
 A `Scorer` is what the mining needs from a model: unnormalised [0, 1] pixels to paste onto, and L2-normalised image
-and text features. `OpenClipScorer` wraps an open_clip model from `curation.gpu.embed`; `ToyLogoScorer` is a
+and text features. `OpenClipScorer` wraps an open_clip model from `curation.gpu.clip_model`; `ToyLogoScorer` is a
 deterministic toy with a planted spurious colour, for tests and demos without pretrained weights.
 """
 
@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 from torchvision.transforms import Compose, Normalize
 
-from curation.gpu.embed import EmbeddingModel
+from curation.gpu.clip_model import EmbeddingModel
+from curation.gpu.encode import unit_image_features, unit_text_features
 from curation.io import atomic_write_bytes, canonical_json
 from curation.ops.uid import uniform
 from curation.progress import Progress
@@ -86,10 +87,10 @@ class Scorer(Protocol):
 
 
 class OpenClipScorer:
-    """A `Scorer` over an open_clip model loaded by `curation.gpu.embed.load_model`.
+    """A `Scorer` over an open_clip model loaded by `curation.gpu.clip_model.load_model`.
 
-    `to_pixels` runs the model's own preprocessing minus its Normalize step; `encode_image` normalises by the
-    model's mean and std on the device and, on CUDA, runs under the model's autocast like `embed.encode`.
+    `to_pixels` runs the model's own preprocessing minus its Normalize step, which `encode_image` applies on the
+    device (after any pasting) before encoding as the embed stage does.
     """
 
     def __init__(self, model: EmbeddingModel):
@@ -115,19 +116,10 @@ class OpenClipScorer:
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         normalised = (pixels.to(self.device, torch.float32, non_blocking=True) - self._mean) / self._std
-        with torch.inference_mode(), self._autocast():
-            features = self.embedding_model.model.encode_image(normalised)
-        return F.normalize(features.float(), dim=-1)
+        return unit_image_features(self.embedding_model, normalised)
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.embedding_model.tokenizer(list(texts)).to(self.device, non_blocking=True)
-        with torch.inference_mode(), self._autocast():
-            features = self.embedding_model.model.encode_text(tokens)
-        return F.normalize(features.float(), dim=-1)
-
-    def _autocast(self):
-        dtype = self.embedding_model.autocast_dtype
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        return unit_text_features(self.embedding_model, self.embedding_model.tokenizer(list(texts)))
 
 
 def _weights_label(record: dict) -> str:

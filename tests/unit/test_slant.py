@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from curation.gpu import slant
-from curation.gpu.embed import load_model
+from curation.gpu.clip_model import load_model
 from curation.gpu.slant import (
     CONTACT_CELL,
     CONTRAST_PROMPTS,
