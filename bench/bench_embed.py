@@ -1,4 +1,5 @@
-"""CLIP embedding throughput (images/s) of curation.gpu.embed with open_clip ViT-B-32 at random init.
+"""CLIP embedding throughput (images/s) of curation.gpu.encode and curation.gpu.shard_embedding with open_clip
+ViT-B-32 at random init.
 
     python bench/bench_embed.py batch [--device cpu] [--batch-size 64] [--batches 3] [--out FILE]
     python bench/bench_embed.py make-shards DIR [--shards 16] [--samples-per-shard 4000]
@@ -39,7 +40,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(REPO_ROOT))
 
-from curation.gpu.embed import embed_batch, embed_shards, encode, load_model
+from curation.gpu.clip_model import load_model
+from curation.gpu.encode import embed_batch, encode
+from curation.gpu.shard_embedding import embed_shards
 
 logger = logging.getLogger("bench_embed")
 

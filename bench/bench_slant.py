@@ -32,8 +32,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(REPO_ROOT))
 
-from curation.gpu.embed import load_model
-from curation.gpu.slant import CONTRAST_PROMPTS, CORNERS, OpenClipScorer, ToyLogoScorer, logo_tensor, mine_logos, paste
+from curation.gpu.clip_model import load_model
+from curation.gpu.scorer import OpenClipScorer
+from curation.gpu.slant import logo_tensor, mine_logos, paste
+from curation.gpu.toy_scorer import ToyLogoScorer
+from curation.ops.logo_mining import CORNERS
+from curation.ops.logos import CONTRAST_PROMPTS
 
 logger = logging.getLogger("bench_slant")
 

@@ -2,8 +2,8 @@
 corpus image's nearest evaluation image by cosine through the FAISS seam (torch, open_clip and faiss live here).
 
 The evaluation images must land in the same space as the corpus embeddings, so they go through exactly what the
-embed stage did to a downloaded image (`curation.gpu.embed`): `Image.open` on the bytes, the model's own open_clip
-`preprocess`, `encode_image`, L2 normalisation in float32 and rounding to float16 (the stored precision). The model
+embed stage did to a downloaded image: `Image.open` on the bytes, the model's own open_clip `preprocess`, then the
+same `curation.gpu.encode` (L2 normalisation in float32, rounding to float16, the stored precision). The model
 is rebuilt from the embed stage's record: model name, weights (pretrained tag, checkpoint, or `random`: seeded
 random init, so the same weights), device and precision. Only the device may differ: the evaluation set is embedded
 on the driver, and when the embed stage ran on CUDA executors but the driver has no GPU, the driver uses the CPU in
@@ -26,11 +26,11 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from curation.gpu import faiss_seam
-from curation.gpu.embed import EmbeddingModel, load_model
+from curation.gpu.clip_model import EmbeddingModel, load_model
+from curation.gpu.encode import encode_images
 from curation.ops.decontaminate import EvalImage
 from curation.ops.embeddings import EmbedOptions
 
@@ -65,15 +65,6 @@ def _pixels(model: EmbeddingModel, image: EvalImage) -> torch.Tensor:
                          f"{type(error).__name__}: {error}") from error
 
 
-def _encode_images(model: EmbeddingModel, pixels: torch.Tensor) -> np.ndarray:
-    with (
-        torch.inference_mode(),
-        torch.autocast(model.device.type, dtype=model.autocast_dtype, enabled=model.autocast_dtype is not None),
-    ):
-        features = model.model.encode_image(pixels.to(model.device, non_blocking=True))
-    return F.normalize(features.float(), dim=-1).half().cpu().numpy()
-
-
 def embed_eval_images(model: EmbeddingModel, images: Iterable[EvalImage],
                       batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
     """float16 (m, d) unit image embeddings of the evaluation images, in their order."""
@@ -82,10 +73,10 @@ def embed_eval_images(model: EmbeddingModel, images: Iterable[EvalImage],
     for image in images:
         batch.append(_pixels(model, image))
         if len(batch) == batch_size:
-            chunks.append(_encode_images(model, torch.stack(batch)))
+            chunks.append(encode_images(model, torch.stack(batch)))
             batch.clear()
     if batch:
-        chunks.append(_encode_images(model, torch.stack(batch)))
+        chunks.append(encode_images(model, torch.stack(batch)))
     if not chunks:
         return np.empty((0, model.embed_dim), dtype=np.float16)
     return np.concatenate(chunks)

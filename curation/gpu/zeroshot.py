@@ -1,10 +1,11 @@
-"""10-crop voting at zero-shot time, the test-time mitigation of spurious logos that SLANT ("Spurious Logo ANalysis
-Toolkit", 2024) offers (DESIGN.md section 4 "Logo bank").
+"""Zero-shot classification with a SLANT `Scorer`: plain, and by 10-crop voting, the test-time mitigation of
+spurious logos that SLANT ("Spurious Logo ANalysis Toolkit", 2024) offers (DESIGN.md section 4 "Logo bank").
 
-A logo in one corner of an image lies in few of the ten crops (four corner crops, the centre crop, and their
-mirror images), so a majority vote over the crops' zero-shot predictions is far less swayed by it than one
-prediction on the whole image. Crops are cut from the model-resolution pixels (`Scorer.to_pixels`) and resized
-back to the model's input size.
+Labels are classified by the cosine of an image's features to each label's text features, averaged over prompt
+templates (CLIP's prompt ensembling). A logo in one corner of an image lies in few of the ten crops (four corner
+crops, the centre crop, and their mirror images), so a majority vote over the crops' zero-shot predictions is far
+less swayed by it than one prediction on the whole image. Crops are cut from the model-resolution pixels
+(`Scorer.to_pixels`) and resized back to the model's input size.
 """
 
 from collections.abc import Sequence
@@ -13,13 +14,32 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from curation.gpu.slant import Scorer, label_cosines
+from curation.gpu.scorer import Scorer
 
 # Side of each crop as a share of the image side. torchvision's usual 224/256 = 0.875 leaves a corner logo of
 # SLANT's default scale (0.2 of the side) partly inside all five crops; below 1 - 0.2 = 0.8 it is wholly outside
 # three of the four corner crops, and 0.75 keeps it to a sliver of the centre crop.
 TEN_CROP_RATIO = 0.75
 CROPS = 10
+
+
+def label_cosines(scorer: Scorer, pixels: torch.Tensor, label_features: torch.Tensor) -> torch.Tensor:
+    """(n, labels) cosine of each image's features to each label's (unit) text features, float32."""
+    image_features = scorer.encode_image(pixels)
+    return image_features.float() @ label_features.to(image_features.device, torch.float32).T
+
+
+def zero_shot_predict(scorer: Scorer, pixels: torch.Tensor, label_features: torch.Tensor) -> torch.Tensor:
+    """(n,) index of the label with the highest cosine (ties: the lowest index), on the CPU."""
+    return label_cosines(scorer, pixels, label_features).cpu().argmax(dim=1)
+
+
+def label_features_of(scorer: Scorer, labels: Sequence[str], templates: Sequence[str] = ("{}",)) -> torch.Tensor:
+    """(labels, d): each label's text features averaged over its prompt templates, renormalised (CLIP's
+    prompt ensembling)."""
+    texts = [template.format(label) for label in labels for template in templates]
+    features = scorer.encode_text(texts).float()
+    return F.normalize(features.view(len(labels), len(templates), -1).mean(dim=1), dim=-1)
 
 
 def ten_crops(pixels: torch.Tensor, ratio: float = TEN_CROP_RATIO) -> torch.Tensor:

@@ -13,6 +13,10 @@ import math
 
 import numpy as np
 
+# SLANT's prompts an image is a logo by, and those it is contrasted with.
+LOGO_PROMPTS = ("a logo", "a brand logo", "logo of a company")
+CONTRAST_PROMPTS = ("a photo", "a photo of a person", "a photo of an object")
+
 # Embeddings are L2-normalised, so these products are cosines; blocks keep memory at O(block x bank).
 _BLOCK_ROWS = 4096
 

@@ -127,8 +127,8 @@ def _corpus_images(df, input_dir: Path, image_column: str, partitions: int | Non
 def _eval_embeddings(embed_dir: Path, options: DecontaminateOptions, images: int) -> tuple[np.ndarray, dict]:
     """The evaluation images embedded like the embed stage at `embed_dir` embedded the corpus; (float16 (m, d), the
     model record)."""
+    from curation.gpu.clip_model import MODEL_IDENTITY_FIELDS
     from curation.gpu.decontaminate import embed_eval_images, model_like_embed_stage
-    from curation.gpu.embed import MODEL_IDENTITY_FIELDS
 
     embed = read_stage_record(embed_dir)["embed"]
     model = model_like_embed_stage(embed["options"])

@@ -34,7 +34,7 @@ _MODEL_CACHE: dict = {}
 
 def _executor_model(options: EmbedOptions, device: str):
     """One model per executor process and device, built there on first use (never pickled from the driver)."""
-    from curation.gpu.embed import load_model
+    from curation.gpu.clip_model import load_model
 
     key = (options.model, options.pretrained, options.precision, device)
     if key not in _MODEL_CACHE:
@@ -56,7 +56,7 @@ def task_device(configured: str) -> str:
 
 def _spark_engine_worker(images_dir: str, output_dir: str, shard_names: list[str], options: EmbedOptions):
     def run(partition_index, rows):
-        from curation.gpu.embed import embed_shards
+        from curation.gpu.shard_embedding import embed_shards
 
         keys = [key for _, key in rows]
         if not keys:
@@ -83,7 +83,7 @@ def _embed_with_spark(spark, df, images_dir: Path, output_dir: Path, shard_names
 
 
 def _embed_locally(df, images_dir: Path, output_dir: Path, options: EmbedOptions):
-    from curation.gpu.embed import embed_shards_locally
+    from curation.gpu.local_engine import embed_shards_locally
 
     table = df.select("image_shard", "image_key").toArrow()
     keys: dict[str, list[str]] = {}
@@ -96,7 +96,7 @@ def _embed_locally(df, images_dir: Path, output_dir: Path, options: EmbedOptions
 
 def _failures(spark, output_dir: Path, images_dir: Path):
     """(image_shard, image_key, detail) of every sample an output file lists as not embedded."""
-    from curation.gpu.embed import read_shard_metadata
+    from curation.gpu.shard_embedding import read_shard_metadata
 
     rows = []
     for path in sorted(output_dir.glob("*.parquet")):
@@ -107,7 +107,7 @@ def _failures(spark, output_dir: Path, images_dir: Path):
 
 
 def _model_record(outputs: list[Path]) -> dict | None:
-    from curation.gpu.embed import read_shard_metadata
+    from curation.gpu.shard_embedding import read_shard_metadata
 
     return read_shard_metadata(outputs[0])["model"] if outputs else None
 

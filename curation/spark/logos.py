@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from curation.ops import embeddings as embedding_ops
 from curation.ops import logos as logo_ops
 from curation.ops import tars as tar_ops
+from curation.ops.contact_sheet import contact_sheet
 from curation.ops.embeddings import EMBEDDING_COLUMN
 from curation.ops.uid import uniform
 from curation.run_folder import (
@@ -217,8 +218,8 @@ def run_mine_logos(context: StageContext) -> StageOutput:
     pq.write_table(result.table, context.artifact(Artifact.MINING))
     by_logo = dict(logos)
     top = result.table.slice(0, 32).to_pylist()
-    slant.contact_sheet([(row["logo_id"], by_logo[row["logo_id"]]) for row in top],
-                        [row["spuriousness"] for row in top], context.artifact(Artifact.CONTACT_SHEET))
+    contact_sheet([(row["logo_id"], by_logo[row["logo_id"]]) for row in top],
+                  [row["spuriousness"] for row in top], context.artifact(Artifact.CONTACT_SHEET))
     ten_crop = ten_crop_check(scorers[0], logos, probes, result, list(options.targets), list(options.contrast),
                               options.scale)
     return StageOutput(data_from=resolve_data_dir(context.input_dir),

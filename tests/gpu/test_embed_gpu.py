@@ -9,7 +9,9 @@ import torch
 import webdataset
 from PIL import Image
 
-from curation.gpu.embed import embed_batch, embed_shards, load_model, read_shard_failures
+from curation.gpu.clip_model import load_model
+from curation.gpu.encode import embed_batch
+from curation.gpu.shard_embedding import embed_shards, read_shard_failures
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

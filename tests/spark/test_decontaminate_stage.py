@@ -236,7 +236,8 @@ def embedded(spark, planted):
 def _nearest_cosines(embed_dir, eval_folder) -> dict[str, float]:
     """Each corpus row's cosine to its nearest evaluation image, computed here: the stored image embeddings against
     the evaluation photos embedded by the embed stage's own function (embed_batch) in float64."""
-    from curation.gpu.embed import embed_batch, load_model
+    from curation.gpu.clip_model import load_model
+    from curation.gpu.encode import embed_batch
 
     embeddings = pq.read_table(embed_dir / ARTIFACTS_DIR / "embeddings")
     corpus = np.stack(embeddings.column("image_embedding").to_numpy(zero_copy_only=False)).astype(np.float64)

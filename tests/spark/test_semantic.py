@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.cli import main as cli_main
-from curation.gpu.embed import embedding_schema
+from curation.gpu.shard_embedding import embedding_schema
 from curation.io import ARTIFACTS_DIR, LEDGER_DIR, StageWriter, fingerprint_files, list_files
 from curation.pipeline import run_one_stage
 from curation.run_folder import read_stage_record

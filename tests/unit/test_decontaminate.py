@@ -184,7 +184,7 @@ def tiny_model():
 
 def test_evaluation_images_embed_exactly_as_the_embed_stage_embeds(tiny_model, photos, tmp_path):
     from curation.gpu.decontaminate import embed_eval_images
-    from curation.gpu.embed import embed_batch
+    from curation.gpu.encode import embed_batch
 
     for i, photo in enumerate(photos[:5]):
         (tmp_path / f"{i}.jpg").write_bytes(imagekit.jpeg(photo))

@@ -15,15 +15,9 @@ import torch
 import webdataset
 from PIL import Image
 
-from curation.gpu.embed import (
-    CheckpointError,
-    embed_batch,
-    embed_shards,
-    embedding_schema,
-    load_model,
-    read_shard_failures,
-    read_shard_metadata,
-)
+from curation.gpu.clip_model import CheckpointError, load_model
+from curation.gpu.encode import embed_batch
+from curation.gpu.shard_embedding import embed_shards, embedding_schema, read_shard_failures, read_shard_metadata
 
 EMBED_DIM = 32  # tiny-clip.json
 BATCH_SIZE = 4
@@ -154,7 +148,7 @@ def test_shard_outputs_match_embed_batch(tiny_model, generated_shards, tmp_path)
 
 
 def test_undecodable_samples_are_reported_with_uid_and_reason(tiny_model, generated_shards, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="curation.gpu.embed"):
+    with caplog.at_level(logging.WARNING, logger="curation.gpu.shard_embedding"):
         outputs = embed_shards(tiny_model, generated_shards["paths"], tmp_path, batch_size=BATCH_SIZE)
     assert read_shard_failures(outputs[0]) == []
     failures = {failure.key: failure for failure in read_shard_failures(outputs[1])}
@@ -172,7 +166,7 @@ def test_rerun_skips_shards_already_written(tiny_model, generated_shards, tmp_pa
     kept_mtime = Path(first[0]).stat().st_mtime_ns
     expected = read_outputs(first)
     Path(first[1]).unlink()
-    with caplog.at_level(logging.INFO, logger="curation.gpu.embed"):
+    with caplog.at_level(logging.INFO, logger="curation.gpu.shard_embedding"):
         second = embed_shards(tiny_model, generated_shards["paths"], tmp_path, batch_size=BATCH_SIZE)
     assert second == first
     assert Path(first[0]).stat().st_mtime_ns == kept_mtime

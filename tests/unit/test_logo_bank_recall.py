@@ -4,8 +4,8 @@ their true share (real photos and real logo PNGs from ../shared/data when presen
 import numpy as np
 import torch
 
-from curation.gpu.slant import CONTRAST_PROMPTS, LOGO_PROMPTS, ToyLogoScorer
-from curation.ops.logos import bank_size, logo_scores
+from curation.gpu.toy_scorer import ToyLogoScorer
+from curation.ops.logos import CONTRAST_PROMPTS, LOGO_PROMPTS, bank_size, logo_scores
 from tests import imagekit
 
 

@@ -13,23 +13,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from curation.gpu import slant
-from curation.gpu.embed import load_model
-from curation.gpu.slant import (
-    CONTACT_CELL,
-    CONTRAST_PROMPTS,
-    CORNERS,
-    LOGO_PROMPTS,
-    OpenClipScorer,
-    ToyLogoScorer,
-    contact_sheet,
-    label_cosines,
-    label_features_of,
-    logo_tensor,
-    mine_logos,
-    paste,
-    split_probes,
-    zero_shot_predict,
-)
+from curation.gpu.clip_model import load_model
+from curation.gpu.scorer import OpenClipScorer
+from curation.gpu.slant import logo_tensor, mine_logos, paste
+from curation.gpu.toy_scorer import ToyLogoScorer
+from curation.gpu.zeroshot import label_cosines, label_features_of, zero_shot_predict
+from curation.ops.contact_sheet import CONTACT_CELL, contact_sheet
+from curation.ops.logo_mining import CORNERS, split_probes
+from curation.ops.logos import CONTRAST_PROMPTS, LOGO_PROMPTS
 from tests.conftest import shared_data_dir
 
 PLANTED_RGB = (220, 20, 20)

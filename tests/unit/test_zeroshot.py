@@ -4,16 +4,18 @@ Toolkit", 2024; DESIGN.md section 4 "Logo bank"), with the toy scorer's planted 
 import pytest
 import torch
 
-from curation.gpu.slant import (
-    CONTRAST_PROMPTS,
-    CORNERS,
-    ToyLogoScorer,
+from curation.gpu.slant import logo_tensor, paste
+from curation.gpu.toy_scorer import ToyLogoScorer
+from curation.gpu.zeroshot import (
+    TEN_CROP_RATIO,
+    compare_plain_and_ten_crop,
     label_features_of,
-    logo_tensor,
-    paste,
+    ten_crop_predict,
+    ten_crops,
     zero_shot_predict,
 )
-from curation.gpu.zeroshot import TEN_CROP_RATIO, compare_plain_and_ten_crop, ten_crop_predict, ten_crops
+from curation.ops.logo_mining import CORNERS
+from curation.ops.logos import CONTRAST_PROMPTS
 from tests.unit.test_slant import RED_COLOURS, flat_logo, generated_probes
 
 LABELS = ["greedy", *CONTRAST_PROMPTS]

@@ -1,14 +1,8 @@
-"""CLIP image and text embeddings with open_clip, and the `local` engine that embeds webdataset shards (DESIGN.md
-section 5).
+"""Embedding of img2dataset-style webdataset tar shards into one parquet file per shard (DESIGN.md section 5).
 
-`load_model` builds one model in the calling process (an executor builds its own; nothing pickles a model from a
-driver) and records what produced the embeddings: model name, weights (pretrained tag, or checkpoint path and
-sha256), preprocessing, precision and device. `embed_batch` embeds in-memory images and captions; `embed_shards`
-embeds img2dataset-style tar shards into one parquet file per shard.
-
-Embeddings are L2-normalised in float32 and stored as float16; clip_score is the cosine of the float32-normalised
-image and text embeddings, as DataComp computes it. CPU runs in float32 and is the reference; CUDA runs under
-autocast (float16 by default).
+Samples are read straight from the tars at indexed offsets, decoded and preprocessed by DataLoader workers while
+the device encodes (`curation.gpu.encode`); each output records the model that made it (`curation.gpu.clip_model`)
+and the samples that could not be embedded, and a rerun resumes shard by shard.
 """
 
 import io
@@ -16,7 +10,6 @@ import json
 import logging
 import multiprocessing
 import os
-import pickle
 import re
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -24,62 +17,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
-import safetensors.torch
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from curation.io import atomic_write_bytes, canonical_json, sha256_of_file
+from curation.gpu.clip_model import MODEL_IDENTITY_FIELDS, EmbeddingModel
+from curation.gpu.encode import encode
+from curation.io import atomic_write_bytes, canonical_json
 from curation.ops.tars import IMAGE_EXTENSIONS, image_extension, index_tar, read_member
-from curation.progress import DEFAULT_POLL_SECONDS, Progress
+from curation.progress import Progress
 
 logger = logging.getLogger(__name__)
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-# Makes this project's configs (tiny-clip for fast CPU tests) resolvable by name like open_clip's built-ins.
-open_clip.add_model_config(MODEL_CONFIG_DIR)
-
-RANDOM_INIT_SEED = 0
-AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Key of the parquet key-value metadata holding the model record and the samples that failed to decode.
 PARQUET_METADATA_KEY = b"curation.embedding"
-# Record fields that decide which embeddings a model produces; a resumed run must match them. Device and
-# precision are left out: a CUDA run may finish what a CPU run started (same model, fp16-level differences).
-MODEL_IDENTITY_FIELDS = (
-    "model",
-    "pretrained_tag",
-    "checkpoint_sha256",
-    "embed_dim",
-    "image_size",
-    "image_mean",
-    "image_std",
-    "interpolation",
-    "resize_mode",
-)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is not a plain state dict, or that would need arbitrary unpickling to load."""
-
-
-@dataclass
-class EmbeddingModel:
-    """One CLIP model ready to embed, with the transforms it was trained with and the record of what it is."""
-
-    model: torch.nn.Module
-    preprocess: Callable[[Image.Image], torch.Tensor]
-    tokenizer: Callable[[list[str]], torch.Tensor]
-    device: torch.device
-    autocast_dtype: torch.dtype | None
-    record: dict
-
-    @property
-    def embed_dim(self) -> int:
-        return self.record["embed_dim"]
 
 
 @dataclass(frozen=True)
@@ -100,153 +53,6 @@ def embedding_schema(embed_dim: int) -> pa.Schema:
             pa.field("text_embedding", pa.list_(pa.float16(), embed_dim), nullable=False),
             pa.field("clip_score", pa.float32(), nullable=False),
         ]
-    )
-
-
-def load_model(
-    model_name: str, pretrained: str | None, device: str = "auto", precision: str = "auto"
-) -> EmbeddingModel:
-    """Build `model_name` in this process.
-
-    `pretrained` is an open_clip pretrained tag (downloaded and loaded by open_clip), a local checkpoint file
-    (`.safetensors`, or a torch file of tensors only), or None for random initialisation (tests, benchmarks).
-    `device` is auto, cuda or cpu; `precision` is auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16, the last
-    two meaning autocast on CUDA.
-    """
-    torch_device = resolve_device(device)
-    precision = resolve_precision(precision, torch_device)
-    checkpoint_path = Path(pretrained) if pretrained is not None and Path(pretrained).is_file() else None
-    pretrained_tag = pretrained if checkpoint_path is None else None
-    if pretrained_tag is not None and not open_clip.is_pretrained_cfg(model_name, pretrained_tag):
-        raise ValueError(
-            f"pretrained={pretrained!r} is neither a checkpoint file nor an open_clip tag of {model_name}"
-        )
-
-    # Built on the CPU in float32 whatever the device: autocast supplies the mixed precision, and the fixed seed
-    # then gives the same random weights in every process and on every device (random init is for tests and
-    # benchmarks, whose engines must agree). pretrained_text=False keeps a Hugging Face text tower from downloading
-    # base weights that a checkpoint would overwrite anyway.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained_tag, precision="fp32", device="cpu", pretrained_text=False
-        )
-    checkpoint_sha256 = None
-    if checkpoint_path is not None:
-        model.load_state_dict(read_checkpoint(checkpoint_path), strict=True)
-        checkpoint_sha256 = sha256_of_file(checkpoint_path)
-    model.to(torch_device).eval()
-
-    preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
-    record = {
-        "model": model_name,
-        "pretrained_tag": pretrained_tag,
-        "pretrained_source": _pretrained_source(model_name, pretrained_tag),
-        "checkpoint_path": str(checkpoint_path.resolve()) if checkpoint_path is not None else None,
-        "checkpoint_sha256": checkpoint_sha256,
-        "embed_dim": int(open_clip.get_model_config(model_name)["embed_dim"]),
-        "image_size": _as_list(preprocess_cfg["size"]),
-        "image_mean": _as_list(preprocess_cfg["mean"]),
-        "image_std": _as_list(preprocess_cfg["std"]),
-        "interpolation": preprocess_cfg["interpolation"],
-        "resize_mode": preprocess_cfg["resize_mode"],
-        "precision": precision,
-        "device": torch_device.type,
-        "open_clip_version": open_clip.__version__,
-        "torch_version": torch.__version__,
-    }
-    logger.info("loaded %s (%s) on %s in %s", model_name, pretrained or "random init", torch_device, precision)
-    return EmbeddingModel(
-        model=model,
-        preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(model_name),
-        device=torch_device,
-        autocast_dtype=AUTOCAST_DTYPES.get(precision),
-        record=record,
-    )
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} was asked for but torch sees no CUDA device")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", *AUTOCAST_DTYPES):
-        raise ValueError(f"precision must be auto, fp32, fp16 or bf16, not {precision!r}")
-    if device.type == "cpu" and precision != "fp32":
-        raise ValueError(f"the CPU path is the float32 reference; precision={precision!r} is for CUDA")
-    return precision
-
-
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict in `path`, read without running arbitrary pickled code.
-
-    `.safetensors` files are read with safetensors; anything else with `torch.load(weights_only=True)`, which refuses
-    pickled objects other than tensors and plain containers. open_clip training checkpoints keep the weights under
-    "state_dict", prefixed "module." when trained with DistributedDataParallel; both are undone here.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        loaded = safetensors.torch.load_file(path, device="cpu")
-    else:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise CheckpointError(f"{path}: refused, it holds pickled objects other than tensors ({error})") from error
-    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
-        loaded = loaded["state_dict"]
-    is_state_dict = (
-        isinstance(loaded, Mapping)
-        and len(loaded) > 0
-        and all(isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in loaded.items())
-    )
-    if not is_state_dict:
-        raise CheckpointError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
-    if all(name.startswith("module.") for name in loaded):
-        return {name.removeprefix("module."): value for name, value in loaded.items()}
-    return dict(loaded)
-
-
-def embed_batch(
-    model: EmbeddingModel, images: list[Image.Image], captions: list[str]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image embeddings float16 (n, d), text embeddings float16 (n, d), clip_score float32 (n,)) of image-caption
-    pairs."""
-    if len(images) != len(captions):
-        raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    if not images:
-        empty = np.empty((0, model.embed_dim), dtype=np.float16)
-        return empty, empty.copy(), np.empty(0, dtype=np.float32)
-    pixels = torch.stack([model.preprocess(image) for image in images])
-    return encode(model, pixels, model.tokenizer(captions))
-
-
-def encode(
-    model: EmbeddingModel, pixels: torch.Tensor, tokens: torch.Tensor
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Embeddings and clip_score of preprocessed images and tokenised captions (see `embed_batch`)."""
-    with (
-        torch.inference_mode(),
-        torch.autocast(model.device.type, dtype=model.autocast_dtype, enabled=model.autocast_dtype is not None),
-    ):
-        image_features = model.model.encode_image(pixels.to(model.device, non_blocking=True))
-        text_features = model.model.encode_text(tokens.to(model.device, non_blocking=True))
-    # Normalised in float32 whatever autocast produced, so the cosine and the float16 rounding see exact unit vectors.
-    image_unit = F.normalize(image_features.float(), dim=-1)
-    text_unit = F.normalize(text_features.float(), dim=-1)
-    clip_score = (image_unit * text_unit).sum(dim=-1)
-    return (
-        image_unit.half().cpu().numpy(),
-        text_unit.half().cpu().numpy(),
-        clip_score.cpu().numpy().astype(np.float32),
     )
 
 
@@ -527,70 +333,22 @@ def _check_same_model(output_path: Path, record: dict) -> None:
         )
 
 
-def _pretrained_source(model_name: str, pretrained_tag: str | None) -> str | None:
-    if pretrained_tag is None:
-        return None
-    cfg = open_clip.get_pretrained_cfg(model_name, pretrained_tag)
-    return cfg.get("hf_hub") or cfg.get("url") or None
-
-
-def _as_list(value) -> list | int:
-    return list(value) if isinstance(value, tuple | list) else value
-
-
 def _describe(error: Exception) -> str:
     # Messages such as Pillow's quote object reprs with memory addresses; dropped so that a failure reads the same in
     # every run and the output does not depend on the run.
     return re.sub(r" at 0x[0-9a-f]+>", ">", f"{type(error).__name__}: {error}")
 
 
-def embed_shards_locally(
-    model_name: str,
-    pretrained: str | None,
-    shard_paths: list[str],
-    output_dir: str | os.PathLike,
-    device: str = "auto",
-    precision: str = "auto",
-    batch_size: int = 256,
-    num_workers: int = 0,
-    keys: Mapping[str, Collection[str]] | None = None,
-) -> dict:
-    """The `local` engine: embed `shard_paths` on this machine and return the model record.
-
-    With several CUDA devices (and device auto or cuda) the shards are dealt round-robin to one spawned process per
-    device, each building its own model; otherwise this process embeds them all. Each shard's output is the same
-    either way, since batches never span shards.
-    """
-    devices = [device]
-    if device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        devices = [f"cuda:{index}" for index in range(torch.cuda.device_count())]
-    jobs = [
-        (model_name, pretrained, shard_paths[offset :: len(devices)], str(output_dir), one_device, precision,
-         batch_size, num_workers, keys)
-        for offset, one_device in enumerate(devices)
-        if shard_paths[offset :: len(devices)]
-    ]
-    if len(jobs) <= 1:
-        return _embed_on_one_device(*jobs[0]) if jobs else load_model(model_name, pretrained, device, precision).record
-    context = torch.multiprocessing.get_context("spawn")
-    # Progress: the processes count samples done and planned into shared counters, which this one shows.
-    counts = (context.Value("q", 0), context.Value("q", 0))
-    with context.Pool(len(jobs), initializer=_share_counts, initargs=counts) as pool, \
-            Progress("embed", None, "samples") as progress:
-        running = pool.starmap_async(_embed_on_one_device, jobs)
-        while not running.ready():
-            running.wait(DEFAULT_POLL_SECONDS)
-            progress.set(counts[0].value, total=counts[1].value or None, note=f"{len(jobs)} devices")
-        records = running.get()
-        progress.set(counts[0].value, total=counts[1].value or None)
-    return records[0]
 
 
-# (samples done, samples planned) shared with the process that shows the progress, in embed_shards_locally's pool.
+# (samples done, samples planned) shared with the process that shows the progress, when this process is one of the
+# local engine's per-device processes (`curation.gpu.local_engine`).
 _SHARED_COUNTS: tuple | None = None
 
 
-def _share_counts(done, planned) -> None:
+def share_counts(done, planned) -> None:
+    """Count samples done and planned by `embed_shards` in this process into these shared values (a process pool's
+    initializer)."""
     global _SHARED_COUNTS
     _SHARED_COUNTS = (done, planned)
 
@@ -600,9 +358,3 @@ def _add_shared_count(index: int, n: int) -> None:
         with _SHARED_COUNTS[index].get_lock():
             _SHARED_COUNTS[index].value += n
 
-
-def _embed_on_one_device(model_name, pretrained, shard_paths, output_dir, device, precision, batch_size, num_workers,
-                         keys) -> dict:
-    model = load_model(model_name, pretrained, device, precision)
-    embed_shards(model, shard_paths, output_dir, batch_size, num_workers, keys)
-    return model.record
