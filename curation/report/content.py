@@ -19,6 +19,7 @@ from curation.report.reading import (
     numbers,
     read_columns,
     read_ledger,
+    stages_by_name,
     stages_named,
 )
 from curation.run_folder import Artifact, StageFolder
@@ -54,9 +55,7 @@ def _caption_group_sizes(stage: StageFolder) -> np.ndarray:
 
 
 def section_dedup(run: RunView) -> str:
-    text_stages = stages_named(run.stages, "dedup_text")
-    image_stages = stages_named(run.stages, "dedup_image")
-    exact_stages = stages_named(run.stages, "dedup_exact")
+    text_stages, image_stages, exact_stages = stages_by_name(run.stages, "dedup_text", "dedup_image", "dedup_exact")
     if not (text_stages or image_stages or exact_stages):
         return absent("dedup_exact, dedup_text or dedup_image")
     summary = []
@@ -134,24 +133,30 @@ def _gallery(run: RunView, stage: StageFolder) -> str:
                  "(near duplicates first).") + "".join(blocks))
 
 
+def stage_heading(stage: StageFolder) -> str:
+    return f"<h3>{esc(stage.name)} <code>{esc(stage.label)}</code></h3>"
+
+
+def record_summary(stage: StageFolder, key: str) -> str:
+    """The summary a stage's record keeps under `key`, as a table (unset values left out)."""
+    summary = stage.record.get(key) or {}
+    return key_values([(k, fmt_value(v)) for k, v in sorted(summary.items()) if v is not None])
+
+
 def section_pruning(run: RunView) -> str:
-    clusters = stages_named(run.stages, "cluster")
-    semdedups = stages_named(run.stages, "semdedup")
-    prunes = stages_named(run.stages, "prune")
+    clusters, semdedups, prunes = stages_by_name(run.stages, "cluster", "semdedup", "prune")
     if not (clusters or semdedups or prunes):
         return absent("cluster, semdedup or prune")
     parts = []
     for stage in clusters:
-        kmeans = stage.record.get("kmeans") or {}
-        parts.append(f"<h3>cluster <code>{esc(stage.label)}</code></h3>")
-        parts.append(key_values([(k, fmt_value(v)) for k, v in sorted(kmeans.items())]))
+        parts.append(stage_heading(stage) + record_summary(stage, "kmeans"))
         artifact = stage.artifact(Artifact.CLUSTER_SIZES)
         if artifact.is_file():
             sizes = pq.read_table(artifact).column("size").to_numpy()
             parts.append(img(plots.cluster_sizes(sizes, f"Rows per k-means cluster ({len(sizes):,} clusters)"),
                              "cluster sizes"))
     for stage in semdedups:
-        parts.append(f"<h3>semdedup <code>{esc(stage.label)}</code></h3>")
+        parts.append(stage_heading(stage))
         info = stage.record.get("semdedup") or {}
         drops = stage.record.get("drops") or {}
         parts.append(key_values([("eps", fmt_float(info.get("eps"))), ("similarity threshold (1 - eps)",
@@ -175,9 +180,8 @@ def section_pruning(run: RunView) -> str:
                 "threshold": (threshold, f"1 - eps = {threshold:.4g}") if isinstance(threshold, float) else None,
             }]), "semdedup similarity histogram"))
     for stage in prunes:
-        parts.append(f"<h3>prune <code>{esc(stage.label)}</code></h3>")
         info = stage.record.get("prune") or {}
-        parts.append(key_values([(k, fmt_value(v)) for k, v in sorted(info.items()) if v is not None]))
+        parts.append(stage_heading(stage) + record_summary(stage, "prune"))
         artifact = stage.artifact(Artifact.PRUNING_CLUSTERS)
         if not artifact.is_file():
             parts.append(note("pruning_clusters.parquet is missing: no complexity plot."))
@@ -202,18 +206,12 @@ def section_pruning(run: RunView) -> str:
 
 
 def section_logos(run: RunView) -> str:
-    banks = stages_named(run.stages, "logo_bank")
-    mines = stages_named(run.stages, "mine_logos")
-    flags = stages_named(run.stages, "flag_logos")
-    if not (banks or mines or flags):
+    banks, mines, flags = logo_stages = stages_by_name(run.stages, "logo_bank", "mine_logos", "flag_logos")
+    if not any(logo_stages):
         return absent("logo_bank, mine_logos or flag_logos")
-    parts = []
-    for stage in banks:
-        info = stage.record.get("logo_bank") or {}
-        parts.append(f"<h3>logo_bank <code>{esc(stage.label)}</code></h3>")
-        parts.append(key_values([(k, fmt_value(v)) for k, v in sorted(info.items()) if v is not None]))
+    parts = [stage_heading(stage) + record_summary(stage, "logo_bank") for stage in banks]
     for stage in mines:
-        parts.append(f"<h3>mine_logos <code>{esc(stage.label)}</code></h3>")
+        parts.append(stage_heading(stage))
         mining = stage.record.get("mining") or {}
         parts.append(key_values([(k, fmt_value(mining[k])) for k in ("models", "targets", "logos", "probes", "scale",
                                                                  "pastes", "seconds") if k in mining]))
@@ -237,7 +235,7 @@ def section_logos(run: RunView) -> str:
                 parts.append(note(f"First {LOGO_TABLE_ROWS} of {len(sorted_rows):,} (logo, target) rows."))
     for stage in flags:
         info = stage.record.get("flag_logos") or {}
-        parts.append(f"<h3>flag_logos <code>{esc(stage.label)}</code></h3>")
+        parts.append(stage_heading(stage))
         parts.append(key_values([
             ("policy", esc(info.get("policy", ""))), ("threshold", fmt_float(info.get("threshold"))),
             ("logos flagged against", esc(", ".join(map(str, info.get("logos", []))) or "none")),

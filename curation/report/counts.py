@@ -104,7 +104,7 @@ def _balance_block(stage: StageFolder, position: int, total: int) -> str:
 
 def _count_block(stage: StageFolder) -> str:
     artifact = stage.artifact(Artifact.ENTRY_COUNTS)
-    heading = f"<h3>count <code>{esc(stage.label)}</code></h3>"
+    heading = f"<h3>{esc(stage.name)} <code>{esc(stage.label)}</code></h3>"
     if not artifact.is_file():
         return heading + note("entry_counts.parquet is missing.")
     counts = pq.read_table(artifact).rename_columns(["entry_id", "entry", "count_before"])

@@ -27,6 +27,11 @@ def stages_named(stages: list[StageFolder], *names: str) -> list[StageFolder]:
     return [s for s in stages if s.name in names]
 
 
+def stages_by_name(stages: list[StageFolder], *names: str) -> list[list[StageFolder]]:
+    """For each of `names`, the stages of that name in order."""
+    return [stages_named(stages, name) for name in names]
+
+
 def has_columns(files: list[Path], columns: list[str]) -> bool:
     if not files:
         return False
