@@ -29,10 +29,11 @@ class DedupTextOptions(StageOptions):
     partitions: int | None = partitions_option()
 
     def check(self) -> None:
-        from curation.ops import minhash
+        from curation.ops.shingles import parse_shingle_spec
+        from curation.ops.survivors import parse_policy
 
-        check_with("dedup_text", lambda: minhash.parse_policy(self.policy))
-        check_with("dedup_text", lambda: minhash.parse_shingle_spec(self.shingles))
+        check_with("dedup_text", lambda: parse_policy(self.policy))
+        check_with("dedup_text", lambda: parse_shingle_spec(self.shingles))
 
 
 class DedupTextStage(Stage):
