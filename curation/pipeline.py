@@ -16,7 +16,7 @@ from curation.io import (
     read_stage_record,
     remove_leftovers,
 )
-from curation.progress import spark_progress
+from curation.spark.progress import spark_progress
 from curation.stages import get_stage, hashed_config
 
 logger = logging.getLogger(__name__)
