@@ -8,8 +8,10 @@ A stage declaration (one module in `curation/stages/`) subclasses `Stage` and na
   options together (exactly one of t / target_size / tail_share, say);
 - the files its options name (`hashed_files`: their content hashes join the config hash, so editing a blocklist
   redoes the stage instead of skipping it);
-- `run(context)`: how it runs, returning a `StageOutput`-like result to the executor (`curation.spark.executor`),
-  which owns the stage folder, the writers, the record and the commit;
+- `adapter`: the Spark adapter that runs it, as "module:function" (imported when the stage runs, so that importing a
+  declaration imports no Spark); the function takes the `StageContext` and returns a `StageOutput`-like result to
+  the executor (`curation.spark.executor`), which owns the stage folder, the writers, the record and the commit. A
+  row-filter stage names its `planner` instead (see `RowFilterStage`);
 - `estimate(estimator, stage, rows)` and `survival(options)` for `curation run --dry-run`.
 
 Config loading, the CLI's stage commands and flags, `curation run` dispatch, the dry run, the README tables and the
@@ -18,6 +20,7 @@ nothing of the project but the other contracts.
 """
 
 import dataclasses
+import importlib
 import types
 import typing
 from dataclasses import dataclass
@@ -223,7 +226,7 @@ class RateAssumption:
 
 
 class Stage:
-    """One stage, declared once. Subclasses set the class attributes and `run`; the rest has generic defaults."""
+    """One stage, declared once. Subclasses set the class attributes; the rest has generic defaults."""
 
     name: ClassVar[str]
     version: ClassVar[int] = 1
@@ -242,6 +245,7 @@ class Stage:
     passes_all_rows: ClassVar[bool] = False  # drops no row, whatever its options
     # What the dry run says of the rows it may drop: "duplicates", or what its drops depend on (None: the assumption).
     drops_depend_on: ClassVar[str | None] = None
+    adapter: ClassVar[str]  # "module:function" of the Spark adapter that runs the stage: function(context)
 
     @property
     def command(self) -> str:
@@ -306,8 +310,8 @@ class Stage:
 
     def run(self, context):
         """Compute the stage's rows, drops and artifacts from `context` (a `curation.spark.executor.StageContext`)
-        and return a `curation.spark.executor.StageOutput`."""
-        raise NotImplementedError
+        and return a `curation.spark.executor.StageOutput`: the declared `adapter` does."""
+        return _function(self.adapter)(context)
 
     # --- the dry run
 
@@ -334,9 +338,19 @@ class RowFilterStage(Stage):
     before): filter, nsfw, block_images, decontaminate, flag_logos, sample. It declares `plan` instead of `run`; the
     executor runs it through the one row-filter adapter (`curation.spark.rowfilter`)."""
 
+    planner: ClassVar[str]  # "module:function" that makes the stage's FilterPlan: function(context, rows)
+
     def plan(self, context, rows):
-        """A `curation.spark.rowfilter.FilterPlan` for the input `rows` (a DataFrame)."""
-        raise NotImplementedError
+        """A `curation.spark.rowfilter.FilterPlan` for the input `rows` (a DataFrame): the declared `planner` makes
+        it."""
+        return _function(self.planner)(context, rows)
+
+
+def _function(qualified_name: str):
+    """The function a declaration names as "module:function", imported now: a declaration is imported by the CLI,
+    which must not pay for (or need) Spark."""
+    module, _, function = qualified_name.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def folder_fingerprint(path: str) -> str:

@@ -34,11 +34,7 @@ class BalanceStage(Stage):
     )
     drops = "`balance_not_drawn` (detail: p_keep)"
     assumed_rate = RateAssumption(100_000, "rows/s", "measured on the sample when possible")
-
-    def run(self, context):
-        from curation.spark.stages import run_balance
-
-        return run_balance(context)
+    adapter = "curation.spark.stages:run_balance"
 
     def estimate(self, estimator, stage, rows):
         return estimator.balance(stage, rows)

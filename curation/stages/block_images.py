@@ -49,11 +49,7 @@ class BlockImagesStage(RowFilterStage):
     )
     drops = "`blocked_image` (detail: which list, distance)"
     assumed_rate = RateAssumption(300, "images/s", "image hashing against the blocklist (guess)")
-
-    def plan(self, context, rows):
-        from curation.spark.blocklist import block_images_plan
-
-        return block_images_plan(context, rows)
+    planner = "curation.spark.blocklist:block_images_plan"
 
 
 STAGE = BlockImagesStage()

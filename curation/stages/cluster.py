@@ -50,11 +50,7 @@ class ClusterStage(Stage):
         "rows/s",
         "assigning rows to centroids, plus the k-means fit (bench/results/semdedup.json when present)",
     )
-
-    def run(self, context):
-        from curation.spark.semantic import run_cluster
-
-        return run_cluster(context)
+    adapter = "curation.spark.semantic:run_cluster"
 
     def estimate(self, estimator, stage, rows):
         return estimator.cluster(stage, rows)

@@ -23,11 +23,7 @@ class CountStage(Stage):
     )
     drops = "-"
     assumed_rate = RateAssumption(500_000, "rows/s", "an explode and group-by (bench/results/spine.json when present)")
-
-    def run(self, context):
-        from curation.spark.stages import run_count
-
-        return run_count(context)
+    adapter = "curation.spark.stages:run_count"
 
 
 STAGE = CountStage()

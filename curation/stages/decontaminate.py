@@ -57,14 +57,10 @@ class DecontaminateStage(RowFilterStage):
     )
     drops = "`eval_contamination` (detail: the evaluation image, distance or cosine)"
     assumed_rate = RateAssumption(300, "images/s", "image hashing against the evaluation set (guess)")
+    planner = "curation.spark.decontaminate:decontaminate_plan"
 
     def hashed_files(self, options: dict) -> dict:
         return {"eval_images_fingerprint": folder_fingerprint(options["eval_images"])}
-
-    def plan(self, context, rows):
-        from curation.spark.decontaminate import decontaminate_plan
-
-        return decontaminate_plan(context, rows)
 
 
 STAGE = DecontaminateStage()

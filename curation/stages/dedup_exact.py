@@ -24,11 +24,7 @@ class DedupExactStage(Stage):
     )
     drops = "`duplicate_url`, `duplicate_caption` (related_uid: the survivor)"
     assumed_rate = RateAssumption(50_000, "rows/s", "a Spark shuffle on the normalised url (guess)")
-
-    def run(self, context):
-        from curation.spark.dedup import run_dedup_exact
-
-        return run_dedup_exact(context)
+    adapter = "curation.spark.dedup:run_dedup_exact"
 
 
 STAGE = DedupExactStage()

@@ -38,11 +38,7 @@ class DedupImageStage(Stage):
     )
     drops = "`undecodable_image`, `duplicate_image_bytes`, `near_duplicate_image`"
     assumed_rate = RateAssumption(300, "images/s", "JPEG decode and perceptual hash of a small image (guess)")
-
-    def run(self, context):
-        from curation.spark.image_dedup import run_dedup_image
-
-        return run_dedup_image(context)
+    adapter = "curation.spark.image_dedup:run_dedup_image"
 
 
 STAGE = DedupImageStage()

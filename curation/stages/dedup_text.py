@@ -57,11 +57,7 @@ class DedupTextStage(Stage):
         "rows/s",
         "MinHash-LSH with exact Jaccard checks (bench/results/dedup_text.json when present)",
     )
-
-    def run(self, context):
-        from curation.spark.dedup import run_dedup_text
-
-        return run_dedup_text(context)
+    adapter = "curation.spark.dedup:run_dedup_text"
 
 
 STAGE = DedupTextStage()

@@ -82,11 +82,7 @@ class DownloadStage(Stage):
         ),
         0.9,
     )
-
-    def run(self, context):
-        from curation.spark.download import run_download
-
-        return run_download(context)
+    adapter = "curation.spark.download:run_download"
 
     def estimate(self, estimator, stage, rows):
         return estimator.download(stage, rows)

@@ -61,11 +61,7 @@ class FilterStage(RowFilterStage):
         "`too_many_caption_words`, `boilerplate_caption` (detail: the value and the threshold)"
     )
     assumed_rate = RateAssumption(200_000, "rows/s", "column rules (guess)")
-
-    def plan(self, context, rows):
-        from curation.spark.filters import filter_plan
-
-        return filter_plan(context, rows)
+    planner = "curation.spark.filters:filter_plan"
 
 
 STAGE = FilterStage()

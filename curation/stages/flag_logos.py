@@ -30,16 +30,12 @@ class FlagLogosStage(RowFilterStage):
     )
     drops = "`spurious_logo` (policy drop)"
     assumed_rate = RateAssumption(200_000, "rows/s", "cosine to the mined logos (guess)")
+    planner = "curation.spark.logos:flag_logos_plan"
 
     def survival(self, options: dict) -> tuple[float, str]:
         if options["policy"] == "tag":
             return 1.0, "exact: policy tag drops nothing"
         return super().survival(options)
-
-    def plan(self, context, rows):
-        from curation.spark.logos import flag_logos_plan
-
-        return flag_logos_plan(context, rows)
 
 
 STAGE = FlagLogosStage()

@@ -51,6 +51,7 @@ class IngestStage(Stage):
         "`caption_too_long`, `blocked_url`, `blocked_domain` (the optional blocklists), `duplicate_pair`"
     )
     assumed_rate = RateAssumption(50_000, "rows/s", "bench/results/spine.json's ingest rate, else this guess")
+    adapter = "curation.spark.stages:run_ingest"
 
     input_kind = "raw"
 
@@ -60,11 +61,6 @@ class IngestStage(Stage):
 
         plan = plan_inputs(input_location, IngestOptions.from_options(options), options["skip_bad_files"])
         return fingerprint_files([Path(f.path) for f in plan.files if "://" not in f.path])
-
-    def run(self, context):
-        from curation.spark.stages import run_ingest
-
-        return run_ingest(context)
 
     def estimate(self, estimator, stage, rows):
         return estimator.ingest(stage, rows)

@@ -37,11 +37,7 @@ class LogoBankStage(Stage):
     )
     drops = "-"
     assumed_rate = RateAssumption(200_000, "rows/s", "prompt scores from the stored embeddings (guess)")
-
-    def run(self, context):
-        from curation.spark.logos import run_logo_bank
-
-        return run_logo_bank(context)
+    adapter = "curation.spark.logos:run_logo_bank"
 
 
 STAGE = LogoBankStage()

@@ -31,16 +31,12 @@ class MatchStage(Stage):
     description = "MetaCLIP v1 substring matching (case-sensitive, space-delimited), adds `entry_ids`"
     drops = "`no_metadata_match`"
     assumed_rate = RateAssumption(100_000, "rows/s", "measured on the sample when possible")
+    adapter = "curation.spark.stages:run_match"
 
     def hashed_files(self, options: dict) -> dict:
         from curation.ops.metadata import load_metadata, metadata_sha256
 
         return {"metadata_sha256": metadata_sha256(load_metadata(options["metadata"]))}
-
-    def run(self, context):
-        from curation.spark.stages import run_match
-
-        return run_match(context)
 
     def estimate(self, estimator, stage, rows):
         return estimator.match(stage, rows)

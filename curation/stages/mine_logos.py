@@ -53,6 +53,7 @@ class MineLogosStage(Stage):
         "pasting logos into probes and embedding them (bench/results/slant.json when present)",
         per="per model",
     )
+    adapter = "curation.spark.logos:run_mine_logos"
 
     def hashed_files(self, options: dict) -> dict:
         # Changing a probe image or a checkpoint must redo the mining, not skip it.
@@ -61,11 +62,6 @@ class MineLogosStage(Stage):
         if options["probe_folder"]:
             hashes["probe_fingerprint"] = folder_fingerprint(options["probe_folder"])
         return hashes
-
-    def run(self, context):
-        from curation.spark.logos import run_mine_logos
-
-        return run_mine_logos(context)
 
     def estimate(self, estimator, stage, rows):
         return estimator.mine_logos(stage, rows)

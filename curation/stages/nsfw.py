@@ -56,6 +56,7 @@ class NsfwStage(RowFilterStage):
         "images/s",
         "open_nsfw on onnxruntime, one CPU core (bench/results/nsfw.json if present)",
     )
+    planner = "curation.spark.nsfw:nsfw_plan"
 
     def hashed_files(self, options: dict) -> dict:
         from curation.gpu.nsfw import model_identity
@@ -66,11 +67,6 @@ class NsfwStage(RowFilterStage):
         if options["max_score"] is None:
             return 1.0, "exact: only adds nsfw_score"
         return super().survival(options)
-
-    def plan(self, context, rows):
-        from curation.spark.nsfw import nsfw_plan
-
-        return nsfw_plan(context, rows)
 
 
 STAGE = NsfwStage()

@@ -40,11 +40,7 @@ class PruneStage(Stage):
     )
     drops = "`pruned_dense_cluster` (detail: cluster, rank, quota)"
     assumed_rate = RateAssumption(80_000, "rows/s", "assignment and quotas, plus the k-means fit")
-
-    def run(self, context):
-        from curation.spark.semantic import run_prune
-
-        return run_prune(context)
+    adapter = "curation.spark.semantic:run_prune"
 
     def estimate(self, estimator, stage, rows):
         return estimator.prune(stage, rows)

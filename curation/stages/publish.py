@@ -25,11 +25,7 @@ class PublishStage(Stage):
     )
     drops = "-"
     assumed_rate = RateAssumption(100_000, "rows/s", "uid-range shards written with zstd (guess)")
-
-    def run(self, context):
-        from curation.spark.publish import run_publish
-
-        return run_publish(context)
+    adapter = "curation.spark.publish:run_publish"
 
 
 STAGE = PublishStage()

@@ -46,16 +46,12 @@ class SemdedupStage(Stage):
         "rows/s",
         "blocked similarities within clusters (bench/results/semdedup.json when present)",
     )
+    adapter = "curation.spark.semantic:run_semdedup"
 
     def survival(self, options: dict) -> tuple[float, str]:
         if options["target_keep_fraction"] is not None:
             return float(options["target_keep_fraction"]), "exact: target_keep_fraction"
         return super().survival(options)
-
-    def run(self, context):
-        from curation.spark.semantic import run_semdedup
-
-        return run_semdedup(context)
 
 
 STAGE = SemdedupStage()
