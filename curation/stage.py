@@ -12,7 +12,8 @@ A stage declaration (one module in `curation/stages/`) subclasses `Stage` and na
   declaration imports no Spark); the function takes the `StageContext` and returns a `StageOutput`-like result to
   the executor (`curation.spark.executor`), which owns the stage folder, the writers, the record and the commit. A
   row-filter stage names its `planner` instead (see `RowFilterStage`);
-- `estimate(estimator, stage, rows)` and `survival(options)` for `curation run --dry-run`.
+- for `curation run --dry-run`: `estimated_by`, the `curation.dry_run.Estimator` method that estimates its rows out
+  and time (the generic one unless it says otherwise), and `survival(options)`.
 
 Config loading, the CLI's stage commands and flags, `curation run` dispatch, the dry run, the README tables and the
 spark-submit entry point are derived from the registry of declarations (`curation.stages`). This module imports
@@ -246,6 +247,7 @@ class Stage:
     # What the dry run says of the rows it may drop: "duplicates", or what its drops depend on (None: the assumption).
     drops_depend_on: ClassVar[str | None] = None
     adapter: ClassVar[str]  # "module:function" of the Spark adapter that runs the stage: function(context)
+    estimated_by: ClassVar[str] = "generic"  # the `curation.dry_run.Estimator` method that estimates the stage
 
     @property
     def command(self) -> str:
@@ -329,8 +331,9 @@ class Stage:
         return survival, f"assumed: keeps {survival:.0%}"
 
     def estimate(self, estimator, stage, rows: float):
-        """The dry run's estimate of rows out and time (a `curation.dry_run.StageEstimate`)."""
-        return estimator.generic(stage, rows)
+        """The dry run's estimate of rows out and time (a `curation.dry_run.StageEstimate`), by the `estimator`'s
+        method the declaration names."""
+        return getattr(estimator, self.estimated_by)(stage, rows)
 
 
 class RowFilterStage(Stage):

@@ -35,9 +35,7 @@ class BalanceStage(Stage):
     drops = "`balance_not_drawn` (detail: p_keep)"
     assumed_rate = RateAssumption(100_000, "rows/s", "measured on the sample when possible")
     adapter = "curation.spark.stages:run_balance"
-
-    def estimate(self, estimator, stage, rows):
-        return estimator.balance(stage, rows)
+    estimated_by = "balance"
 
 
 STAGE = BalanceStage()

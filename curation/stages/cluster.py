@@ -51,9 +51,7 @@ class ClusterStage(Stage):
         "assigning rows to centroids, plus the k-means fit (bench/results/semdedup.json when present)",
     )
     adapter = "curation.spark.semantic:run_cluster"
-
-    def estimate(self, estimator, stage, rows):
-        return estimator.cluster(stage, rows)
+    estimated_by = "cluster"
 
 
 STAGE = ClusterStage()

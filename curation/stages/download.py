@@ -83,9 +83,7 @@ class DownloadStage(Stage):
         0.9,
     )
     adapter = "curation.spark.download:run_download"
-
-    def estimate(self, estimator, stage, rows):
-        return estimator.download(stage, rows)
+    estimated_by = "download"
 
 
 STAGE = DownloadStage()

@@ -55,13 +55,11 @@ class EmbedStage(Stage):
         "ViT-B-32 fp32 on one CPU core (bench/results/embed_cpu.json when present), scaled by the model's size",
     )
     adapter = "curation.spark.embed:run_embed"
+    estimated_by = "embed"
 
     def hashed_files(self, options: dict) -> dict:
         checkpoint = Path(options["pretrained"])
         return {"checkpoint_sha256": sha256_of_file(checkpoint)} if checkpoint.is_file() else {}
-
-    def estimate(self, estimator, stage, rows):
-        return estimator.embed(stage, rows)
 
 
 STAGE = EmbedStage()

@@ -40,6 +40,7 @@ class IngestStage(Stage):
     flow = 10
     summary = "raw parquet shards -> uid, url, caption; bad rows to the ledger"
     input_help = "parquet files, folders or globs (any pyarrow URI)"
+    input_kind = "raw"
     description = (
         "reads parquet shards (files, folders, globs; local or any pyarrow URI: s3://, gs://, hdfs://), maps the "
         "columns of the common schemas (LAION `URL`/`TEXT`, img2dataset/CC3M `url`/`caption`, DataComp `url`/`text`), "
@@ -52,8 +53,7 @@ class IngestStage(Stage):
     )
     assumed_rate = RateAssumption(50_000, "rows/s", "bench/results/spine.json's ingest rate, else this guess")
     adapter = "curation.spark.stages:run_ingest"
-
-    input_kind = "raw"
+    estimated_by = "ingest"
 
     def input_fingerprint(self, options: dict, input_location) -> str:
         from curation.inputs import plan_inputs
@@ -61,9 +61,6 @@ class IngestStage(Stage):
 
         plan = plan_inputs(input_location, IngestOptions.from_options(options), options["skip_bad_files"])
         return fingerprint_files([Path(f.path) for f in plan.files if "://" not in f.path])
-
-    def estimate(self, estimator, stage, rows):
-        return estimator.ingest(stage, rows)
 
 
 STAGE = IngestStage()

@@ -32,14 +32,12 @@ class MatchStage(Stage):
     drops = "`no_metadata_match`"
     assumed_rate = RateAssumption(100_000, "rows/s", "measured on the sample when possible")
     adapter = "curation.spark.stages:run_match"
+    estimated_by = "match"
 
     def hashed_files(self, options: dict) -> dict:
         from curation.ops.metadata import load_metadata, metadata_sha256
 
         return {"metadata_sha256": metadata_sha256(load_metadata(options["metadata"]))}
-
-    def estimate(self, estimator, stage, rows):
-        return estimator.match(stage, rows)
 
 
 STAGE = MatchStage()

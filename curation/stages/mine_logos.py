@@ -54,6 +54,7 @@ class MineLogosStage(Stage):
         per="per model",
     )
     adapter = "curation.spark.logos:run_mine_logos"
+    estimated_by = "mine_logos"
 
     def hashed_files(self, options: dict) -> dict:
         # Changing a probe image or a checkpoint must redo the mining, not skip it.
@@ -62,9 +63,6 @@ class MineLogosStage(Stage):
         if options["probe_folder"]:
             hashes["probe_fingerprint"] = folder_fingerprint(options["probe_folder"])
         return hashes
-
-    def estimate(self, estimator, stage, rows):
-        return estimator.mine_logos(stage, rows)
 
 
 STAGE = MineLogosStage()

@@ -41,9 +41,7 @@ class PruneStage(Stage):
     drops = "`pruned_dense_cluster` (detail: cluster, rank, quota)"
     assumed_rate = RateAssumption(80_000, "rows/s", "assignment and quotas, plus the k-means fit")
     adapter = "curation.spark.semantic:run_prune"
-
-    def estimate(self, estimator, stage, rows):
-        return estimator.prune(stage, rows)
+    estimated_by = "prune"
 
     def survival(self, options: dict) -> tuple[float, str]:
         if options["keep_fraction"] is not None:

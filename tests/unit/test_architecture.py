@@ -104,3 +104,11 @@ def test_each_declaration_names_a_spark_adapter_that_exists(stage):
     module, _, function = getattr(stage, named).partition(":")
     assert module.startswith("curation.spark."), f"stage {stage.name}: {named} {module} is not a Spark adapter"
     assert callable(getattr(importlib.import_module(module), function, None)), f"stage {stage.name}: no {function}"
+
+
+@pytest.mark.parametrize("stage", all_stages(), ids=lambda stage: stage.name)
+def test_each_declaration_names_a_dry_run_estimator_that_exists(stage):
+    from curation.dry_run import Estimator
+
+    estimate = getattr(Estimator, stage.estimated_by, None)
+    assert callable(estimate), f"stage {stage.name}: no Estimator.{stage.estimated_by}"
