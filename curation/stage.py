@@ -3,9 +3,9 @@
 A stage declaration (one module in `curation/stages/`) subclasses `Stage` and names
 
 - `name`, `version`, a one-line `summary` (CLI help) and the README's `description` and `drops` text;
-- `Options`: a frozen dataclass of `StageOptions` whose fields are made with `option(...)`, so every option's type
-  (the annotation), default and help text are written exactly once; `StageOptions.check` holds the rules that tie
-  options together (exactly one of t / target_size / tail_share, say);
+- `Options`: a nested `StageOptions` subclass (a frozen dataclass) whose fields are made with `option(...)`, so every
+  option's type (the annotation), default and help text are written exactly once; `StageOptions.check` holds the
+  rules that tie options together (exactly one of t / target_size / tail_share, say);
 - the files its options name (`hashed_files`: their content hashes join the config hash, so editing a blocklist
   redoes the stage instead of skipping it);
 - `adapter`: the Spark adapter that runs it, as "module:function" (imported when the stage runs, so that importing a
@@ -175,10 +175,16 @@ def _kind_of(annotation) -> tuple[type, bool]:
     raise TypeError(f"an option's type must be bool, int, float, str or list[str], not {annotation}")
 
 
+@typing.dataclass_transform(frozen_default=True, field_specifiers=(option,))
 @dataclass(frozen=True)
 class StageOptions:
-    """Base of every stage's Options dataclass. Subclasses add fields made with `option(...)` and may override
-    `check` for rules that tie options together (raise ConfigError naming the options)."""
+    """Base of every stage's Options. Subclasses add fields made with `option(...)` and may override `check` for
+    rules that tie options together (raise ConfigError naming the options). A subclass is made a frozen dataclass as
+    it is defined, so no declaration repeats the decorator."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        dataclass(frozen=True)(cls)
 
     @classmethod
     @cache
@@ -203,6 +209,12 @@ def exactly_one(stage: str, options: StageOptions, names: tuple[str, ...], requi
     if len(given) > 1 or (required and not given):
         wanted = "exactly one" if required else "at most one"
         raise ConfigError(f"stage {stage}: give {wanted} of {', '.join(names)} (got {', '.join(given) or 'none'})")
+
+
+def required(stage: str, options: StageOptions, name: str, what: str) -> None:
+    """ConfigError unless option `name` is set; `what` says what it takes."""
+    if not getattr(options, name):
+        raise ConfigError(f"stage {stage} needs `{name}`: {what}")
 
 
 def check_with(stage: str, validate) -> None:
@@ -231,7 +243,7 @@ class Stage:
 
     name: ClassVar[str]
     version: ClassVar[int] = 1
-    Options: ClassVar[type[StageOptions]]
+    Options: ClassVar[type[StageOptions]] = StageOptions  # a nested subclass; this default: no options
     summary: ClassVar[str]  # one line: the CLI's help
     description: ClassVar[str]  # the README's stage table: what it does
     drops: ClassVar[str] = "-"  # the README's stage table: the ledger reasons
