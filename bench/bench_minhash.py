@@ -40,7 +40,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(REPO_ROOT))
 
-from curation.ops.minhash import MinHasher, shingle_texts
+from curation.ops.minhash import MinHasher
+from curation.ops.shingles import shingle_texts
 
 logger = logging.getLogger("bench_minhash")
 

@@ -177,7 +177,7 @@ def _spark(args):
 def _stage_command(args, stage: Stage) -> dict:
     """Run one stage command with the same options, checks and progress reporting as a stage of `curation run`."""
     from curation.pipeline import command_stage, run_stage
-    from curation.progress import spark_progress
+    from curation.spark.progress import spark_progress
 
     ingest_given = _given_options(args, get_stage(INGEST)) if stage.input_kind == "either" else None
     # Checked before Spark starts: a bad flag fails in a second, not after the session is up.

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from curation.config import DEFAULT_RELEASE_NAME, RunConfig, StageConfig
 from curation.io import remove_leftovers
-from curation.progress import spark_progress
 from curation.run_folder import RunFolder, is_complete, is_stage_folder, read_stage_record
+from curation.spark.progress import spark_progress
 from curation.stages import get_stage, hashed_config
 
 logger = logging.getLogger(__name__)

@@ -3,14 +3,17 @@
 A stage declaration (one module in `curation/stages/`) subclasses `Stage` and names
 
 - `name`, `version`, a one-line `summary` (CLI help) and the README's `description` and `drops` text;
-- `Options`: a frozen dataclass of `StageOptions` whose fields are made with `option(...)`, so every option's type
-  (the annotation), default and help text are written exactly once; `StageOptions.check` holds the rules that tie
-  options together (exactly one of t / target_size / tail_share, say);
+- `Options`: a nested `StageOptions` subclass (a frozen dataclass) whose fields are made with `option(...)`, so every
+  option's type (the annotation), default and help text are written exactly once; `StageOptions.check` holds the
+  rules that tie options together (exactly one of t / target_size / tail_share, say);
 - the files its options name (`hashed_files`: their content hashes join the config hash, so editing a blocklist
   redoes the stage instead of skipping it);
-- `run(context)`: how it runs, returning a `StageOutput`-like result to the executor (`curation.spark.executor`),
-  which owns the stage folder, the writers, the record and the commit;
-- `estimate(estimator, stage, rows)` and `survival(options)` for `curation run --dry-run`.
+- `adapter`: the Spark adapter that runs it, as "module:function" (imported when the stage runs, so that importing a
+  declaration imports no Spark); the function takes the `StageContext` and returns a `StageOutput`-like result to
+  the executor (`curation.spark.executor`), which owns the stage folder, the writers, the record and the commit. A
+  row-filter stage names its `planner` instead (see `RowFilterStage`);
+- for `curation run --dry-run`: `estimated_by`, the `curation.dry_run.Estimator` method that estimates its rows out
+  and time (the generic one unless it says otherwise), and `survival(options)`.
 
 Config loading, the CLI's stage commands and flags, `curation run` dispatch, the dry run, the README tables and the
 spark-submit entry point are derived from the registry of declarations (`curation.stages`). This module imports
@@ -18,6 +21,7 @@ nothing of the project but the other contracts.
 """
 
 import dataclasses
+import importlib
 import types
 import typing
 from dataclasses import dataclass
@@ -172,10 +176,16 @@ def _kind_of(annotation) -> tuple[type, bool]:
     raise TypeError(f"an option's type must be bool, int, float, str or list[str], not {annotation}")
 
 
+@typing.dataclass_transform(frozen_default=True, field_specifiers=(option,))
 @dataclass(frozen=True)
 class StageOptions:
-    """Base of every stage's Options dataclass. Subclasses add fields made with `option(...)` and may override
-    `check` for rules that tie options together (raise ConfigError naming the options)."""
+    """Base of every stage's Options. Subclasses add fields made with `option(...)` and may override `check` for
+    rules that tie options together (raise ConfigError naming the options). A subclass is made a frozen dataclass as
+    it is defined, so no declaration repeats the decorator."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        dataclass(frozen=True)(cls)
 
     @classmethod
     @cache
@@ -202,6 +212,12 @@ def exactly_one(stage: str, options: StageOptions, names: tuple[str, ...], requi
         raise ConfigError(f"stage {stage}: give {wanted} of {', '.join(names)} (got {', '.join(given) or 'none'})")
 
 
+def required(stage: str, options: StageOptions, name: str, what: str) -> None:
+    """ConfigError unless option `name` is set; `what` says what it takes."""
+    if not getattr(options, name):
+        raise ConfigError(f"stage {stage} needs `{name}`: {what}")
+
+
 def check_with(stage: str, validate) -> None:
     """Run an op's own check of the options at load time: its ValueError becomes a ConfigError naming the stage."""
     try:
@@ -224,11 +240,11 @@ class RateAssumption:
 
 
 class Stage:
-    """One stage, declared once. Subclasses set the class attributes and `run`; the rest has generic defaults."""
+    """One stage, declared once. Subclasses set the class attributes; the rest has generic defaults."""
 
     name: ClassVar[str]
     version: ClassVar[int] = 1
-    Options: ClassVar[type[StageOptions]]
+    Options: ClassVar[type[StageOptions]] = StageOptions  # a nested subclass; this default: no options
     summary: ClassVar[str]  # one line: the CLI's help
     description: ClassVar[str]  # the README's stage table: what it does
     drops: ClassVar[str] = "-"  # the README's stage table: the ledger reasons
@@ -243,6 +259,8 @@ class Stage:
     passes_all_rows: ClassVar[bool] = False  # drops no row, whatever its options
     # What the dry run says of the rows it may drop: "duplicates", or what its drops depend on (None: the assumption).
     drops_depend_on: ClassVar[str | None] = None
+    adapter: ClassVar[str]  # "module:function" of the Spark adapter that runs the stage: function(context)
+    estimated_by: ClassVar[str] = "generic"  # the `curation.dry_run.Estimator` method that estimates the stage
 
     @property
     def command(self) -> str:
@@ -304,8 +322,8 @@ class Stage:
 
     def run(self, context):
         """Compute the stage's rows, drops and artifacts from `context` (a `curation.spark.executor.StageContext`)
-        and return a `curation.spark.executor.StageOutput`."""
-        raise NotImplementedError
+        and return a `curation.spark.executor.StageOutput`: the declared `adapter` does."""
+        return _function(self.adapter)(context)
 
     # --- the dry run
 
@@ -323,8 +341,9 @@ class Stage:
         return survival, f"assumed: keeps {survival:.0%}"
 
     def estimate(self, estimator, stage, rows: float):
-        """The dry run's estimate of rows out and time (a `curation.dry_run.StageEstimate`)."""
-        return estimator.generic(stage, rows)
+        """The dry run's estimate of rows out and time (a `curation.dry_run.StageEstimate`), by the `estimator`'s
+        method the declaration names."""
+        return getattr(estimator, self.estimated_by)(stage, rows)
 
 
 class RowFilterStage(Stage):
@@ -332,9 +351,19 @@ class RowFilterStage(Stage):
     before): filter, nsfw, block_images, decontaminate, flag_logos, sample. It declares `plan` instead of `run`; the
     executor runs it through the one row-filter adapter (`curation.spark.rowfilter`)."""
 
+    planner: ClassVar[str]  # "module:function" that makes the stage's FilterPlan: function(context, rows)
+
     def plan(self, context, rows):
-        """A `curation.spark.rowfilter.FilterPlan` for the input `rows` (a DataFrame)."""
-        raise NotImplementedError
+        """A `curation.spark.rowfilter.FilterPlan` for the input `rows` (a DataFrame): the declared `planner` makes
+        it."""
+        return _function(self.planner)(context, rows)
+
+
+def _function(qualified_name: str):
+    """The function a declaration names as "module:function", imported now: a declaration is imported by the CLI,
+    which must not pay for (or need) Spark."""
+    module, _, function = qualified_name.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def folder_fingerprint(path: str) -> str:

@@ -7,17 +7,11 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from curation.ops.minhash import (
-    EMPTY_HASH_VALUE,
-    MinHasher,
-    anchor_edges,
-    band_hashes,
-    choose_bands,
-    exact_jaccard_pairs,
-    normalise_texts,
-    parse_policy,
-    parse_shingle_spec,
-)
+from curation.ops.jaccard import exact_jaccard_pairs
+from curation.ops.lsh import anchor_edges, band_hashes, choose_bands
+from curation.ops.minhash import EMPTY_HASH_VALUE, MinHasher
+from curation.ops.shingles import normalise_texts, parse_shingle_spec
+from curation.ops.survivors import parse_policy
 from curation.ops.uid import uniform
 from curation.ops.urls import normalise_urls
 from curation.schema import CAPTION, TAG_REASON, UID, URL, Reason

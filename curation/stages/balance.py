@@ -1,30 +1,10 @@
 """The balance stage."""
 
-from dataclasses import dataclass
-
 from curation.stage import RateAssumption, Stage, StageOptions, exactly_one, option, partitions_option
-
-
-@dataclass(frozen=True)
-class BalanceOptions(StageOptions):
-    t: float | None = option(
-        None, "MetaCLIP threshold t", default_text="20000 (MetaCLIP's), unless target_size or tail_share is given",
-        above=0,
-    )
-    target_size: int | None = option(None, "solve t so that the expected number of kept rows is this", at_least=1)
-    tail_share: float | None = option(
-        None, "choose the smallest t whose tail share (matches on entries with c_e < t) >= this", above=0, at_most=1
-    )
-    seed: int | None = option(None, "seed of the keep draw u(seed, uid)", from_run=True)
-    partitions: int | None = partitions_option()
-
-    def check(self) -> None:
-        exactly_one("balance", self, ("t", "target_size", "tail_share"), required=False)
 
 
 class BalanceStage(Stage):
     name = "balance"
-    Options = BalanceOptions
     flow = 60
     summary = "MetaCLIP balancing: keep with 1 - prod(1 - min(1, t/c_e))"
     input_help = "matched (or counted) stage folder"
@@ -33,15 +13,26 @@ class BalanceStage(Stage):
         "`_artifacts/balanced_counts.parquet`"
     )
     drops = "`balance_not_drawn` (detail: p_keep)"
+
+    class Options(StageOptions):
+        t: float | None = option(
+            None, "MetaCLIP threshold t", above=0,
+            default_text="20000 (MetaCLIP's), unless target_size or tail_share is given",
+        )
+        target_size: int | None = option(None, "solve t so that the expected number of kept rows is this", at_least=1)
+        tail_share: float | None = option(
+            None, "choose the smallest t whose tail share (matches on entries with c_e < t) >= this", above=0,
+            at_most=1,
+        )
+        seed: int | None = option(None, "seed of the keep draw u(seed, uid)", from_run=True)
+        partitions: int | None = partitions_option()
+
+        def check(self) -> None:
+            exactly_one("balance", self, ("t", "target_size", "tail_share"), required=False)
+
     assumed_rate = RateAssumption(100_000, "rows/s", "measured on the sample when possible")
-
-    def run(self, context):
-        from curation.spark.stages import run_balance
-
-        return run_balance(context)
-
-    def estimate(self, estimator, stage, rows):
-        return estimator.balance(stage, rows)
+    adapter = "curation.spark.stages:run_balance"
+    estimated_by = "balance"
 
 
 STAGE = BalanceStage()

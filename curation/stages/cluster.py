@@ -1,11 +1,8 @@
 """The cluster stage."""
 
-from dataclasses import dataclass
-
 from curation.stage import RateAssumption, Stage, StageOptions, option
 
 
-@dataclass(frozen=True)
 class KMeansOptions(StageOptions):
     """What the cluster and prune stages share: both fit spherical k-means on the image embeddings."""
 
@@ -23,16 +20,8 @@ class KMeansOptions(StageOptions):
     seed: int | None = option(None, "seed of the sample draw and of faiss", from_run=True)
 
 
-@dataclass(frozen=True)
-class ClusterOptions(KMeansOptions):
-    k: int = option(
-        1000, "number of k-means clusters on the image embeddings (SemDeDup used 50,000 for 440M)", at_least=1
-    )
-
-
 class ClusterStage(Stage):
     name = "cluster"
-    Options = ClusterOptions
     flow = 140
     summary = "spherical k-means on the image embeddings; rows gain cluster"
     input_help = "stage folder downstream of embed"
@@ -45,19 +34,19 @@ class ClusterStage(Stage):
         "`centroids.npy`, `cluster_sizes.parquet`, `assignments/`"
     )
     drops = "-"
+
+    class Options(KMeansOptions):
+        k: int = option(
+            1000, "number of k-means clusters on the image embeddings (SemDeDup used 50,000 for 440M)", at_least=1
+        )
+
     assumed_rate = RateAssumption(
         80_000,
         "rows/s",
         "assigning rows to centroids, plus the k-means fit (bench/results/semdedup.json when present)",
     )
-
-    def run(self, context):
-        from curation.spark.semantic import run_cluster
-
-        return run_cluster(context)
-
-    def estimate(self, estimator, stage, rows):
-        return estimator.cluster(stage, rows)
+    adapter = "curation.spark.semantic:run_cluster"
+    estimated_by = "cluster"
 
 
 STAGE = ClusterStage()

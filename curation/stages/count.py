@@ -1,18 +1,10 @@
 """The count stage."""
 
-from dataclasses import dataclass
-
-from curation.stage import RateAssumption, Stage, StageOptions
-
-
-@dataclass(frozen=True)
-class CountOptions(StageOptions):
-    pass
+from curation.stage import RateAssumption, Stage
 
 
 class CountStage(Stage):
     name = "count"
-    Options = CountOptions
     flow = 50
     summary = "entry counts c_e over matched rows (artifact; rows pass through)"
     input_help = "matched stage folder"
@@ -22,12 +14,9 @@ class CountStage(Stage):
         "entry, count); rows pass through"
     )
     drops = "-"
+
     assumed_rate = RateAssumption(500_000, "rows/s", "an explode and group-by (bench/results/spine.json when present)")
-
-    def run(self, context):
-        from curation.spark.stages import run_count
-
-        return run_count(context)
+    adapter = "curation.spark.stages:run_count"
 
 
 STAGE = CountStage()

@@ -1,19 +1,10 @@
 """The dedup_exact stage."""
 
-from dataclasses import dataclass
-
 from curation.stage import RateAssumption, Stage, StageOptions, option, partitions_option
-
-
-@dataclass(frozen=True)
-class DedupExactOptions(StageOptions):
-    by_caption: bool = option(False, "also keep one row per exact caption (duplicate_caption)")
-    partitions: int | None = partitions_option()
 
 
 class DedupExactStage(Stage):
     name = "dedup_exact"
-    Options = DedupExactOptions
     flow = 20
     summary = "one row per normalised url (optionally per caption)"
     input_kind = "either"
@@ -23,12 +14,13 @@ class DedupExactStage(Stage):
         "kept); optionally one row per exact caption; the survivor is the smallest uid"
     )
     drops = "`duplicate_url`, `duplicate_caption` (related_uid: the survivor)"
+
+    class Options(StageOptions):
+        by_caption: bool = option(False, "also keep one row per exact caption (duplicate_caption)")
+        partitions: int | None = partitions_option()
+
     assumed_rate = RateAssumption(50_000, "rows/s", "a Spark shuffle on the normalised url (guess)")
-
-    def run(self, context):
-        from curation.spark.dedup import run_dedup_exact
-
-        return run_dedup_exact(context)
+    adapter = "curation.spark.dedup:run_dedup_exact"
 
 
 STAGE = DedupExactStage()

@@ -1,28 +1,11 @@
 """The dedup_image stage."""
 
-from dataclasses import dataclass
-
 from curation.schema import MAX_PHASH_DISTANCE
 from curation.stage import RateAssumption, Stage, StageOptions, option, partitions_option
 
 
-@dataclass(frozen=True)
-class DedupImageOptions(StageOptions):
-    image_column: str = option("jpg", "column of encoded image bytes (img2dataset's parquet output calls it jpg)")
-    max_distance: int = option(
-        4, "perceptual hashes within this Hamming distance are near duplicates", at_least=0, at_most=MAX_PHASH_DISTANCE
-    )
-    max_anchors: int = option(
-        8,
-        "in a hash-chunk bucket larger than full_pairs_limit, members pair with this many anchors",
-    )
-    full_pairs_limit: int = option(64, "hash-chunk buckets up to this size are compared pair by pair")
-    partitions: int | None = partitions_option()
-
-
 class DedupImageStage(Stage):
     name = "dedup_image"
-    Options = DedupImageOptions
     flow = 90
     summary = "exact (sha256) and perceptual-hash image duplicates"
     input_help = "stage folder whose rows carry image bytes"
@@ -37,12 +20,21 @@ class DedupImageStage(Stage):
         "`image_width`, `image_height`, `image_dup_group`"
     )
     drops = "`undecodable_image`, `duplicate_image_bytes`, `near_duplicate_image`"
+
+    class Options(StageOptions):
+        image_column: str = option("jpg", "column of encoded image bytes (img2dataset's parquet output calls it jpg)")
+        max_distance: int = option(
+            4, "perceptual hashes within this Hamming distance are near duplicates", at_least=0,
+            at_most=MAX_PHASH_DISTANCE,
+        )
+        max_anchors: int = option(
+            8, "in a hash-chunk bucket larger than full_pairs_limit, members pair with this many anchors"
+        )
+        full_pairs_limit: int = option(64, "hash-chunk buckets up to this size are compared pair by pair")
+        partitions: int | None = partitions_option()
+
     assumed_rate = RateAssumption(300, "images/s", "JPEG decode and perceptual hash of a small image (guess)")
-
-    def run(self, context):
-        from curation.spark.image_dedup import run_dedup_image
-
-        return run_dedup_image(context)
+    adapter = "curation.spark.image_dedup:run_dedup_image"
 
 
 STAGE = DedupImageStage()

@@ -1,60 +1,12 @@
 """The download stage."""
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from curation.stage import RateAssumption, Stage, StageOptions, check_with, option
 
 
-@dataclass(frozen=True)
-class DownloadOptions(StageOptions):
-    allow_hosts: list[str] = option(
-        [],
-        (
-            "host:port pairs that may be reached although they resolve to a loopback, private, link-local or multicast"
-            " address (refused by default)"
-        ),
-    )
-    shard_rows: int = option(10000, "about this many rows per image tar (uid-range shards)", at_least=1)
-    image_bytes_column: str | None = option(
-        None,
-        "also store each image's bytes in this column of the rows (e.g. jpg)",
-    )
-    image_size: int = option(256, "img2dataset image_size: target side in pixels")
-    resize_mode: str = option(
-        "border",
-        "img2dataset resize_mode: no, border, keep_ratio, keep_ratio_largest, center_crop",
-        choices=("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"),
-    )
-    resize_only_if_bigger: bool = option(False, "img2dataset: never upscale")
-    encode_format: str = option("jpg", "image format in the tars: jpg, png or webp", choices=("jpg", "png", "webp"))
-    encode_quality: int = option(95, "img2dataset encode_quality")
-    skip_reencode: bool = option(False, "img2dataset: keep the original bytes when no resize is needed")
-    min_image_size: int = option(0, "img2dataset: smaller images are image_rejected")
-    max_aspect_ratio: float | None = option(
-        None,
-        "img2dataset: images with a larger aspect ratio are image_rejected (default none)",
-    )
-    timeout: int = option(10, "seconds per request")
-    retries: int = option(0, "img2dataset retries per URL")
-    thread_count: int = option(32, "download threads per Spark task")
-    user_agent_token: str | None = option(
-        None,
-        "token added to the User-Agent, also matched in X-Robots-Tag directives",
-    )
-    disallowed_header_directives: list[str] = option(
-        ["noai", "noimageai", "noindex", "noimageindex"],
-        "X-Robots-Tag directives that opt an image out (download_opt_out)",
-    )
-
-    def check(self) -> None:
-        from curation.ops import download as download_ops
-
-        check_with("download", lambda: download_ops.DownloadOptions.from_options(asdict(self)))
-
-
 class DownloadStage(Stage):
     name = "download"
-    Options = DownloadOptions
     flow = 70
     summary = "img2dataset download into webdataset tars; failures ledgered"
     input_help = "stage folder of the rows to download"
@@ -73,6 +25,49 @@ class DownloadStage(Stage):
         "`download_failed`, `download_refused`, `download_opt_out`, `image_rejected` (detail: shard, key, img2dataset "
         "status and error message)"
     )
+
+    class Options(StageOptions):
+        allow_hosts: list[str] = option(
+            [],
+            "host:port pairs that may be reached although they resolve to a loopback, private, link-local or "
+            "multicast address (refused by default)",
+        )
+        shard_rows: int = option(10000, "about this many rows per image tar (uid-range shards)", at_least=1)
+        image_bytes_column: str | None = option(
+            None, "also store each image's bytes in this column of the rows (e.g. jpg)"
+        )
+        image_size: int = option(256, "img2dataset image_size: target side in pixels")
+        resize_mode: str = option(
+            "border",
+            "img2dataset resize_mode: no, border, keep_ratio, keep_ratio_largest, center_crop",
+            choices=("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"),
+        )
+        resize_only_if_bigger: bool = option(False, "img2dataset: never upscale")
+        encode_format: str = option(
+            "jpg", "image format in the tars: jpg, png or webp", choices=("jpg", "png", "webp")
+        )
+        encode_quality: int = option(95, "img2dataset encode_quality")
+        skip_reencode: bool = option(False, "img2dataset: keep the original bytes when no resize is needed")
+        min_image_size: int = option(0, "img2dataset: smaller images are image_rejected")
+        max_aspect_ratio: float | None = option(
+            None, "img2dataset: images with a larger aspect ratio are image_rejected (default none)"
+        )
+        timeout: int = option(10, "seconds per request")
+        retries: int = option(0, "img2dataset retries per URL")
+        thread_count: int = option(32, "download threads per Spark task")
+        user_agent_token: str | None = option(
+            None, "token added to the User-Agent, also matched in X-Robots-Tag directives"
+        )
+        disallowed_header_directives: list[str] = option(
+            ["noai", "noimageai", "noindex", "noimageindex"],
+            "X-Robots-Tag directives that opt an image out (download_opt_out)",
+        )
+
+        def check(self) -> None:
+            from curation.ops import download as download_ops
+
+            check_with("download", lambda: download_ops.DownloadOptions.from_options(asdict(self)))
+
     assumed_rate = RateAssumption(
         50,
         "images/s",
@@ -82,14 +77,8 @@ class DownloadStage(Stage):
         ),
         0.9,
     )
-
-    def run(self, context):
-        from curation.spark.download import run_download
-
-        return run_download(context)
-
-    def estimate(self, estimator, stage, rows):
-        return estimator.download(stage, rows)
+    adapter = "curation.spark.download:run_download"
+    estimated_by = "download"
 
 
 STAGE = DownloadStage()

@@ -1,47 +1,10 @@
 """The filter stage."""
 
-from dataclasses import dataclass
-
 from curation.stage import RateAssumption, RowFilterStage, StageOptions, option, partitions_option
-
-
-@dataclass(frozen=True)
-class FilterOptions(StageOptions):
-    min_clip_score: float | None = option(
-        None,
-        "drop rows with clip_score below this (low_clip_score; LAION used 0.28 with ViT-B/32)",
-    )
-    clip_score_top_fraction: float | None = option(
-        None,
-        (
-            "keep only this top fraction of rows by clip_score, ties by uid (clip_score_not_top; DataComp's CLIP-score"
-            " filter, e.g. 0.3)"
-        ),
-    )
-    min_image_side: int | None = option(
-        None,
-        "drop images whose original shorter side is below this many pixels (image_too_small; ALIGN: 200)",
-    )
-    max_aspect_ratio: float | None = option(
-        None,
-        "drop images whose original long/short side ratio exceeds this (extreme_aspect_ratio; ALIGN: 3)",
-    )
-    min_caption_words: int | None = option(None, "drop captions with fewer words (too_few_caption_words; ALIGN: 3)")
-    max_caption_words: int | None = option(None, "drop captions with more words (too_many_caption_words; ALIGN: 20)")
-    max_caption_repeats: int | None = option(
-        1000,
-        (
-            "drop every row whose exact caption is shared by more than this many rows of the stage's whole input "
-            "(boilerplate_caption; ALIGN's boilerplate rule); null (0 on the command line) turns it off"
-        ),
-        off_by_null_or_zero=True,
-    )
-    partitions: int | None = partitions_option()
 
 
 class FilterStage(RowFilterStage):
     name = "filter"
-    Options = FilterOptions
     flow = 120
     summary = (
         "attribute filters (CLIP score, image size, aspect ratio, caption words, boilerplate captions); each rule its "
@@ -60,12 +23,38 @@ class FilterStage(RowFilterStage):
         "`low_clip_score`, `clip_score_not_top`, `image_too_small`, `extreme_aspect_ratio`, `too_few_caption_words`, "
         "`too_many_caption_words`, `boilerplate_caption` (detail: the value and the threshold)"
     )
+
+    class Options(StageOptions):
+        min_clip_score: float | None = option(
+            None, "drop rows with clip_score below this (low_clip_score; LAION used 0.28 with ViT-B/32)"
+        )
+        clip_score_top_fraction: float | None = option(
+            None,
+            "keep only this top fraction of rows by clip_score, ties by uid (clip_score_not_top; DataComp's "
+            "CLIP-score filter, e.g. 0.3)",
+        )
+        min_image_side: int | None = option(
+            None, "drop images whose original shorter side is below this many pixels (image_too_small; ALIGN: 200)"
+        )
+        max_aspect_ratio: float | None = option(
+            None, "drop images whose original long/short side ratio exceeds this (extreme_aspect_ratio; ALIGN: 3)"
+        )
+        min_caption_words: int | None = option(
+            None, "drop captions with fewer words (too_few_caption_words; ALIGN: 3)"
+        )
+        max_caption_words: int | None = option(
+            None, "drop captions with more words (too_many_caption_words; ALIGN: 20)"
+        )
+        max_caption_repeats: int | None = option(
+            1000,
+            "drop every row whose exact caption is shared by more than this many rows of the stage's whole input "
+            "(boilerplate_caption; ALIGN's boilerplate rule); null (0 on the command line) turns it off",
+            off_by_null_or_zero=True,
+        )
+        partitions: int | None = partitions_option()
+
     assumed_rate = RateAssumption(200_000, "rows/s", "column rules (guess)")
-
-    def plan(self, context, rows):
-        from curation.spark.filters import filter_plan
-
-        return filter_plan(context, rows)
+    planner = "curation.spark.filters:filter_plan"
 
 
 STAGE = FilterStage()

@@ -1,45 +1,17 @@
 """The ingest stage."""
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from curation.io import fingerprint_files
 from curation.stage import RateAssumption, Stage, StageOptions, option, partitions_option
 
 
-@dataclass(frozen=True)
-class IngestOptions(StageOptions):
-    url_column: str | None = option(
-        None, "url column of the raw shards (detected: url, URL, Url, image_url)", default_text="detected"
-    )
-    text_column: str | None = option(
-        None, "caption column (detected: caption, TEXT, text, txt, Caption, alt_text)", default_text="detected"
-    )
-    max_caption_chars: int = option(4096, "longer captions go to the ledger (caption_too_long)")
-    keep_columns: list[str] = option([], "extra raw columns carried through to the release")
-    skip_bad_files: bool = option(False, "record unreadable shards in the manifest and go on, instead of failing")
-    blocked_domains_file: str | None = option(
-        None,
-        (
-            "text file of domains, one a line: rows whose url host is one of them or a subdomain go to the ledger "
-            "(blocked_domain)"
-        ),
-        hashed_file=True,
-    )
-    blocked_urls_file: str | None = option(
-        None,
-        "text file of urls, one a line, compared after url normalisation (blocked_url)",
-        hashed_file=True,
-    )
-    partitions: int | None = partitions_option()
-
-
 class IngestStage(Stage):
     name = "ingest"
-    Options = IngestOptions
     flow = 10
     summary = "raw parquet shards -> uid, url, caption; bad rows to the ledger"
     input_help = "parquet files, folders or globs (any pyarrow URI)"
+    input_kind = "raw"
     description = (
         "reads parquet shards (files, folders, globs; local or any pyarrow URI: s3://, gs://, hdfs://), maps the "
         "columns of the common schemas (LAION `URL`/`TEXT`, img2dataset/CC3M `url`/`caption`, DataComp `url`/`text`), "
@@ -50,9 +22,35 @@ class IngestStage(Stage):
         "separates url and caption in the uid), `not_http_url` (also a url with control characters), "
         "`caption_too_long`, `blocked_url`, `blocked_domain` (the optional blocklists), `duplicate_pair`"
     )
-    assumed_rate = RateAssumption(50_000, "rows/s", "bench/results/spine.json's ingest rate, else this guess")
 
-    input_kind = "raw"
+    class Options(StageOptions):
+        url_column: str | None = option(
+            None, "url column of the raw shards (detected: url, URL, Url, image_url)", default_text="detected"
+        )
+        text_column: str | None = option(
+            None, "caption column (detected: caption, TEXT, text, txt, Caption, alt_text)", default_text="detected"
+        )
+        max_caption_chars: int = option(4096, "longer captions go to the ledger (caption_too_long)")
+        keep_columns: list[str] = option([], "extra raw columns carried through to the release")
+        skip_bad_files: bool = option(False, "record unreadable shards in the manifest and go on, instead of failing")
+        blocked_domains_file: str | None = option(
+            None,
+            (
+                "text file of domains, one a line: rows whose url host is one of them or a subdomain go to the ledger "
+                "(blocked_domain)"
+            ),
+            hashed_file=True,
+        )
+        blocked_urls_file: str | None = option(
+            None,
+            "text file of urls, one a line, compared after url normalisation (blocked_url)",
+            hashed_file=True,
+        )
+        partitions: int | None = partitions_option()
+
+    assumed_rate = RateAssumption(50_000, "rows/s", "bench/results/spine.json's ingest rate, else this guess")
+    adapter = "curation.spark.stages:run_ingest"
+    estimated_by = "ingest"
 
     def input_fingerprint(self, options: dict, input_location) -> str:
         from curation.inputs import plan_inputs
@@ -60,14 +58,6 @@ class IngestStage(Stage):
 
         plan = plan_inputs(input_location, IngestOptions.from_options(options), options["skip_bad_files"])
         return fingerprint_files([Path(f.path) for f in plan.files if "://" not in f.path])
-
-    def run(self, context):
-        from curation.spark.stages import run_ingest
-
-        return run_ingest(context)
-
-    def estimate(self, estimator, stage, rows):
-        return estimator.ingest(stage, rows)
 
 
 STAGE = IngestStage()

@@ -1,29 +1,10 @@
 """The logo_bank stage."""
 
-from dataclasses import dataclass
-
 from curation.stage import RateAssumption, Stage, StageOptions, option
-
-
-@dataclass(frozen=True)
-class LogoBankOptions(StageOptions):
-    q: float = option(0.01, "the bank is the top q of the corpus by logo score (logo prompts minus contrast prompts)")
-    floor: float | None = option(None, "only images with a logo score at least this enter the bank")
-    max_bank_size: int = option(10000, "at most this many images are taken into the bank")
-    duplicate_similarity: float = option(
-        0.95,
-        "bank images within this cosine collapse into one logo (frequency kept)",
-    )
-    logo_prompts: list[str] = option(["a logo", "a brand logo", "logo of a company"], "prompts an image is a logo by")
-    contrast_prompts: list[str] = option(
-        ["a photo", "a photo of a person", "a photo of an object"],
-        "prompts an image is not a logo by",
-    )
 
 
 class LogoBankStage(Stage):
     name = "logo_bank"
-    Options = LogoBankOptions
     flow = 170
     summary = "SLANT logo bank: the top q of the corpus by logo score"
     input_help = "stage folder downstream of embed"
@@ -36,12 +17,25 @@ class LogoBankStage(Stage):
         "members, embedding) and `bank/<uid>.jpg` (the images, copied out of the tars)"
     )
     drops = "-"
+
+    class Options(StageOptions):
+        q: float = option(
+            0.01, "the bank is the top q of the corpus by logo score (logo prompts minus contrast prompts)"
+        )
+        floor: float | None = option(None, "only images with a logo score at least this enter the bank")
+        max_bank_size: int = option(10000, "at most this many images are taken into the bank")
+        duplicate_similarity: float = option(
+            0.95, "bank images within this cosine collapse into one logo (frequency kept)"
+        )
+        logo_prompts: list[str] = option(
+            ["a logo", "a brand logo", "logo of a company"], "prompts an image is a logo by"
+        )
+        contrast_prompts: list[str] = option(
+            ["a photo", "a photo of a person", "a photo of an object"], "prompts an image is not a logo by"
+        )
+
     assumed_rate = RateAssumption(200_000, "rows/s", "prompt scores from the stored embeddings (guess)")
-
-    def run(self, context):
-        from curation.spark.logos import run_logo_bank
-
-        return run_logo_bank(context)
+    adapter = "curation.spark.logos:run_logo_bank"
 
 
 STAGE = LogoBankStage()

@@ -1,45 +1,10 @@
 """The nsfw stage."""
 
-from dataclasses import dataclass
-
 from curation.stage import RateAssumption, RowFilterStage, StageOptions, option, partitions_option
-
-
-@dataclass(frozen=True)
-class NsfwOptions(StageOptions):
-    max_score: float | None = option(
-        None,
-        "drop rows whose nsfw_score exceeds this (reason nsfw)",
-        default_text="none: only add the score",
-        at_least=0,
-        at_most=1,
-    )
-    batch_size: int = option(
-        64,
-        (
-            "images per onnxruntime call on CUDA (the CPU runs one image per call, which is as fast there and "
-            "independent of batch composition); also the preprocessing chunk"
-        ),
-        at_least=1,
-    )
-    device: str = option(
-        "auto",
-        "auto (CUDA execution provider when onnxruntime has it), cuda or cpu",
-        choices=("auto", "cuda", "cpu"),
-    )
-    threads: int | None = option(
-        None, "onnxruntime intra-op threads per Spark task", default_text="onnxruntime's", at_least=1
-    )
-    jpeg_reencode: bool = option(
-        True,
-        "the open_nsfw reference preprocessing (a JPEG round trip) for reference scores",
-    )
-    partitions: int | None = partitions_option()
 
 
 class NsfwStage(RowFilterStage):
     name = "nsfw"
-    Options = NsfwOptions
     flow = 130
     summary = "open_nsfw image score (nsfw_score) and an optional drop"
     input_help = "stage folder downstream of download"
@@ -51,11 +16,43 @@ class NsfwStage(RowFilterStage):
         "`max_score` set, higher scores are dropped"
     )
     drops = "`nsfw` (policy drop), `undecodable_image`"
+
+    class Options(StageOptions):
+        max_score: float | None = option(
+            None,
+            "drop rows whose nsfw_score exceeds this (reason nsfw)",
+            default_text="none: only add the score",
+            at_least=0,
+            at_most=1,
+        )
+        batch_size: int = option(
+            64,
+            (
+                "images per onnxruntime call on CUDA (the CPU runs one image per call, which is as fast there and "
+                "independent of batch composition); also the preprocessing chunk"
+            ),
+            at_least=1,
+        )
+        device: str = option(
+            "auto",
+            "auto (CUDA execution provider when onnxruntime has it), cuda or cpu",
+            choices=("auto", "cuda", "cpu"),
+        )
+        threads: int | None = option(
+            None, "onnxruntime intra-op threads per Spark task", default_text="onnxruntime's", at_least=1
+        )
+        jpeg_reencode: bool = option(
+            True,
+            "the open_nsfw reference preprocessing (a JPEG round trip) for reference scores",
+        )
+        partitions: int | None = partitions_option()
+
     assumed_rate = RateAssumption(
         90,
         "images/s",
         "open_nsfw on onnxruntime, one CPU core (bench/results/nsfw.json if present)",
     )
+    planner = "curation.spark.nsfw:nsfw_plan"
 
     def hashed_files(self, options: dict) -> dict:
         from curation.gpu.nsfw import model_identity
@@ -66,11 +63,6 @@ class NsfwStage(RowFilterStage):
         if options["max_score"] is None:
             return 1.0, "exact: only adds nsfw_score"
         return super().survival(options)
-
-    def plan(self, context, rows):
-        from curation.spark.nsfw import nsfw_plan
-
-        return nsfw_plan(context, rows)
 
 
 STAGE = NsfwStage()

@@ -1,31 +1,11 @@
 """The prune stage."""
 
-from dataclasses import dataclass
-
 from curation.stage import RateAssumption, Stage, exactly_one, option
 from curation.stages.cluster import KMeansOptions
 
 
-@dataclass(frozen=True)
-class PruneOptions(KMeansOptions):
-    k: int = option(500, "number of concept clusters (500 in the paper for LAION)", at_least=1)
-    keep_fraction: float | None = option(None, "fraction of the rows to keep (this or keep_count is required)")
-    keep_count: int | None = option(None, "number of rows to keep")
-    tau: float = option(0.1, "softmax temperature over cluster complexity")
-    ratio: float = option(0.5, "each cluster keeps at least min(floor(ratio * N_keep / k), its size)")
-    selection: str = option(
-        "hard",
-        "which members a cluster keeps: hard (farthest from the centroid), easy, random",
-        choices=("hard", "easy", "random"),
-    )
-
-    def check(self) -> None:
-        exactly_one("prune", self, ("keep_fraction", "keep_count"))
-
-
 class PruneStage(Stage):
     name = "prune"
-    Options = PruneOptions
     flow = 160
     summary = "density-based pruning over concept clusters"
     input_help = "stage folder downstream of embed"
@@ -39,15 +19,25 @@ class PruneStage(Stage):
         "`prune_centroids.npy`"
     )
     drops = "`pruned_dense_cluster` (detail: cluster, rank, quota)"
+
+    class Options(KMeansOptions):
+        k: int = option(500, "number of concept clusters (500 in the paper for LAION)", at_least=1)
+        keep_fraction: float | None = option(None, "fraction of the rows to keep (this or keep_count is required)")
+        keep_count: int | None = option(None, "number of rows to keep")
+        tau: float = option(0.1, "softmax temperature over cluster complexity")
+        ratio: float = option(0.5, "each cluster keeps at least min(floor(ratio * N_keep / k), its size)")
+        selection: str = option(
+            "hard",
+            "which members a cluster keeps: hard (farthest from the centroid), easy, random",
+            choices=("hard", "easy", "random"),
+        )
+
+        def check(self) -> None:
+            exactly_one("prune", self, ("keep_fraction", "keep_count"))
+
     assumed_rate = RateAssumption(80_000, "rows/s", "assignment and quotas, plus the k-means fit")
-
-    def run(self, context):
-        from curation.spark.semantic import run_prune
-
-        return run_prune(context)
-
-    def estimate(self, estimator, stage, rows):
-        return estimator.prune(stage, rows)
+    adapter = "curation.spark.semantic:run_prune"
+    estimated_by = "prune"
 
     def survival(self, options: dict) -> tuple[float, str]:
         if options["keep_fraction"] is not None:

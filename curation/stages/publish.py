@@ -1,19 +1,10 @@
 """The publish stage."""
 
-from dataclasses import dataclass
-
 from curation.stage import RateAssumption, Stage, StageOptions, option
-
-
-@dataclass(frozen=True)
-class PublishOptions(StageOptions):
-    shard_rows: int = option(100000, "about this many rows per parquet shard (uid-range shards)", at_least=1)
-    name: str | None = option(None, "dataset name in the manifest", from_run=True)
 
 
 class PublishStage(Stage):
     name = "publish"
-    Options = PublishOptions
     release = True
     flow = 1000
     summary = "uid-range parquet shards, the run's ledger and manifest.json"
@@ -24,12 +15,13 @@ class PublishStage(Stage):
         "`manifest.json`"
     )
     drops = "-"
+
+    class Options(StageOptions):
+        shard_rows: int = option(100000, "about this many rows per parquet shard (uid-range shards)", at_least=1)
+        name: str | None = option(None, "dataset name in the manifest", from_run=True)
+
     assumed_rate = RateAssumption(100_000, "rows/s", "uid-range shards written with zstd (guess)")
-
-    def run(self, context):
-        from curation.spark.publish import run_publish
-
-        return run_publish(context)
+    adapter = "curation.spark.publish:run_publish"
 
 
 STAGE = PublishStage()

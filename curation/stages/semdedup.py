@@ -1,32 +1,10 @@
 """The semdedup stage."""
 
-from dataclasses import dataclass
-
 from curation.stage import RateAssumption, Stage, StageOptions, option
-
-
-@dataclass(frozen=True)
-class SemdedupOptions(StageOptions):
-    eps: float = option(
-        0.07,
-        "drop a member whose cosine similarity to an earlier member of its cluster exceeds 1 - eps",
-        above=0,
-        below=2,
-    )
-    target_keep_fraction: float | None = option(
-        None,
-        "choose eps so that this fraction of the rows is kept (instead of eps)",
-        above=0,
-        at_most=1,
-    )
-    block_rows: int = option(
-        2048, "rows per similarity block: memory is O(block_rows^2), not O(cluster^2)", at_least=1
-    )
 
 
 class SemdedupStage(Stage):
     name = "semdedup"
-    Options = SemdedupOptions
     flow = 150
     summary = "SemDeDup inside the clusters of a cluster stage"
     input_help = "stage folder of a cluster stage (or after it)"
@@ -41,21 +19,35 @@ class SemdedupStage(Stage):
         "`semantic_duplicate` (related_uid: the kept member it resolves to; detail: cluster, group, similarity, "
         "eps)"
     )
+
+    class Options(StageOptions):
+        eps: float = option(
+            0.07,
+            "drop a member whose cosine similarity to an earlier member of its cluster exceeds 1 - eps",
+            above=0,
+            below=2,
+        )
+        target_keep_fraction: float | None = option(
+            None,
+            "choose eps so that this fraction of the rows is kept (instead of eps)",
+            above=0,
+            at_most=1,
+        )
+        block_rows: int = option(
+            2048, "rows per similarity block: memory is O(block_rows^2), not O(cluster^2)", at_least=1
+        )
+
     assumed_rate = RateAssumption(
         60_000,
         "rows/s",
         "blocked similarities within clusters (bench/results/semdedup.json when present)",
     )
+    adapter = "curation.spark.semantic:run_semdedup"
 
     def survival(self, options: dict) -> tuple[float, str]:
         if options["target_keep_fraction"] is not None:
             return float(options["target_keep_fraction"]), "exact: target_keep_fraction"
         return super().survival(options)
-
-    def run(self, context):
-        from curation.spark.semantic import run_semdedup
-
-        return run_semdedup(context)
 
 
 STAGE = SemdedupStage()

@@ -30,8 +30,10 @@ from PIL import Image, ImageFile
 from curation.cli import main as cli_main
 from curation.ops.imagehash import DecodedImage, DecodeFailure, decode_image, hamming_distances, perceptual_hash
 from curation.ops.ingest import IngestError, IngestOptions
+from curation.ops.jaccard import exact_jaccard
 from curation.ops.metaclip import Matcher, build_reference_automaton, reference_match
-from curation.ops.minhash import MinHasher, exact_jaccard, normalise_texts
+from curation.ops.minhash import MinHasher
+from curation.ops.shingles import normalise_texts
 from curation.ops.uid import compute_uids, uid_of
 from curation.pipeline import run_one_stage
 from curation.schema import REASONS_SHARING_KEPT_UID, Reason

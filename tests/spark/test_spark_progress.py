@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from curation.progress import spark_progress
+from curation.spark.progress import spark_progress
 
 pytestmark = pytest.mark.spark
 

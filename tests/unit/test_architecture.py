@@ -2,12 +2,14 @@
 imports, including the ones inside functions, and on what importing the CLI loads."""
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from curation.stage import RowFilterStage
 from curation.stages import all_stages
 from tests.conftest import REPO_ROOT
 
@@ -120,3 +122,24 @@ def test_no_stage_is_dispatched_by_name(module):
         if isinstance(node, ast.Dict):
             compared += [k.value for k in node.keys if isinstance(k, ast.Constant) and k.value in names]
     assert not compared, f"{module} dispatches on stage names {compared}"
+
+
+@pytest.mark.parametrize("stage", all_stages(), ids=lambda stage: stage.name)
+def test_each_declaration_names_a_spark_adapter_that_exists(stage):
+    """A declaration names its adapter (a row filter its planner) as "module:function", so that importing it imports
+    no Spark; a misspelt name would otherwise only fail when the stage runs."""
+    named, method = ("planner", "plan") if isinstance(stage, RowFilterStage) else ("adapter", "run")
+    if not hasattr(stage, named):
+        assert method in vars(type(stage)), f"stage {stage.name} declares neither {named} nor {method}"
+        return
+    module, _, function = getattr(stage, named).partition(":")
+    assert module.startswith("curation.spark."), f"stage {stage.name}: {named} {module} is not a Spark adapter"
+    assert callable(getattr(importlib.import_module(module), function, None)), f"stage {stage.name}: no {function}"
+
+
+@pytest.mark.parametrize("stage", all_stages(), ids=lambda stage: stage.name)
+def test_each_declaration_names_a_dry_run_estimator_that_exists(stage):
+    from curation.dry_run import Estimator
+
+    estimate = getattr(Estimator, stage.estimated_by, None)
+    assert callable(estimate), f"stage {stage.name}: no Estimator.{stage.estimated_by}"

@@ -11,21 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from curation.ops import minhash
-from curation.ops.minhash import (
-    EMPTY_HASH_VALUE,
-    KeepPolicy,
-    MinHasher,
-    anchor_edges,
-    band_hashes,
-    candidate_probability,
-    choose_bands,
-    exact_jaccard,
-    exact_jaccard_pairs,
-    parse_policy,
-    parse_shingle_spec,
-    select_survivors,
-    shingle_texts,
-)
+from curation.ops.jaccard import exact_jaccard, exact_jaccard_pairs
+from curation.ops.lsh import anchor_edges, band_hashes, candidate_probability, choose_bands
+from curation.ops.minhash import EMPTY_HASH_VALUE, MinHasher
+from curation.ops.shingles import parse_shingle_spec, shingle_texts
+from curation.ops.survivors import KeepPolicy, parse_policy, select_survivors
 
 EDGE_TEXTS = [
     "A dog on a beach",
@@ -317,7 +307,7 @@ def test_band_hashes_are_fixed_across_processes():
     signature = np.arange(128, dtype=np.uint64)[None, :] * np.uint64(2654435761)
     here = band_hashes(signature, 4, 5)[0].tolist()
     code = (
-        "import numpy as np; from curation.ops.minhash import band_hashes; "
+        "import numpy as np; from curation.ops.lsh import band_hashes; "
         "print(band_hashes(np.arange(128, dtype=np.uint64)[None, :] * np.uint64(2654435761), 4, 5)[0].tolist())"
     )
     repo_root = Path(__file__).resolve().parents[2]

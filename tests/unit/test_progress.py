@@ -9,6 +9,7 @@ import pytest
 
 from curation import progress as progress_module
 from curation.progress import Progress, default_interval, format_duration, polling
+from curation.spark import progress as spark_progress_module
 
 
 class Clock:
@@ -282,7 +283,7 @@ def test_spark_monitor_follows_the_active_stage_and_sums_up_the_jobs(caplog):
     clock = Clock()
     tracker = FakeTracker()
     progress = Progress("4/9 cluster", None, "tasks", clock=clock, tty=False, interval=0)
-    monitor = progress_module._SparkMonitor(FakeContext(tracker), progress)
+    monitor = spark_progress_module._SparkMonitor(FakeContext(tracker), progress)
     monitor.poll()
     assert progress.done == 0 and not progress.visible
     tracker.jobs[1] = FakeJob([1, 2])
@@ -313,6 +314,6 @@ def test_spark_monitor_follows_the_active_stage_and_sums_up_the_jobs(caplog):
 
 def test_spark_progress_without_spark_reports_the_time(caplog):
     with caplog.at_level(logging.INFO, logger="curation.progress"):
-        with progress_module.spark_progress(None, "1/2 ingest", tty=False):
+        with spark_progress_module.spark_progress(None, "1/2 ingest", tty=False):
             pass
     assert messages(caplog) == ["1/2 ingest: done in 0s"]
