@@ -19,7 +19,6 @@ from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 
 from curation.io import ARTIFACTS_DIR, LEDGER_DIR, RELEASE_DIR, STAGE_RECORD, SUCCESS_MARKER, list_files
 
@@ -164,6 +163,8 @@ class StageFolder:
     @cached_property
     def data_schema(self) -> pa.Schema | None:
         """The schema of its rows; None when it has no data file."""
+        import pyarrow.dataset as ds  # loads pandas: not for the CLI's start-up
+
         return ds.dataset([str(p) for p in self.data_files], format="parquet").schema if self.data_files else None
 
     def artifact(self, name: str) -> Path:

@@ -15,7 +15,7 @@ from tests.conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "curation"
 CONTRACTS = ("config", "schema", "io", "manifest", "stage", "run_folder")
-HEAVY = ("pyspark", "torch", "faiss", "open_clip", "onnxruntime")
+HEAVY = ("pyspark", "torch", "faiss", "open_clip", "onnxruntime", "pandas")
 
 
 def _imports(path: Path) -> set[str]:
