@@ -176,13 +176,14 @@ def _spark(args):
 
 def _stage_command(args, stage: Stage) -> dict:
     """Run one stage command with the same options, checks and progress reporting as a stage of `curation run`."""
-    from curation.pipeline import command_stage, run_stage
+    from curation.pipeline import check_stage_output, command_stage, run_stage
     from curation.spark.progress import spark_progress
 
     ingest_given = _given_options(args, get_stage(INGEST)) if stage.input_kind == "either" else None
     # Checked before Spark starts: a bad flag fails in a second, not after the session is up.
     configured, ingest_options = command_stage(stage.name, _given_options(args, stage), ingest_given)
     config = hashed_config(configured)
+    check_stage_output(args.output, args.input)
     spark = _spark(args)
     with spark_progress(spark, args.command):
         return run_stage(spark, configured, config, args.input, args.output, ingest_options=ingest_options)
@@ -242,7 +243,7 @@ def _dispatch(args) -> int:
         _write(json.dumps({k: record[k] for k in ("stage", "rows_in", "rows_out", "drops")}))
         return 0
     if args.command == "run":
-        from curation.pipeline import run_pipeline
+        from curation.pipeline import check_run_output, run_pipeline
 
         run_config = load_run_config(args.config)
         if args.dry_run:
@@ -251,6 +252,7 @@ def _dispatch(args) -> int:
             for line in dry_run(run_config, args.output, args.sample_rows):
                 _write(line)
             return 0
+        check_run_output(args.output, run_config.inputs)
         spark = _spark_for_run(args, run_config)
         results = run_pipeline(spark, run_config, args.output, force=args.force)
         for line in run_summary(results, args.output.resolve()):

@@ -13,7 +13,9 @@ import json
 import logging
 import os
 import shutil
+import socket
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -24,6 +26,10 @@ LEDGER_DIR = "_ledger"
 ARTIFACTS_DIR = "_artifacts"
 WORK_IDENTITY = "_work.json"
 RELEASE_DIR = "publish"  # a run folder's release (the publish stage's folder)
+
+
+class OutputError(ValueError):
+    """An output that would replace, or lie among, what is not ours to write over."""
 
 
 def canonical_json(value) -> str:
@@ -99,6 +105,108 @@ def remove_leftovers(folder: Path) -> list[Path]:
     return removed
 
 
+def check_replaceable(stage_dir: Path) -> None:
+    """OutputError unless `stage_dir` is absent, an empty folder or a stage folder of ours (it has its record): a
+    writer replaces nothing else, and never renames or deletes a user's file."""
+    stage_dir = Path(stage_dir)
+    if not stage_dir.exists() and not stage_dir.is_symlink():
+        return
+    if stage_dir.is_symlink() or not stage_dir.is_dir():
+        raise OutputError(f"{stage_dir} exists and is not a folder: refusing to write over it")
+    if any(stage_dir.iterdir()) and not (stage_dir / STAGE_RECORD).is_file():
+        raise OutputError(f"{stage_dir} exists and is not a stage folder of ours (no {STAGE_RECORD}): refusing to "
+                          "replace it; give a new or empty folder")
+
+
+def _is_remote(location: str) -> bool:
+    return "://" in location or location.startswith("dbfs:")
+
+
+def _local_root(location) -> Path:
+    """The local path an input names: itself, or for a glob the folder before its first wildcard."""
+    parts = Path(location).expanduser().parts
+    wildcard = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    return Path(*parts[:wildcard]).resolve() if wildcard else Path.cwd()
+
+
+def check_apart(output: Path, inputs) -> None:
+    """OutputError when the output is, is inside, or contains a local input: writing it would delete the input, or
+    a rerun would read its own output."""
+    output = Path(output).expanduser().resolve()
+    for location in [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs):
+        if _is_remote(str(location)):
+            continue
+        root = _local_root(location)
+        is_glob = root != Path(location).expanduser().resolve()
+        if output == root or output in root.parents:
+            raise OutputError(f"the output {output} is or contains the input {location}: refusing to write there")
+        if not is_glob and root in output.parents:
+            raise OutputError(f"the output {output} is inside the input {location}: a rerun would read its own "
+                              "output; choose a folder outside it")
+
+
+class OutputLock:
+    """An exclusive lock on an output, held while a command writes it: a file naming the holder (host, pid, start)
+    created atomically (hard-linked into place, so it never exists without its content). A lock whose holder is a
+    process of this host that no longer runs is stale and taken over; another host's lock is only reported, since
+    this host cannot tell whether that run is alive."""
+
+    def __init__(self, path: Path, what: Path):
+        self.path = Path(path)
+        self.what = what
+        self.held = False
+
+    def __enter__(self) -> "OutputLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": datetime.now(UTC).isoformat()}
+        temporary = self.path.with_name(f"{self.path.name}.tmp-{uuid.uuid4().hex[:12]}")
+        temporary.write_text(json.dumps(holder))
+        try:
+            for _ in range(2):
+                try:
+                    os.link(temporary, self.path)
+                    self.held = True
+                    return self
+                except FileExistsError:
+                    self._take_over_if_stale()
+            raise OutputError(f"{self.what} is locked by another run ({self.path}): try again")
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return  # released meanwhile: try again
+        except (OSError, ValueError):
+            holder = {}
+        host, pid = holder.get("host"), holder.get("pid")
+        if host == socket.gethostname() and isinstance(pid, int) and not _process_runs(pid):
+            logger.warning("taking over the lock %s of a run that no longer runs (pid %s)", self.path, pid)
+            self.path.unlink(missing_ok=True)
+            return
+        raise OutputError(f"{self.what} is in use by another run (host {host}, pid {pid}, since "
+                          f"{holder.get('since')}); if that run is gone, remove {self.path}")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+
+
+def _process_runs(pid: int) -> bool:
+    """Whether process `pid` of this host runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 class StageWriter:
     """Builds a stage folder in a temporary sibling and renames it into place on `commit`.
 
@@ -106,6 +214,7 @@ class StageWriter:
     """
 
     def __init__(self, final_dir: Path):
+        check_replaceable(final_dir)
         self.final_dir = Path(final_dir).resolve()
         self.final_dir.parent.mkdir(parents=True, exist_ok=True)
         self.temp_dir = self.final_dir.parent / f".{self.final_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
@@ -149,6 +258,7 @@ class StageWriter:
     def commit(self, record: dict) -> None:
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.temp_dir / STAGE_RECORD, record)
+        check_replaceable(self.final_dir)  # again: the folder may have appeared while the stage ran
         if self.final_dir.exists():
             trash = self.final_dir.parent / f".{self.final_dir.name}.old-{uuid.uuid4().hex[:12]}"
             os.replace(self.final_dir, trash)

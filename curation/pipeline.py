@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from curation.config import DEFAULT_RELEASE_NAME, RunConfig, StageConfig
-from curation.io import remove_leftovers
+from curation.io import OutputLock, check_apart, check_replaceable, remove_leftovers
 from curation.run_folder import RunFolder, is_complete, is_stage_folder, read_stage_record
 from curation.spark.progress import spark_progress
 from curation.stages import get_stage, hashed_config
@@ -55,6 +55,7 @@ def run_stage(spark, stage: StageConfig, config: dict, input_location, output_di
     into `<output>/_ingest`)."""
     from curation.spark.executor import execute
 
+    check_stage_output(output_dir, input_location)
     declaration = get_stage(stage.name)
     # The run's `spark.partitions` applies to the stages that have a partitions option; the others partition their
     # work by what it is (download and embed by shard, semdedup by cluster).
@@ -67,8 +68,10 @@ def run_stage(spark, stage: StageConfig, config: dict, input_location, output_di
         raw_ingest = (ingest, ingest_options if ingest_options is not None else ingest.options({}, {}))
     elif declaration.input_kind != "raw":
         input_location = _single_folder(input_location)
-    return execute(spark, declaration, stage.options, config, input_location, output_dir, partitions,
-                   run_config.raw if run_config else None, raw_ingest)
+    output_dir = Path(output_dir)
+    with OutputLock(output_dir.parent / f".{output_dir.name}.lock", output_dir):
+        return execute(spark, declaration, stage.options, config, input_location, output_dir, partitions,
+                       run_config.raw if run_config else None, raw_ingest)
 
 
 def _single_folder(input_location) -> Path:
@@ -99,8 +102,29 @@ def run_one_stage(spark, name: str, input_location, output_dir: Path, options: d
 def run_pipeline(spark, run_config: RunConfig, run_dir: Path, force: bool = False) -> list[tuple[Path, dict, bool]]:
     """Run every configured stage in order; (folder, record, was it skipped) per stage."""
     run_dir = Path(run_dir).resolve()
-    for folder in (run_dir, RunFolder(run_dir).stages_dir):
-        remove_leftovers(folder)
+    run = RunFolder(run_dir)
+    check_run_output(run_dir, run_config.inputs)
+    with run.lock():
+        for folder in (run_dir, run.stages_dir):
+            remove_leftovers(folder)
+        return _run_stages(spark, run_config, run_dir, force)
+
+
+def check_run_output(run_dir: Path, inputs) -> None:
+    """OutputError unless `curation run` may write `run_dir` (a new folder or a run folder of ours, apart from the
+    inputs)."""
+    check_apart(run_dir, inputs)
+    RunFolder(run_dir).check_writable()
+
+
+def check_stage_output(output_dir: Path, input_location) -> None:
+    """OutputError unless a stage command may write `output_dir` (new, empty or a stage folder of ours, apart from
+    its input)."""
+    check_apart(output_dir, input_location)
+    check_replaceable(output_dir)
+
+
+def _run_stages(spark, run_config: RunConfig, run_dir: Path, force: bool) -> list[tuple[Path, dict, bool]]:
     results = []
     input_location = run_config.inputs
     upstream_redone = force

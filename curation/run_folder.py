@@ -20,7 +20,16 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curation.io import ARTIFACTS_DIR, LEDGER_DIR, RELEASE_DIR, STAGE_RECORD, SUCCESS_MARKER, list_files
+from curation.io import (
+    ARTIFACTS_DIR,
+    LEDGER_DIR,
+    RELEASE_DIR,
+    STAGE_RECORD,
+    SUCCESS_MARKER,
+    OutputError,
+    OutputLock,
+    list_files,
+)
 
 STAGES_DIR = "stages"
 RELEASE_SHARDS_DIR = "shards"
@@ -28,6 +37,7 @@ RELEASE_LEDGER_DIR = "ledger"
 RELEASE_IMAGES_DIR = "images"
 RELEASE_STAGE = "publish"
 REPORT_NAME = "report.html"
+RUN_LOCK = ".curation-run.lock"  # held by the run writing the folder (io.OutputLock)
 MANIFEST_NAME = "manifest.json"  # in the release
 INCOMPLETE = f"no {SUCCESS_MARKER} or {STAGE_RECORD}"  # why a folder is not a complete stage folder
 
@@ -248,6 +258,22 @@ class RunFolder:
         or an interrupted run."""
         in_chain = {stage.folder for stage in chain}
         return [(folder, is_complete(folder)) for folder in self.stage_folders() if folder.resolve() not in in_chain]
+
+    def check_writable(self) -> None:
+        """OutputError unless the folder is absent, empty or a run folder of ours (it has stages/ or a release):
+        `curation run` writes nowhere else. Inside it, each stage folder is replaced only when it is ours
+        (`io.check_replaceable`)."""
+        if not self.path.exists():
+            return
+        if not self.path.is_dir():
+            raise OutputError(f"{self.path} exists and is not a folder: refusing to write a run there")
+        if any(self.path.iterdir()) and not (self.is_run() or is_stage_folder(self.release_dir)):
+            raise OutputError(f"{self.path} exists and is not a run folder (no {STAGES_DIR}/ or {RELEASE_DIR}/): "
+                              "refusing to write a run among its files; give a new or empty folder")
+
+    def lock(self) -> OutputLock:
+        """The lock a run holds on this folder while it writes."""
+        return OutputLock(self.path / RUN_LOCK, self.path)
 
     def published_shards(self) -> list[Path]:
         return parquet_files(self.release_dir / RELEASE_SHARDS_DIR) if self.has_release() else []
