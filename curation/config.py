@@ -43,8 +43,30 @@ class RunConfig:
     raw: dict = field(default_factory=dict)
 
 
+# A run configuration is a page of YAML; a larger file is a mistake (or an attack), not a config.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without aliases: `*name` references let a few lines expand without bound ("billion laughs"), and a
+    run configuration has no use for them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"YAML aliases (*{event.anchor}) are not allowed in a run configuration "
+                              f"(line {event.start_mark.line + 1})")
+        return super().compose_node(parent, index)
+
+
 def read_yaml(path: Path):
+    path = Path(path)
     try:
-        return yaml.safe_load(Path(path).read_text())
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{size:,} bytes, more than the {MAX_CONFIG_BYTES:,} a configuration may have")
+        return yaml.load(path.read_text(), Loader=_NoAliasLoader)  # a SafeLoader: no Python objects either
+    except ConfigError as error:
+        raise ConfigError(f"cannot read run configuration {path}: {error}") from None
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"cannot read run configuration {path}: {error}") from error

@@ -90,3 +90,4 @@ def test_a_bad_config_fails_before_spark_starts(tmp_path):
     assert result.stdout.split() == ["2", "False"]
     assert "stage balance: give at most one of t, target_size, tail_share" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
