@@ -122,11 +122,12 @@ def _is_remote(location: str) -> bool:
     return "://" in location or location.startswith("dbfs:")
 
 
-def _local_root(location) -> Path:
-    """The local path an input names: itself, or for a glob the folder before its first wildcard."""
+def _local_root(location) -> tuple[Path, bool]:
+    """The local path an input names (itself, or for a glob the folder before its first wildcard), and whether it
+    is a glob."""
     parts = Path(location).expanduser().parts
     wildcard = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
-    return Path(*parts[:wildcard]).resolve() if wildcard else Path.cwd()
+    return (Path(*parts[:wildcard]).resolve() if wildcard else Path.cwd()), wildcard < len(parts)
 
 
 def check_apart(output: Path, inputs) -> None:
@@ -136,8 +137,7 @@ def check_apart(output: Path, inputs) -> None:
     for location in [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs):
         if _is_remote(str(location)):
             continue
-        root = _local_root(location)
-        is_glob = root != Path(location).expanduser().resolve()
+        root, is_glob = _local_root(location)
         if output == root or output in root.parents:
             raise OutputError(f"the output {output} is or contains the input {location}: refusing to write there")
         if not is_glob and root in output.parents:

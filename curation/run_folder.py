@@ -131,7 +131,7 @@ def downloaded_images_dir(stage_dir: Path) -> Path:
 
 def parquet_files(folder: Path) -> list[Path]:
     """The parquet files below `folder` in path order (none when it does not exist)."""
-    return [path for path in list_files(folder) if path.suffix == ".parquet"] if Path(folder).exists() else []
+    return [path for path in list_files(folder) if path.suffix == ".parquet"]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from curation.io import LEDGER_DIR
 from curation.manifest import verify_manifest
-from curation.run_folder import INCOMPLETE, RELEASE_STAGE, RunFolder, is_complete
+from curation.run_folder import INCOMPLETE, RELEASE_STAGE, RunFolder, StageFolderError
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +41,10 @@ def _stage_folders(run: RunFolder) -> list[Path]:
 
 def _check_stage(run: RunFolder, folder: Path) -> tuple[list[str], dict | None]:
     where = folder.name
-    if not is_complete(folder):
+    try:
+        stage = run.stage(folder)
+    except StageFolderError:
         return [f"{where}: incomplete stage folder ({INCOMPLETE}): rerun the run"], None
-    stage = run.stage(folder)
     record = stage.record
     problems = []
     dropped = sum(record["drops"].values())

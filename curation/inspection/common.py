@@ -9,18 +9,6 @@ import pyarrow.dataset as ds
 
 from curation.run_folder import Artifact, RunFolder, StageFolder, StageFolderError
 
-# How the row's columns are grouped in the story; any other float column counts as a score too.
-SCORE_COLUMNS = (
-    "clip_score", "nsfw_score", "keep_probability", "logo_score", "centroid_similarity", "semdedup_max_similarity",
-    "spurious_logo_similarity",
-)
-GROUP_COLUMNS = (
-    "text_dup_group", "text_dup_group_size", "image_dup_group", "cluster", "prune_cluster", "spurious_logo",
-)
-# Columns a stage writes again although an upstream stage had them (a second balance replaces keep_probability).
-REWRITTEN_COLUMNS = {"balance": ("keep_probability",)}
-DEDUP_STAGES = {"dedup_exact": "exact duplicates", "dedup_text": "near-duplicate captions",
-                "dedup_image": "duplicate images", "semdedup": "semantic duplicates"}
 MAX_SHOWN_ENTRIES = 30
 MAX_TEXT_CHARS = 300
 # C0 and C1 controls and DEL (tab and newlines too: a line holds one value) as Python escapes; the bidi embedding,
@@ -30,7 +18,6 @@ _ESCAPES = {
     **{ord(char): escape for char, escape in (("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))},
     **{code: f"\\u{code:04x}" for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))},
 }
-UID_HEX_CHARS = 32
 
 
 class InspectError(LookupError):

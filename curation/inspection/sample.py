@@ -7,12 +7,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 
 from curation.inspection.common import (
-    DEDUP_STAGES,
-    GROUP_COLUMNS,
     MAX_SHOWN_ENTRIES,
-    REWRITTEN_COLUMNS,
-    SCORE_COLUMNS,
-    UID_HEX_CHARS,
     InspectError,
     chain,
     detail_text,
@@ -27,6 +22,20 @@ from curation.inspection.common import (
 from curation.io import ARTIFACTS_DIR
 from curation.run_folder import Artifact, RunFolder, StageFolder
 from curation.schema import CAPTION, ENTRY_IDS, REASONS_SHARING_KEPT_UID, UID, URL
+
+# How the row's columns are grouped in the story; any other float column counts as a score too.
+SCORE_COLUMNS = (
+    "clip_score", "nsfw_score", "keep_probability", "logo_score", "centroid_similarity", "semdedup_max_similarity",
+    "spurious_logo_similarity",
+)
+GROUP_COLUMNS = (
+    "text_dup_group", "text_dup_group_size", "image_dup_group", "cluster", "prune_cluster", "spurious_logo",
+)
+# Columns a stage writes again although an upstream stage had them (a second balance replaces keep_probability).
+REWRITTEN_COLUMNS = {"balance": ("keep_probability",)}
+DEDUP_STAGES = {"dedup_exact": "exact duplicates", "dedup_text": "near-duplicate captions",
+                "dedup_image": "duplicate images", "semdedup": "semantic duplicates"}
+UID_HEX_CHARS = 32
 
 
 @dataclass
