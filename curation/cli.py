@@ -252,6 +252,10 @@ def _dispatch(args) -> int:
             for line in dry_run(run_config, args.output, args.sample_rows):
                 _write(line)
             return 0
+        # The files the options name (metadata, blocklists) are read now, so that a missing or malformed one fails
+        # before Spark starts, not after the stages before it ran.
+        for stage in run_config.stages:
+            hashed_config(stage)
         check_run_output(args.output, run_config.inputs)
         spark = _spark_for_run(args, run_config)
         results = run_pipeline(spark, run_config, args.output, force=args.force)
