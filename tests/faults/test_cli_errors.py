@@ -108,15 +108,16 @@ def test_a_bad_stage_flag_is_one_line_naming_the_option(tmp_path, blank_entry_me
 @pytest.mark.parametrize(
     ("args", "usage_error"),
     [
-        (["sample", "--seed", "1.7"], "argument --seed: invalid int value: '1.7'"),
-        (["ingest", "--skip-bad-files", "false"], "unrecognized arguments: false"),
+        (["sample", "--input", "shards", "--seed", "1.7"], "argument --seed: invalid int value: '1.7'"),
+        (["ingest", "--input", "shards", "--skip-bad-files", "false"], "unrecognized arguments: false"),
+        (["run", "run.yaml", "--dry-run", "--sample-rows", "0"], "argument --sample-rows: must be an integer >= 1, "
+                                                                 "got '0'"),
     ],
-    ids=["seed-float", "switch-given-a-value"],
+    ids=["seed-float", "switch-given-a-value", "sample-rows-0"],
 )
 def test_a_flag_of_the_wrong_type_is_a_usage_error(tmp_path, args, usage_error):
     """argparse refuses these itself: its usage line and one `error:` line, exit 2."""
-    command, *flags = args
-    result = _cli(command, "--input", "shards", "--output", tmp_path / "out", *flags, cwd=tmp_path)
+    result = _cli(*args, "--output", tmp_path / "out", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.splitlines()[-1].endswith(f"error: {usage_error}"), result.stderr
     assert not (tmp_path / "out").exists()
