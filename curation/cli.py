@@ -45,14 +45,14 @@ def _option_help(spec: OptionSpec) -> str:
     return text if default in ("none", "[]", "false") else f"{text} (default: {default})"
 
 
-def _positive_int(text: str) -> int:
-    """The argparse type of a count: an integer >= 1."""
-    refusal = argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+def _count(text: str) -> int:
+    """The argparse type of a count: an integer >= 0."""
+    refusal = argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     try:
         value = int(text)
     except ValueError:
         raise refusal from None
-    if value < 1:
+    if value < 0:
         raise refusal
     return value
 
@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="redo every stage even if it is up to date")
     run.add_argument("--dry-run", action="store_true", help="print the stages, the inputs (shards, rows, bytes) and "
                      "an estimate of output size and time from a sample; runs nothing and starts no Spark")
-    run.add_argument("--sample-rows", type=_positive_int, default=2000,
-                     help="rows the dry run's estimate is measured on (default: 2000)")
+    run.add_argument("--sample-rows", type=_count, default=2000,
+                     help="rows the dry run's estimate is measured on (default: 2000; 0: no sample, no estimate)")
     run.add_argument("--no-report", dest="report", action="store_false",
                      help="do not write RUN_DIR/report.html at the end")
 

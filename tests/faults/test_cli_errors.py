@@ -110,10 +110,10 @@ def test_a_bad_stage_flag_is_one_line_naming_the_option(tmp_path, blank_entry_me
     [
         (["sample", "--input", "shards", "--seed", "1.7"], "argument --seed: invalid int value: '1.7'"),
         (["ingest", "--input", "shards", "--skip-bad-files", "false"], "unrecognized arguments: false"),
-        (["run", "run.yaml", "--dry-run", "--sample-rows", "0"], "argument --sample-rows: must be an integer >= 1, "
-                                                                 "got '0'"),
+        (["run", "run.yaml", "--dry-run", "--sample-rows", "-1"], "argument --sample-rows: must be an integer >= 0, "
+                                                                  "got '-1'"),
     ],
-    ids=["seed-float", "switch-given-a-value", "sample-rows-0"],
+    ids=["seed-float", "switch-given-a-value", "sample-rows-negative"],
 )
 def test_a_flag_of_the_wrong_type_is_a_usage_error(tmp_path, args, usage_error):
     """argparse refuses these itself: its usage line and one `error:` line, exit 2."""
