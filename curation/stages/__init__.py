@@ -120,7 +120,8 @@ def _check_stage_order(stages: list[Stage]) -> None:
     if not stages:
         raise ConfigError("`stages` is empty: list the stages to run, e.g. [ingest, match, count, balance, publish]")
     if stages[0].input_kind != "raw":
-        raise ConfigError(f"`stages`: the first stage must be ingest, got {stages[0].name}")
+        readers = " or ".join(stage.name for stage in all_stages() if stage.input_kind == "raw")
+        raise ConfigError(f"`stages`: the first stage must be {readers}, got {stages[0].name}")
     for position, stage in enumerate(stages[1:], start=2):
         if stage.input_kind == "raw":
             raise ConfigError(f"`stages`: {stage.name} is listed again at position {position}; it reads the raw "
