@@ -19,6 +19,15 @@ logger = logging.getLogger("curation")
 # `curation <command>` -> its stage, for every declared stage.
 STAGE_COMMANDS = {stage.command: stage for stage in all_stages()}
 
+# What could recolour, move the cursor, reorder or break a terminal line, escaped as `curation inspect` shows data:
+# C0, DEL and C1 as Python escapes (\x1b, \t, \n, \r), the bidi embeddings, overrides and isolates and the Unicode
+# line and paragraph separators as \uNNNN.
+_TERMINAL_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))},
+    **{ord(char): escape for char, escape in (("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))},
+    **{code: f"\\u{code:04x}" for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029)},
+}
+
 # Kept in step with curation.demo_images (not imported: it would load Pillow and numpy for every command).
 DEMO_IMAGE_PORT = 18765
 
@@ -34,6 +43,18 @@ def _option_help(spec: OptionSpec) -> str:
             return f"{text} (required)"
         default = str(run_default)
     return text if default in ("none", "[]", "false") else f"{text} (default: {default})"
+
+
+def _count(text: str) -> int:
+    """The argparse type of a count: an integer >= 0."""
+    refusal = argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    try:
+        value = int(text)
+    except ValueError:
+        raise refusal from None
+    if value < 0:
+        raise refusal
+    return value
 
 
 def _add_spark_options(parser: argparse.ArgumentParser) -> None:
@@ -99,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="redo every stage even if it is up to date")
     run.add_argument("--dry-run", action="store_true", help="print the stages, the inputs (shards, rows, bytes) and "
                      "an estimate of output size and time from a sample; runs nothing and starts no Spark")
-    run.add_argument("--sample-rows", type=int, default=2000, help="rows the dry run's estimate is measured on "
-                     "(default: 2000)")
+    run.add_argument("--sample-rows", type=_count, default=2000,
+                     help="rows the dry run's estimate is measured on (default: 2000; 0: no sample, no estimate)")
     run.add_argument("--no-report", dest="report", action="store_false",
                      help="do not write RUN_DIR/report.html at the end")
 
@@ -189,8 +210,39 @@ def _stage_command(args, stage: Stage) -> dict:
         return run_stage(spark, configured, config, args.input, args.output, ingest_options=ingest_options)
 
 
-def _write(text: str) -> None:
-    sys.stdout.write(text + "\n")
+def escape_controls(text: str) -> str:
+    """`text` with every character of `_TERMINAL_ESCAPES` escaped: a file name, caption or path echoed in a message
+    can neither drive the terminal nor start a forged line."""
+    return text.translate(_TERMINAL_ESCAPES)
+
+
+class EscapingFormatter(logging.Formatter):
+    """Escapes the whole message of every record, so each record is one line whatever input it echoes; a
+    traceback (--verbose) keeps its line breaks but not the control characters within its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, exc_info) -> str:
+        return "\n".join(escape_controls(line) for line in super().formatException(exc_info).split("\n"))
+
+
+def configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
+def _write(line: str) -> None:
+    """One line to stdout, escaped as log messages are (it may echo a path or a caption)."""
+    sys.stdout.write(escape_controls(line) + "\n")
+
+
+def _write_json(value, **dumps_options) -> None:
+    """`value` as JSON that stays valid once escaped: the only control character json.dumps leaves raw is DEL."""
+    for line in json.dumps(value, **dumps_options).replace("\x7f", "\\u007f").splitlines():
+        _write(line)
 
 
 def run_summary(results, run_dir: Path) -> list[str]:
@@ -217,30 +269,39 @@ def main(argv: list[str] | None = None) -> int:
     # Nothing a run writes may be world-writable, whatever umask the caller has (Spark's JVM and workers inherit
     # it from this process).
     os.umask(os.umask(0) | 0o002)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
-    )
+    configure_logging(args.verbose)
     try:
         return _dispatch(args)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         logger.error("%s", error)
         return 2
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
     except Exception as error:
         # A bad input found inside a Spark task (a corrupt data page, say) reaches the driver wrapped in Spark's
         # PythonException; its last traceback line is the task's own message, which is what the user needs.
         if type(error).__name__ != "PythonException":
-            raise
+            return _failed(error, args.verbose)
         message = [line for line in str(error).strip().splitlines() if line.strip()]
         logger.error("a Spark task failed: %s", message[-1] if message else error)
         return 1
+
+
+def _failed(error: Exception, verbose: bool) -> int:
+    """A failure that is not one of the known, user-fixable kinds: one line, and the traceback with --verbose."""
+    if verbose:
+        logger.error("%s: %s", type(error).__name__, error, exc_info=error)
+    else:
+        logger.error("%s: %s (run with --verbose for the traceback)", type(error).__name__, error)
+    return 1
 
 
 def _dispatch(args) -> int:
     stage = STAGE_COMMANDS.get(args.command)
     if stage is not None:
         record = _stage_command(args, stage)
-        _write(json.dumps({k: record[k] for k in ("stage", "rows_in", "rows_out", "drops")}))
+        _write_json({k: record[k] for k in ("stage", "rows_in", "rows_out", "drops")})
         return 0
     if args.command == "run":
         from curation.pipeline import check_run_output, run_pipeline
@@ -252,6 +313,10 @@ def _dispatch(args) -> int:
             for line in dry_run(run_config, args.output, args.sample_rows):
                 _write(line)
             return 0
+        # The files the options name (metadata, blocklists) are read now, so that a missing or malformed one fails
+        # before Spark starts, not after the stages before it ran.
+        for stage in run_config.stages:
+            hashed_config(stage)
         check_run_output(args.output, run_config.inputs)
         spark = _spark_for_run(args, run_config)
         results = run_pipeline(spark, run_config, args.output, force=args.force)
@@ -285,7 +350,7 @@ def _dispatch(args) -> int:
         if not (args.uids or args.urls or args.image_hashes):
             raise ConfigError("takedown needs at least one of --uids, --urls, --image-hashes")
         summary = takedown_release(args.release, args.output, args.uids, args.urls, args.image_hashes, args.reason)
-        _write(json.dumps(summary, indent=2, sort_keys=True))
+        _write_json(summary, indent=2, sort_keys=True)
         return 0
     if args.command == "verify":
         from curation.manifest import verify_manifest
@@ -313,7 +378,7 @@ def _dispatch(args) -> int:
             from curation.demo import write_demo_requests
 
             summary["requests"] = write_demo_requests(args.requests, args.rows, args.image_seed, args.image_port)
-        _write(json.dumps(summary, indent=2, sort_keys=True))
+        _write_json(summary, indent=2, sort_keys=True)
         return 0
     if args.command == "demo-images":
         from curation.demo_images import serve_demo_images
@@ -351,8 +416,8 @@ def _metadata_command(args) -> int:
 
     entries = metadata_ops.load_metadata(args.path)
     never = Matcher.from_entries(entries).unmatchable_entry_ids()
-    _write(json.dumps({"entries": len(entries), "sha256": metadata_ops.metadata_sha256(entries),
-                       "never_match": len(never), "never_match_sample": [entries[i] for i in never[:20]]}))
+    _write_json({"entries": len(entries), "sha256": metadata_ops.metadata_sha256(entries),
+                 "never_match": len(never), "never_match_sample": [entries[i] for i in never[:20]]})
     return 0
 
 

@@ -66,7 +66,8 @@ def option(default, help: str, **how):
 
 
 def partitions_option():
-    return option(None, "Spark partitions of this stage (never changes the output)", default_text="Spark's")
+    return option(None, "Spark partitions of this stage (never changes the output)", default_text="Spark's",
+                  at_least=1)
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,8 @@ class OptionSpec:
             bool: lambda v: isinstance(v, bool),
             int: lambda v: isinstance(v, int) and not isinstance(v, bool),
             float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-            str: lambda v: isinstance(v, str),
-            list: lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v),
+            str: _is_text,
+            list: lambda v: isinstance(v, list) and all(_is_text(item) for item in v),
         }[self.kind](value)
         if not fits or (self.choices is not None and value not in self.choices) or not self._in_range(value):
             raise ConfigError(f"stage {stage}: option {self.name} is {value!r}; allowed: {self.allowed()}")
@@ -135,8 +136,8 @@ class OptionSpec:
         if self.choices is not None:
             text = " | ".join(map(str, self.choices))
         else:
-            text = {bool: "true | false", int: "an integer", float: "a number", str: "a string",
-                    list: "a list of strings"}[self.kind] + self.range_text()
+            text = {bool: "true | false", int: "an integer", float: "a number", str: "a non-empty string",
+                    list: "a list of non-empty strings"}[self.kind] + self.range_text()
         return text + (" | null" if self.nullable else "")
 
     def limits(self) -> str:
@@ -159,6 +160,12 @@ class OptionSpec:
         if high:
             return f" {'<=' if high[-1] == ']' else '<'} {high[:-1]}"
         return ""
+
+
+def _is_text(value) -> bool:
+    # No option (a path, a column, a name, a choice) means anything by "" or blanks: such a value is a slip, like
+    # an unset variable in a templated config, and would otherwise reach a stage as "this column" or "this file".
+    return isinstance(value, str) and value.strip() != ""
 
 
 def _kind_of(annotation) -> tuple[type, bool]:

@@ -6,11 +6,11 @@ that command's flags; a stage added to the registry has its entry point here wit
 import logging
 import sys
 
-from curation.cli import STAGE_COMMANDS, main
+from curation.cli import STAGE_COMMANDS, configure_logging, main
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in STAGE_COMMANDS:
-        logging.basicConfig(format="%(message)s")
+        configure_logging(verbose=False)
         logging.getLogger("curation").error("usage: jobs/stage.py STAGE [options]; STAGE is one of %s",
                                             ", ".join(STAGE_COMMANDS))
         sys.exit(2)

@@ -33,6 +33,37 @@ def test_bad_configs_name_the_problem(raw, message):
         parse_run_config(raw)
 
 
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"seed": 1.7}, r"`seed` must be an integer, got 1.7"),
+        ({"seed": [1, 2]}, r"`seed` must be an integer, got \[1, 2\]"),
+        ({"seed": "abc"}, r"`seed` must be an integer, got 'abc'"),
+        ({"seed": True}, r"`seed` must be an integer, got True"),
+        ({"name": ["a"]}, r"`name` must be a non-empty string, got \['a'\]"),
+        ({"name": ""}, r"`name` must be a non-empty string, got ''"),
+        ({"spark": {"partitions": -1}}, r"`spark.partitions` must be an integer >= 1 \(or null: Spark's\), got -1"),
+        ({"spark": {"partitions": 0}}, r"`spark.partitions` must be an integer >= 1"),
+        ({"spark": {"master": 3}}, r"`spark.master` must be a Spark master URL"),
+        ({"spark": {"conf": ["spark.driver.memory=8g"]}}, r"`spark.conf` must map Spark settings to values"),
+        ({"stages": "ingest"}, r"`stages` must be a list of stages, got 'ingest'"),
+        ({"stages": ["ingest", "count", "ingest"]},
+         r"`stages`: ingest is listed again at position 3; it reads the raw shards and runs once, first"),
+        ({"stages": ["ingest", "publish", "sample"]},
+         r"`stages`: sample comes after publish \(position 2\); publish writes the release and must be the last"),
+        ({"stages": ["ingest", "publish", "sample", "publish"]}, r"`stages`: sample, publish come after publish"),
+    ],
+)
+def test_run_level_keys_and_stage_order_are_checked_naming_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_run_config({"input": "x", "stages": ["ingest"], **raw})
+
+
+def test_a_stage_may_repeat_between_ingest_and_publish():
+    config = parse_run_config({"input": "x", "stages": ["ingest", {"sample": {"fraction": 0.5}}, "sample", "publish"]})
+    assert [stage.name for stage in config.stages] == ["ingest", "sample", "sample", "publish"]
+
+
 def test_yaml_is_loaded_safely(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("input: !!python/object/apply:os.system ['echo owned']\nstages: [ingest]\n")
@@ -67,13 +98,24 @@ def test_the_boilerplate_rule_is_turned_off_by_null_in_yaml_or_zero():
         ({"filter": {"min_clip_score": 0.2, "min_clip_scor": 0.3}},
          r"stage filter: unknown option\(s\) \['min_clip_scor'\]; options are \[.*'min_clip_score'"),
         ({"download": {"allow_hosts": "127.0.0.1:80"}}, r"stage download: option allow_hosts is '127.0.0.1:80'; "
-                                                        r"allowed: a list of strings"),
+                                                        r"allowed: a list of non-empty strings"),
+        # issue 17 case 10: a quoted boolean, a zero target, a fractional seed, blank text
+        ({"ingest": {"skip_bad_files": "false"}}, r"stage ingest: option skip_bad_files is 'false'; allowed: true"),
+        ({"balance": {"target_size": 0}}, r"stage balance: option target_size is 0; allowed: an integer >= 1"),
+        ({"sample": {"seed": 1.7}}, r"stage sample: option seed is 1.7; allowed: an integer"),
+        ({"dedup_image": {"image_column": " "}}, r"stage dedup_image: option image_column is ' '; allowed: a "
+                                                 r"non-empty string"),
+        ({"ingest": {"keep_columns": ["w", ""]}}, r"option keep_columns is \['w', ''\]; allowed: a list of non-empty"),
+        # issue 17 case 13
+        ({"dedup_exact": {"partitions": -1}},
+         r"stage dedup_exact: option partitions is -1; allowed: an integer >= 1 \| null"),
+        ({"ingest": {"keep_columns": "WIDTH"}}, r"stage ingest: option keep_columns is 'WIDTH'; allowed: a list"),
     ],
 )
 def test_option_errors_fail_at_load_naming_stage_option_and_allowed_values(stage, message):
-    raw = {"input": "x", "metadata": "m.json", "stages": ["ingest", "match", stage]}
+    stages = [stage, "match"] if "ingest" in stage else ["ingest", "match", stage]
     with pytest.raises(ConfigError, match=message):
-        parse_run_config(raw)
+        parse_run_config({"input": "x", "metadata": "m.json", "stages": stages})
 
 
 def test_a_bad_config_fails_before_spark_starts(tmp_path):

@@ -60,7 +60,7 @@ def real_wordnet_dir(shared_data, tmp_path_factory) -> Path:
 
 
 def test_load_metadata_returns_any_string_list_unchanged(tmp_path):
-    entries = ["Dog", "dog", "ice cream", "dog", "café", "u.s", ""]
+    entries = ["Dog", "dog", "ice cream", "dog", "café", "u.s", " cat"]
     path = tmp_path / "metadata.json"
     path.write_text(json.dumps(entries, indent=2))
     assert load_metadata(path) == entries
@@ -75,6 +75,10 @@ def test_load_metadata_returns_any_string_list_unchanged(tmp_path):
         (b'["dog", "cat", 3]', "entry 2 is a int"),
         (b'["dog", null]', "entry 1 is a NoneType"),
         (b"[]", "empty list"),
+        # issue 17 case 10: a blank entry matches most captions
+        (b'["dog", ""]', r"line 1: entry 1 is ''; an entry must have a non-blank character"),
+        (b'[\n  "dog",\n  "cat",\n  "\\t ",\n  ""\n]', r"line 4: entry 2 is '\\t ' \(and 1 more\)"),
+        ('["ünï",\r\n "a" ,\r\n" "]'.encode("utf-16"), r"line 3: entry 2 is ' '"),
     ],
 )
 def test_load_metadata_rejects_malformed_files_naming_them(tmp_path, content, message):
