@@ -1,7 +1,9 @@
 """Finding and checking the raw input shards before any Spark work is planned.
 
 Inputs are files, folders (searched recursively for parquet files) and glob patterns, on the local file system or
-any URI pyarrow.fs understands (s3://, gs://, hdfs://). Every file's parquet footer is read up front, so an
+any URI pyarrow.fs understands (s3://, gs://, hdfs://). A path that exists is taken literally; `glob:PATTERN` is a
+pattern (`*`, `?`, `[...]`, `**`); a location that does not exist and holds `*` or `?` is a pattern in which `[` is
+a plain character (`curation.io.input_wildcards`). Every file's parquet footer is read up front, so an
 unreadable shard fails the run at once with its name, before hours of work, unless the caller chose to skip such
 shards (they are then listed in the stage record and the manifest).
 """
@@ -15,11 +17,10 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from curation.io import GLOB_PREFIX, input_wildcards
 from curation.ops.ingest import IngestError, IngestOptions, check_schema
 
 logger = logging.getLogger(__name__)
-
-_GLOB_CHARS = set("*?[")
 
 
 @dataclass(frozen=True)
@@ -77,36 +78,52 @@ def expand_inputs(locations: list[str]) -> list[tuple[pafs.FileSystem, str]]:
     if not locations:
         raise IngestError("no input given")
     found: dict[str, pafs.FileSystem] = {}
-    for location in locations:
-        filesystem, path = _filesystem_and_path(str(location))
-        if _GLOB_CHARS & set(path):
-            matches = _glob(filesystem, path)
-            if not matches:
-                raise IngestError(f"input pattern {location!r} matches no file")
-            found.update(dict.fromkeys((_as_location(str(location), m) for m in matches), filesystem))
-            continue
-        info = filesystem.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise IngestError(f"input {location!r} does not exist")
-        if info.type == pafs.FileType.Directory:
-            selector = pafs.FileSelector(path, recursive=True)
-            listed = [
-                i.path
-                for i in filesystem.get_file_info(selector)
-                if i.type == pafs.FileType.File and _is_listed(os.path.relpath(i.path, path))
-            ]
-            if not listed:
-                raise IngestError(f"input folder {location!r} holds no files")
-            found.update(dict.fromkeys((_as_location(str(location), p) for p in listed), filesystem))
-        else:
-            found[_as_location(str(location), path)] = filesystem
+    for location in map(str, locations):
+        if not location.removeprefix(GLOB_PREFIX).strip():
+            raise IngestError(f"input: the location {location!r} is empty (it would read the current folder); name "
+                              "a file, a folder or glob:PATTERN")
+        try:
+            found.update(_expand(location))
+        except OSError as error:  # an unreachable store: its message may span lines, the CLI shows one
+            raise IngestError(f"cannot read input {location!r}: {' '.join(str(error).split())}") from error
     return [(found[p], p) for p in sorted(found)]
 
 
-def _glob(filesystem: pafs.FileSystem, pattern: str) -> list[str]:
+def _expand(location: str) -> dict[str, pafs.FileSystem]:
+    target = location.removeprefix(GLOB_PREFIX)
+    filesystem, path = _filesystem_and_path(target)
+    info = None if location.startswith(GLOB_PREFIX) else filesystem.get_file_info(path)
+    exists = info is not None and info.type != pafs.FileType.NotFound
+    wildcards = input_wildcards(location, exists)
+    if wildcards:
+        matches = _glob(filesystem, path, wildcards)
+        if not matches:
+            raise IngestError(f"input pattern {location!r} matches no file")
+        return dict.fromkeys((_as_location(target, m) for m in matches), filesystem)
+    if not exists:
+        literal = f" (brackets are taken literally: write {GLOB_PREFIX}{location} for a pattern)"
+        raise IngestError(f"input {location!r} does not exist{literal if '[' in location else ''}")
+    if info.type != pafs.FileType.Directory:
+        return {_as_location(target, path): filesystem}
+    selector = pafs.FileSelector(path, recursive=True)
+    listed = [
+        i.path
+        for i in filesystem.get_file_info(selector)
+        if i.type == pafs.FileType.File and _is_listed(os.path.relpath(i.path, path))
+    ]
+    if not listed:
+        raise IngestError(f"input folder {location!r} holds no files")
+    return dict.fromkeys((_as_location(target, p) for p in listed), filesystem)
+
+
+def _glob(filesystem: pafs.FileSystem, pattern: str, wildcards: str) -> list[str]:
+    """The files `pattern` matches; outside `glob:` (no `[` among the wildcards) a `[` matches itself."""
+    first_wildcard = min((pattern.index(c) for c in wildcards if c in pattern), default=len(pattern))
+    base = pattern[:first_wildcard].rsplit("/", 1)[0]
+    if "[" not in wildcards:
+        pattern = pattern.replace("[", "[[]")
     if isinstance(filesystem, pafs.LocalFileSystem):
         return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-    base = pattern[: min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)].rsplit("/", 1)[0]
     infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, pattern))
 
