@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -39,18 +40,20 @@ class InputFile:
 class InputPlan:
     files: list[InputFile] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    keep_fields: list[pa.Field] = field(default_factory=list)  # as the first usable shard has them
 
     @property
     def rows(self) -> int:
         return sum(f.rows for f in self.files)
 
-    def units(self) -> list[tuple[int, str, int, int]]:
-        """One work unit per row group: (file index, path, row group, first row of the group in its file)."""
+    def units(self) -> list[tuple[int, str, int, int, int]]:
+        """One work unit per row group: (file index, path, row group, first row of the group in its file, rows of
+        the group as its footer says)."""
         units = []
         for input_file in self.files:
             first_row = 0
             for group, group_rows in enumerate(input_file.row_group_rows):
-                units.append((input_file.index, input_file.path, group, first_row))
+                units.append((input_file.index, input_file.path, group, first_row, group_rows))
                 first_row += group_rows
         return units
 
@@ -128,21 +131,41 @@ def _glob(filesystem: pafs.FileSystem, pattern: str, wildcards: str) -> list[str
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, pattern))
 
 
-def _check_keep_types(schema, options: IngestOptions, keep_types: dict, source: str) -> None:
-    """Every shard's keep columns must have the types of the first usable shard's: the stage's output schema is
-    built from that one, and Spark cannot cast a shard's column into another type in flight."""
-    for name in options.keep_columns:
-        expected = keep_types.setdefault(name, schema.field(name).type)
-        if schema.field(name).type != expected:
+def _check_keep_types(schema, options: IngestOptions, keep_fields: list[pa.Field], source: str) -> None:
+    """Every shard's keep columns must have the types of the first usable shard's (`keep_fields`, filled from it):
+    the stage's output schema is built from that one, and Spark cannot cast a shard's column into another type in
+    flight."""
+    if not keep_fields:
+        keep_fields.extend(schema.field(name) for name in options.keep_columns)
+    for expected in keep_fields:
+        found = schema.field(expected.name).type
+        if found != expected.type:
             raise IngestError(
-                f"{source}: keep column {name!r} has type {schema.field(name).type}, but earlier shards have "
-                f"{expected}; every shard must give a keep column the same type"
+                f"{source}: keep column {expected.name!r} has type {found}, but earlier shards have {expected.type}; "
+                "every shard must give a keep column the same type"
             )
+
+
+def _check_row_counts(metadata: pq.FileMetaData, columns: tuple[str, str], source: str) -> None:
+    """IngestError when the footer's row counts disagree with each other. pyarrow trusts a row group's num_rows:
+    a footer saying 2 where the pages hold 3 rows silently drops one, and one saying 4 yields 3 rows that no longer
+    add up to the rows counted in. The url and text columns are flat, so each of their chunks holds one value per
+    row (nulls included)."""
+    leaves = {metadata.schema.column(i).path: i for i in range(metadata.num_columns)}
+    group_rows = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+    if sum(group_rows) != metadata.num_rows:
+        raise IngestError(f"{source}: the footer says {metadata.num_rows} rows but its row groups hold "
+                          f"{sum(group_rows)}; the file is damaged")
+    for group, rows in enumerate(group_rows):
+        for name in columns:
+            values = metadata.row_group(group).column(leaves[name]).num_values
+            if values != rows:
+                raise IngestError(f"{source}: the footer says row group {group} has {rows} rows, but its column "
+                                  f"{name!r} holds {values} values; the file is damaged")
 
 
 def plan_inputs(locations: list[str], options: IngestOptions, skip_bad_files: bool = False) -> InputPlan:
     plan = InputPlan()
-    keep_types: dict = {}
     for filesystem, path in expand_inputs(locations):
         try:
             info = filesystem.get_file_info(_filesystem_and_path(path)[1])
@@ -150,7 +173,8 @@ def plan_inputs(locations: list[str], options: IngestOptions, skip_bad_files: bo
                 metadata = pq.ParquetFile(handle).metadata
                 schema = metadata.schema.to_arrow_schema()
             url_column, text_column = check_schema(schema, options, path)
-            _check_keep_types(schema, options, keep_types, path)
+            _check_row_counts(metadata, (url_column, text_column), path)
+            _check_keep_types(schema, options, plan.keep_fields, path)
         except Exception as error:  # noqa: BLE001 - any failure to read a footer means an unusable shard
             message = f"cannot use input shard {path}: {error}"
             if not skip_bad_files:
@@ -176,16 +200,21 @@ def plan_inputs(locations: list[str], options: IngestOptions, skip_bad_files: bo
     return plan
 
 
-def read_row_group(path: str, row_group: int, columns: list[str]):
-    """One row group of a planned shard. Its footer was read at planning, but its pages are first read here: a
-    corrupt page fails the Spark task with an IngestError naming the file and the row group (pyarrow's own message,
-    e.g. "Invalid BYTE_ARRAY value", names neither)."""
+def read_row_group(path: str, row_group: int, columns: list[str], footer_rows: int):
+    """One row group of a planned shard, only `columns` of it. Its footer was read at planning, but its pages are
+    first read here: a corrupt page fails the Spark task with an IngestError naming the file and the row group
+    (pyarrow's own message, e.g. "Invalid BYTE_ARRAY value", names neither), and so do rows other than the
+    `footer_rows` planned (the file was rewritten since), which would break rows in = rows out + dropped."""
     filesystem, fs_path = _filesystem_and_path(path)
     try:
         with filesystem.open_input_file(fs_path) as handle:
-            return pq.ParquetFile(handle).read_row_group(row_group, columns=columns)
+            table = pq.ParquetFile(handle).read_row_group(row_group, columns=columns)
     except Exception as error:  # noqa: BLE001 - whatever the decoder raised, the message must name the shard
         raise IngestError(
             f"cannot read row group {row_group} of input shard {path}: {type(error).__name__}: {error} (the footer "
             "was readable, so --skip-bad-files did not skip it; repair or remove the shard)"
         ) from error
+    if len(table) != footer_rows:
+        raise IngestError(f"input shard {path}: row group {row_group} gave {len(table)} rows where its footer said "
+                          f"{footer_rows} when the run was planned; was it rewritten during the run?")
+    return table
