@@ -97,7 +97,8 @@ def _expand(location: str) -> dict[str, pafs.FileSystem]:
     filesystem, path = _filesystem_and_path(target)
     info = None if location.startswith(GLOB_PREFIX) else filesystem.get_file_info(path)
     exists = info is not None and info.type != pafs.FileType.NotFound
-    wildcards = input_wildcards(location, exists)
+    # Judged on the path, not the URI: the '?' of a query string (s3://b/k?endpoint_override=...) is no wildcard.
+    wildcards = input_wildcards(location.removesuffix(target) + path, exists)
     if wildcards:
         matches = _glob(filesystem, path, wildcards)
         if not matches:
