@@ -122,20 +122,37 @@ def _is_remote(location: str) -> bool:
     return "://" in location or location.startswith("dbfs:")
 
 
+GLOB_PREFIX = "glob:"  # what follows is a glob pattern: *, ?, [...] and ** (any depth of folders)
+
+
+def input_wildcards(location: str, exists: bool) -> str:
+    """The characters that are wildcards in an input location, '' when it names a path literally. The rule
+    (README, "Inputs"), shared by the ingest planner and `check_apart`: after `glob:`, `*`, `?` and `[`; a path
+    that exists names itself, whatever it holds (`/x/glob[1]/s.parquet` is never `/x/glob1/s.parquet`); any other
+    location holding `*` or `?` is a pattern in which `[` and `]` are plain characters."""
+    if location.startswith(GLOB_PREFIX):
+        return "*?["
+    if exists or not any(c in location for c in "*?"):
+        return ""
+    return "*?"
+
+
 def _local_root(location) -> tuple[Path, bool]:
     """The local path an input names (itself, or for a glob the folder before its first wildcard), and whether it
     is a glob."""
-    parts = Path(location).expanduser().parts
-    wildcard = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    location = str(location)
+    wildcards = input_wildcards(location, Path(location).expanduser().exists())
+    parts = Path(location.removeprefix(GLOB_PREFIX)).expanduser().parts
+    wildcard = next((i for i, part in enumerate(parts) if any(c in part for c in wildcards)), len(parts))
     return (Path(*parts[:wildcard]).resolve() if wildcard else Path.cwd()), wildcard < len(parts)
 
 
 def check_apart(output: Path, inputs) -> None:
     """OutputError when the output is, is inside, or contains a local input: writing it would delete the input, or
-    a rerun would read its own output."""
+    a rerun would read its own output. An empty location is left to the planner, which refuses it."""
     output = Path(output).expanduser().resolve()
     for location in [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs):
-        if _is_remote(str(location)):
+        if _is_remote(str(location)) or not str(location).strip():
             continue
         root, is_glob = _local_root(location)
         if output == root or output in root.parents:

@@ -5,6 +5,7 @@ group and calls `normalise_rows` on each.
 """
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,15 +55,21 @@ class IngestOptions:
     def __post_init__(self):
         if self.max_caption_chars < 1:
             raise ValueError(f"max_caption_chars must be >= 1, got {self.max_caption_chars}")
-        reserved = [c for c in self.keep_columns if c in RESERVED_OUTPUT_COLUMNS or c.startswith("_")]
+        # Spark resolves column names ignoring case, so `UID` or `Caption` would clash with the output's own columns.
+        reserved = [c for c in self.keep_columns if c.lower() in RESERVED_OUTPUT_COLUMNS or c.startswith("_")]
         if reserved:
             raise ValueError(
                 f"keep_columns {reserved} clash with the ingest stage's own columns ({sorted(RESERVED_OUTPUT_COLUMNS)}"
-                " and names starting with '_'); rename them in the shards"
+                " in any case, and names starting with '_'); rename them in the shards"
             )
-        repeated = sorted({c for c in self.keep_columns if self.keep_columns.count(c) > 1})
+        repeated = sorted(name for name, count in Counter(c.lower() for c in self.keep_columns).items() if count > 1)
         if repeated:
-            raise ValueError(f"keep_columns names {repeated} more than once")
+            raise ValueError(f"keep_columns names {repeated} more than once (Spark ignores the case of names)")
+        # Spark reads `a.b` as field b of column a, and a backtick as a quote, in every later stage's select.
+        unquotable = [c for c in self.keep_columns if "." in c or "`" in c]
+        if unquotable:
+            raise ValueError(f"keep_columns {unquotable} hold '.' or '`', which Spark reads as a field path or a "
+                             "quote; rename them in the shards")
 
     @classmethod
     def from_options(cls, options: dict) -> "IngestOptions":
@@ -78,26 +85,39 @@ class IngestOptions:
         )
 
 
+def described_columns(names: list[str], shown: int = 20) -> str:
+    """A shard's column names for an error message, at most `shown` of them: a shard may have 100,000 columns."""
+    if len(names) <= shown:
+        return f"columns {names}"
+    return f"{len(names)} columns {names[:shown]} ..."
+
+
 def resolve_columns(column_names: list[str], options: IngestOptions, source: str) -> tuple[str, str]:
     """The (url, text) column names of a shard: the explicit options win, else the first known name present."""
-    url_column = _resolve_one(column_names, options.url_column, URL_COLUMN_CANDIDATES, "url", source)
-    text_column = _resolve_one(column_names, options.text_column, TEXT_COLUMN_CANDIDATES, "text", source)
-    missing_keep = [c for c in options.keep_columns if c not in column_names]
+    present = set(column_names)
+    url_column = _resolve_one(present, column_names, options.url_column, URL_COLUMN_CANDIDATES, "url", source)
+    text_column = _resolve_one(present, column_names, options.text_column, TEXT_COLUMN_CANDIDATES, "text", source)
+    missing_keep = [c for c in options.keep_columns if c not in present]
     if missing_keep:
-        raise IngestError(f"{source}: keep column(s) {missing_keep} not found; the shard has {column_names}")
+        raise IngestError(
+            f"{source}: keep column(s) {missing_keep} not found; the shard has {described_columns(column_names)}"
+        )
     return url_column, text_column
 
 
-def _resolve_one(names: list[str], explicit: str | None, candidates: tuple[str, ...], what: str, source: str) -> str:
+def _resolve_one(present: set[str], names: list[str], explicit: str | None, candidates: tuple[str, ...], what: str,
+                 source: str) -> str:
     if explicit is not None:
-        if explicit not in names:
-            raise IngestError(f"{source}: {what} column {explicit!r} not found; the shard has columns {names}")
+        if explicit not in present:
+            raise IngestError(
+                f"{source}: {what} column {explicit!r} not found; the shard has {described_columns(names)}"
+            )
         return explicit
     for candidate in candidates:
-        if candidate in names:
+        if candidate in present:
             return candidate
     raise IngestError(
-        f"{source}: no {what} column found (looked for {list(candidates)}); the shard has columns {names}; "
+        f"{source}: no {what} column found (looked for {list(candidates)}); the shard has {described_columns(names)}; "
         f"name it with --{what}-column"
     )
 
@@ -114,21 +134,41 @@ def _is_text_type(data_type: pa.DataType) -> bool:
     )
 
 
+_SPARK_CARRIED_TYPES = (
+    "bool, int8-int64, float32/64, decimal128, string, binary, date32, timestamp[us] without a time zone, and "
+    "lists, structs and maps of these"
+)
+
+
 def _spark_carries(data_type: pa.DataType) -> bool:
-    """Whether Spark's Arrow bridge can take a keep column of this type as it is: it has no dictionary or view
-    vectors (it maps their logical type and then fails reading the vector), at any nesting depth."""
-    if pa.types.is_dictionary(data_type) or pa.types.is_string_view(data_type) or pa.types.is_binary_view(data_type):
-        return False
-    return all(_spark_carries(data_type.field(i).type) for i in range(data_type.num_fields))
+    """Whether a keep column of this type reaches the release unchanged through Spark's Arrow bridge (checked with
+    Spark 4 by a real ingest of each type). Refused: unsigned integers, float16, time32/64, decimal256, dictionary and
+    view encodings, large and fixed-size lists, fixed-size binary, timestamps in another unit than us (the bridge
+    fails on them); durations (written as bare int64) and timestamps with a time zone (written without it) would
+    arrive as another type. A large string or binary arrives as a string or binary."""
+    if pa.types.is_list(data_type) or pa.types.is_struct(data_type) or pa.types.is_map(data_type):
+        return all(_spark_carries(data_type.field(i).type) for i in range(data_type.num_fields))
+    if pa.types.is_timestamp(data_type):
+        return data_type.unit == "us" and data_type.tz is None
+    return (
+        pa.types.is_null(data_type) or pa.types.is_boolean(data_type) or pa.types.is_signed_integer(data_type)
+        or pa.types.is_float32(data_type) or pa.types.is_float64(data_type) or pa.types.is_decimal128(data_type)
+        or pa.types.is_string(data_type) or pa.types.is_large_string(data_type) or pa.types.is_binary(data_type)
+        or pa.types.is_large_binary(data_type) or pa.types.is_date(data_type)
+    )
 
 
 def check_schema(schema: pa.Schema, options: IngestOptions, source: str) -> tuple[str, str]:
     """`resolve_columns`, and the types checked up front so that a mistyped shard fails (or is skipped) at planning,
-    naming the file, the column and its type, instead of inside a Spark task hours later."""
-    repeated = sorted({name for name in schema.names if schema.names.count(name) > 1})
+    naming the file, the column and its type, instead of inside a Spark task hours later. Linear in the number of
+    columns: a shard may have 100,000."""
+    names = schema.names
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
     if repeated:
-        raise IngestError(f"{source}: column name(s) {repeated} appear more than once; the shard has {schema.names}")
-    url_column, text_column = resolve_columns(schema.names, options, source)
+        raise IngestError(
+            f"{source}: column name(s) {repeated[:20]} appear more than once; the shard has {described_columns(names)}"
+        )
+    url_column, text_column = resolve_columns(names, options, source)
     for what, name in (("url", url_column), ("text", text_column)):
         if not _is_text_type(schema.field(name).type):
             raise IngestError(
@@ -138,8 +178,8 @@ def check_schema(schema: pa.Schema, options: IngestOptions, source: str) -> tupl
     for name in options.keep_columns:
         if not _spark_carries(schema.field(name).type):
             raise IngestError(
-                f"{source}: keep column {name!r} has type {schema.field(name).type}, which Spark cannot carry "
-                "(dictionary or view encoding); write it as a plain column"
+                f"{source}: keep column {name!r} has type {schema.field(name).type}, which Spark cannot carry into "
+                f"the release; write it as one of: {_SPARK_CARRIED_TYPES}"
             )
     return url_column, text_column
 

@@ -60,7 +60,7 @@ def _ingest_worker(options: IngestOptions, schema: pa.Schema):
         for batch in batches:
             for unit in batch.to_pylist():
                 columns = [unit["url_column"], unit["text_column"], *options.keep_columns]
-                table = read_row_group(unit["path"], unit["row_group"], columns)
+                table = read_row_group(unit["path"], unit["row_group"], columns, unit["rows"])
                 unit_options = replace(options, url_column=unit["url_column"], text_column=unit["text_column"])
                 kept, rejected = normalise_rows(table, unit_options, unit["path"], unit["first_row"])
                 kept = kept.append_column("_file_index", pa.array([unit["file_index"]] * len(kept), pa.int32()))
@@ -79,18 +79,15 @@ def run_ingest(context: StageContext) -> StageOutput:
     spark, partitions = context.spark, context.partitions
     options = IngestOptions.from_options(context.options)
     plan = plan_inputs(context.input_location, options, context.options["skip_bad_files"])
-    keep_fields = []
-    if options.keep_columns:
-        first_schema = pq.read_schema(plan.files[0].path)
-        keep_fields = [first_schema.field(name) for name in options.keep_columns]
-    schema = _ingest_schema(keep_fields)
+    schema = _ingest_schema(plan.keep_fields)
     by_index = {f.index: f for f in plan.files}
     units = [
-        (file_index, path, group, first_row, by_index[file_index].url_column, by_index[file_index].text_column)
-        for file_index, path, group, first_row in plan.units()
+        (file_index, path, group, first_row, rows, by_index[file_index].url_column, by_index[file_index].text_column)
+        for file_index, path, group, first_row, rows in plan.units()
     ]
     units_df = spark.createDataFrame(
-        units, "file_index int, path string, row_group int, first_row long, url_column string, text_column string"
+        units,
+        "file_index int, path string, row_group int, first_row long, rows long, url_column string, text_column string",
     )
     units_df = units_df.repartition(partitions or max(1, min(len(units), spark.sparkContext.defaultParallelism)))
     tagged = units_df.mapInArrow(_ingest_worker(options, schema), spark_schema(schema))
