@@ -13,6 +13,7 @@ Reformatting manifest.json (indentation, key order) leaves the digest unchanged;
 
 import json
 import logging
+import math
 import socket
 import tarfile
 from collections import Counter
@@ -169,11 +170,20 @@ def read_manifest(path: Path) -> dict:
     the wrong type (`MANIFEST_SHAPE`)."""
     manifest_path = locate_manifest(path)
 
+    # Python's JSON reader takes NaN and Infinity, and makes 1e999 infinite; none of them is JSON, and the digest's
+    # canonical form could not be written.
     def refuse_constant(name: str):
         raise ManifestError(f"{manifest_path}: {name} is not a JSON value")
 
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ManifestError(f"{manifest_path}: the number {text} is out of range")
+        return value
+
     try:
-        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"), parse_constant=refuse_constant)
+        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"), parse_constant=refuse_constant,
+                              parse_float=finite)
     except UnicodeDecodeError as error:
         raise ManifestError(f"{manifest_path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except json.JSONDecodeError as error:
@@ -202,7 +212,7 @@ def _shape_problem(value, shape, key: str) -> str | None:
     if isinstance(shape, Nullable):
         return None if value is None else _shape_problem(value, shape.shape, key)
     kind = list if isinstance(shape, list) else dict if isinstance(shape, dict | ValuesOf) else shape
-    fits = type(value) is int and value >= 0 if kind == COUNT else type(value) is kind
+    fits = (type(value) is int and value >= 0) if kind == COUNT else type(value) is kind
     if not fits:
         return f"key '{key}' is {_describe(value)}, expected {_JSON_NAMES[kind]}"
     if isinstance(shape, dict):

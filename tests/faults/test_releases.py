@@ -1,4 +1,4 @@
-"""Releases that must not verify, and a digest that pins one (issue 17, cases 8 and 13; rows R1-R17 of README.md).
+"""Releases that must not verify, and a digest that pins one (issue 17, cases 8 and 13; rows R1-R24 of README.md).
 
 One small run folder is built once per module the way the executor and publish write it (ingest -> dedup_exact ->
 publish, drops in both stages, four shards), without Spark so the module stays fast; every case tampers with its
@@ -134,6 +134,7 @@ def _refused(process: subprocess.Popen, message: str) -> None:
 
 
 def test_a_published_release_verifies_and_its_digest_is_the_canonical_form(published):
+    """R1."""
     run_dir, results = published
     manifest_path = run_dir / "publish" / MANIFEST_NAME
     canonical = json.dumps(json.loads(manifest_path.read_text()), sort_keys=True, separators=(",", ":"),
@@ -146,7 +147,7 @@ def test_a_published_release_verifies_and_its_digest_is_the_canonical_form(publi
 
 
 def test_reformatting_the_manifest_keeps_the_digest_and_any_edit_changes_it(published, tmp_path):
-    """R1: the digest is over the content, not the layout of manifest.json."""
+    """R2, R3: the digest is over the content, not the layout of manifest.json."""
     release = _copy(published, tmp_path)
     digest = release_sha256(read_manifest(release))
     manifest = json.loads((release / MANIFEST_NAME).read_text())
@@ -159,6 +160,7 @@ def test_reformatting_the_manifest_keeps_the_digest_and_any_edit_changes_it(publ
 
 
 def test_an_expected_sha256_that_is_not_one_is_refused(published, tmp_path):
+    """R4, and R3 on a run folder."""
     with pytest.raises(ValueError, match="'abc' is not 64 hexadecimal digits"):
         verify_manifest(_copy(published, tmp_path), "abc")
     assert verify_run(published[0], "ab" * 32) == [
@@ -170,7 +172,7 @@ def test_an_expected_sha256_that_is_not_one_is_refused(published, tmp_path):
 
 
 def test_a_deleted_shard_with_inputs_and_totals_edited_to_match_fails_on_the_stages(published, tmp_path):
-    """R2: the attack of case 8. The shard and its entry are gone and inputs[] and totals agree with what is left, so
+    """R5: the attack of case 8. The shard and its entry are gone and inputs[] and totals agree with what is left, so
     only stages[] still tells the truth."""
     release = _copy(published, tmp_path)
     manifest = read_manifest(release)
@@ -194,7 +196,7 @@ def test_a_deleted_shard_with_inputs_and_totals_edited_to_match_fails_on_the_sta
 
 
 EDITS = {
-    # R3-R10: one count changed where it is stated; each message names both keys.
+    # R6-R13: one count changed where it is stated; each message names both keys.
     "totals.rows_in": (lambda m: m["totals"].update(rows_in=m["totals"]["rows_in"] + 1),
                        "the sum of inputs[].rows = 47 but totals.rows_in = 48"),
     "totals.rows_published": (lambda m: m["totals"].update(rows_published=m["totals"]["rows_published"] - 1),
@@ -210,7 +212,7 @@ EDITS = {
     "stages[1].drops": (lambda m: m["stages"][1]["drops"].update(duplicate_url=5),
                         "stages[1].rows_in (dedup_exact) = 44 but stages[1].rows_out + its drops = 45"),
     "config": (lambda m: m["config"].update(seed=2), "config_sha256 = "),
-    # R11: the drops moved to another stage and reason everywhere the manifest says them: only the ledger files
+    # R14: the drops moved to another stage and reason everywhere the manifest says them: only the ledger files
     # (their stage and reason columns) still disagree.
     "relabelled drops": (lambda m: (m["stages"][1].update(drops={"empty_caption": 4}),
                                     m["stages"][0].update(drops={"duplicate_url": 3}),
@@ -230,7 +232,7 @@ def test_every_count_stated_twice_must_agree(published, tmp_path, edit):
 
 
 def test_balancing_points_and_image_shards_repeat_their_stage_and_shard(published):
-    """R12: counts stated again by the balance summaries and the image tars (hand-added: this release has neither)."""
+    """R15: counts stated again by the balance summaries and the image tars (hand-added: this release has neither)."""
     manifest = read_manifest(published[0])
     stage = manifest["stages"][1]
     point = {"stage_folder": stage["folder"], "rows_in": stage["rows_in"], "rows_out": stage["rows_out"] + 1}
@@ -247,7 +249,7 @@ def test_balancing_points_and_image_shards_repeat_their_stage_and_shard(publishe
 
 
 def test_a_run_folder_whose_manifest_stages_differ_from_the_records_fails(published, tmp_path):
-    """R13: `curation verify RUN` also holds stages[] against the stage records."""
+    """R16: `curation verify RUN` also holds stages[] against the stage records."""
     run_dir = tmp_path / "run"
     shutil.copytree(published[0], run_dir)
     manifest = _edit(run_dir / "publish", lambda m: m["stages"][0].update(drops={"empty_caption": 2, "odd": 1}))
@@ -260,7 +262,7 @@ def test_a_run_folder_whose_manifest_stages_differ_from_the_records_fails(publis
 
 
 MALFORMED = {
-    # R14-R16: each a ManifestError naming the file and the key.
+    # R17: each a ManifestError naming the file and the key.
     "missing key": (lambda m: m.pop("totals"), "key 'totals' is missing"),
     "shards null": (lambda m: m.update(shards=None), "key 'shards' is null, expected an array"),
     "nested key": (lambda m: m["ledger"].pop("files"), "key 'ledger.files' is missing"),
@@ -286,17 +288,19 @@ def test_a_manifest_readers_cannot_rely_on_is_refused_naming_the_key(published, 
     (b"{\"format\": ", "not valid JSON (Expecting value: line 1 column 12"),
     (b"[1, 2]", "holds an array, expected a manifest object"),
     (b"{\"format\": NaN}", "NaN is not a JSON value"),
+    (b"{\"format\": 1e999}", "the number 1e999 is out of range"),
     (b"\xff\xfe{}", "not UTF-8 text"),
     (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
 ])
 def test_a_manifest_that_is_not_json_is_refused_naming_the_file(tmp_path, content, message):
+    """R18."""
     (tmp_path / MANIFEST_NAME).write_bytes(content)
     with pytest.raises(ManifestError, match=f"^{tmp_path / MANIFEST_NAME}: {message}".replace("(", r"\(")):
         read_manifest(tmp_path)
 
 
 def test_every_command_refuses_a_broken_manifest_in_one_line_and_leaves_nothing(published, tmp_path):
-    """R17-R22, through the CLI: verify, takedown and report read the manifest and refuse it (exit 2, one line, no
+    """R19-R24, through the CLI: verify, takedown and report read the manifest and refuse it (exit 2, one line, no
     traceback, no output written); inspect does not read the manifest and answers from the shards; a report
     --output that names a folder is refused before anything is written; a wrong --expect-sha256 exits 1."""
     run_dir = tmp_path / "run"
