@@ -1,10 +1,10 @@
-"""Releases that must not verify, and a digest that pins one (issue 17, cases 8 and 13; rows R1-R24 of README.md).
+"""Releases that must not verify, and a digest that pins one (issue 17, cases 8 and 13; rows R1-R24 of README.md here).
 
 One small run folder is built once per module the way the executor and publish write it (ingest -> dedup_exact ->
-publish, drops in both stages, four shards), without Spark so the module stays fast; every case tampers with its
-own copy. `tests/spark/test_spine.py` checks the same on a release that Spark published. The `curation` commands
-run as subprocesses, started together so their start-up overlaps: a manifest they cannot read is one `ERROR` line
-naming the file and the key, exit 2, no traceback, nothing written.
+publish, drops in both stages, four shards, a non-ASCII name), without Spark so the module stays fast; every case
+tampers with its own copy. `tests/spark/test_spine.py` checks the digest on a release that Spark published. The
+`curation` commands run as subprocesses, started together so their start-up overlaps: a manifest they cannot read is
+one `ERROR` line naming the file and the key, exit 2, no traceback, nothing written.
 """
 
 import hashlib
@@ -88,9 +88,9 @@ def published(tmp_path_factory) -> tuple[Path, list]:
             pq.write_table(_rows(_uids(start, start + SHARD_ROWS)), path)
             shards.append(file_entry(root, path))
         pq.write_table(pa.concat_tables(dropped), root / "ledger" / "ledger-00000.parquet")
-        config = {"name": "pinned", "seed": 1, "stages": [stage for stage, *_ in STAGES] + ["publish"]}
+        config = {"name": "épinglé", "seed": 1, "stages": [stage for stage, *_ in STAGES] + ["publish"]}
         manifest = build_manifest(
-            name="pinned", config=config, config_sha256=sha256_of_json(config), inputs=INPUTS, skipped_inputs=[],
+            name="épinglé", config=config, config_sha256=sha256_of_json(config), inputs=INPUTS, skipped_inputs=[],
             stages=summaries, shards=shards, ledger_files=[file_entry(root, root / "ledger" / "ledger-00000.parquet")],
             metadata=None, balancing=None, execution={"spark": None},
         )
