@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "ledger invariant")
     verify.add_argument("path", type=Path, help="a run folder (every stage and the release), manifest.json, or a "
                         "release folder")
+    verify.add_argument("--expect-sha256", metavar="HEX", help="also check that the release digest (printed by "
+                        "publish and verify as `release sha256:`) is this one, so a consumer can pin a release")
 
     metadata = commands.add_parser("metadata", help="build or check MetaCLIP metadata")
     metadata_commands = metadata.add_subparsers(dest="metadata_command", required=True)
@@ -261,7 +263,14 @@ def run_summary(results, run_dir: Path) -> list[str]:
     manifest = RunFolder(run_dir).manifest_path
     if manifest.is_file():
         lines.append(f"manifest: {manifest}")
+        lines.append(_release_line(manifest))
     return lines
+
+
+def _release_line(manifest: Path) -> str:
+    from curation.manifest import read_manifest, release_sha256
+
+    return f"release sha256: {release_sha256(read_manifest(manifest))}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,6 +311,8 @@ def _dispatch(args) -> int:
     if stage is not None:
         record = _stage_command(args, stage)
         _write_json({k: record[k] for k in ("stage", "rows_in", "rows_out", "drops")})
+        if stage.release:
+            _write(_release_line(args.output))
         return 0
     if args.command == "run":
         from curation.pipeline import check_run_output, run_pipeline
@@ -358,13 +369,15 @@ def _dispatch(args) -> int:
         from curation.verify import verify_run
 
         is_run = RunFolder(args.path).is_run()
-        problems = verify_run(args.path) if is_run else verify_manifest(args.path)
+        problems = (verify_run(args.path, args.expect_sha256) if is_run
+                    else verify_manifest(args.path, args.expect_sha256))
         for problem in problems:
             logger.error("verify: %s", problem)
         if problems:
             return 1
         checked = f"every stage of {args.path} and " if is_run else ""
         _write(f"verified {checked}{locate_manifest(args.path)}: checksums, row counts and ledger invariant hold")
+        _write(_release_line(locate_manifest(args.path)))
         return 0
     if args.command == "metadata":
         return _metadata_command(args)

@@ -1,21 +1,30 @@
-"""The release manifest (`curation.manifest/v1`, DESIGN.md section 3) and its verification.
+"""The release manifest (`curation.manifest/v1`, DESIGN.md section 3), its reading, its digest and its verification.
 
 Paths inside a manifest are relative to the manifest's folder and may never leave it. Fields that legitimately
 differ between two runs of the same input and config are listed in `volatile_fields`; everything else is
 byte-identical across reruns and partition counts.
+
+The release digest (`release_sha256`) is the sha256 of the manifest's canonical form: the parsed manifest.json
+written as JSON with sorted keys, no whitespace, non-ASCII characters as themselves (not \\u escapes) and encoded as
+UTF-8 (`curation.io.canonical_json`). Nothing is left out, volatile fields included: the digest names this one
+release, and since the manifest holds every shard's, image tar's and ledger file's sha256, it pins their bytes too.
+Reformatting manifest.json (indentation, key order) leaves the digest unchanged; changing any value changes it.
 """
 
 import json
 import logging
+import math
 import socket
 import tarfile
+from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 import pyarrow.parquet as pq
 
 import curation
-from curation.io import sha256_of_file
+from curation.io import sha256_of_file, sha256_of_json
 from curation.run_folder import locate_manifest
 from curation.schema import REASONS_SHARING_KEPT_UID, UID
 
@@ -23,6 +32,58 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "curation.manifest/v1"
 VOLATILE_FIELDS = ["created", "host", "execution", "stages[].seconds"]
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read as a `curation.manifest/v1` manifest: the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Nullable:
+    """In a manifest shape: null or `shape`."""
+
+    shape: object
+
+
+@dataclass(frozen=True)
+class ValuesOf:
+    """In a manifest shape: an object whose every value has `shape` (its keys are free, e.g. drop reasons)."""
+
+    shape: object
+
+
+# In a manifest shape, COUNT is an integer of 0 or more, `[shape]` an array whose items have that shape, and
+# `{key: shape}` an object that has at least these keys.
+COUNT = "count"
+_FILE_ENTRY = {"path": str, "rows": COUNT, "bytes": COUNT, "sha256": str}
+# What every reader of a manifest relies on; `read_manifest` refuses a manifest without it. Keys beyond it (a
+# takedown's `takedown` section, an entry's `fingerprint`) are allowed.
+MANIFEST_SHAPE = {
+    "format": str,
+    "dataset": Nullable(str),
+    "created": str,
+    "host": str,
+    "execution": Nullable(dict),
+    "code_version": str,
+    "config": dict,
+    "config_sha256": str,
+    "inputs": [{"rows": COUNT}],
+    "skipped_inputs": list,
+    "stages": [{"stage": str, "rows_in": COUNT, "rows_out": COUNT, "drops": ValuesOf(COUNT)}],
+    "shards": [_FILE_ENTRY],
+    "image_shards": [_FILE_ENTRY],
+    "ledger": {"files": [_FILE_ENTRY], "rows": COUNT},
+    "totals": {"rows_in": COUNT, "rows_published": COUNT, "rows_in_ledger": COUNT,
+               "drops_by_reason": ValuesOf(COUNT)},
+    "metadata": Nullable(dict),
+    "balancing": Nullable(dict),
+    "balancing_points": [{"stage_folder": Nullable(str), "rows_in": COUNT, "rows_out": COUNT}],
+    "replaces": Nullable(dict),
+    "volatile_fields": list,
+}
+_MISSING = object()
+_JSON_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+               dict: "an object", COUNT: "a count (an integer, 0 or more)"}
 
 
 def file_entry(release_dir: Path, path: Path) -> dict:
@@ -55,10 +116,6 @@ def build_manifest(
     rows_in = sum(i["rows"] for i in inputs)
     published = sum(s["rows"] for s in shards)
     in_ledger = sum(f["rows"] for f in ledger_files)
-    drops: dict[str, int] = {}
-    for stage in stages:
-        for reason, count in stage["drops"].items():
-            drops[reason] = drops.get(reason, 0) + count
     return {
         "format": MANIFEST_FORMAT,
         "dataset": name,
@@ -78,7 +135,7 @@ def build_manifest(
             "rows_in": rows_in,
             "rows_published": published,
             "rows_in_ledger": in_ledger,
-            "drops_by_reason": dict(sorted(drops.items())),
+            "drops_by_reason": _drops_by_reason(stages),
         },
         "metadata": metadata,
         "balancing": balancing,
@@ -88,11 +145,90 @@ def build_manifest(
     }
 
 
+def _drops_by_reason(stages: list[dict]) -> dict[str, int]:
+    drops: Counter = Counter()
+    for stage in stages:
+        drops.update(stage["drops"])
+    return dict(sorted(drops.items()))
+
+
 def without_volatile(manifest: dict) -> dict:
     """The manifest minus its volatile fields, for comparing two runs."""
     stable = {k: v for k, v in manifest.items() if k not in ("created", "host", "execution")}
     stable["stages"] = [{k: v for k, v in s.items() if k != "seconds"} for s in manifest.get("stages", [])]
     return stable
+
+
+def release_sha256(manifest: dict) -> str:
+    """The release digest: sha256 of the manifest's canonical form (module docstring)."""
+    return sha256_of_json(manifest)
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest at `path` (a manifest file, a release folder or a run folder); ManifestError naming the file
+    and the key when it is not valid JSON, not a v1 manifest, or a key every reader relies on is missing or of
+    the wrong type (`MANIFEST_SHAPE`)."""
+    manifest_path = locate_manifest(path)
+
+    # Python's JSON reader takes NaN and Infinity, and makes 1e999 infinite; none of them is JSON, and the digest's
+    # canonical form could not be written.
+    def refuse_constant(name: str):
+        raise ManifestError(f"{manifest_path}: {name} is not a JSON value")
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ManifestError(f"{manifest_path}: the number {text} is out of range")
+        return value
+
+    try:
+        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"), parse_constant=refuse_constant,
+                              parse_float=finite)
+    except UnicodeDecodeError as error:
+        raise ManifestError(f"{manifest_path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"{manifest_path}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise ManifestError(f"{manifest_path}: nested too deeply to be a manifest") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{manifest_path}: holds {_describe(manifest)}, expected a manifest object")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{manifest_path}: key 'format' is {manifest.get('format')!r}, expected "
+                            f"{MANIFEST_FORMAT!r}")
+    problem = _shape_problem(manifest, MANIFEST_SHAPE, "")
+    if problem:
+        raise ManifestError(f"{manifest_path}: {problem}")
+    return manifest
+
+
+def _describe(value) -> str:
+    if value is None:
+        return "null"
+    return repr(value) if type(value) is int else _JSON_NAMES[type(value)]
+
+
+def _shape_problem(value, shape, key: str) -> str | None:
+    """What is wrong with `value` at `key` against `shape` (see MANIFEST_SHAPE), or None."""
+    if isinstance(shape, Nullable):
+        return None if value is None else _shape_problem(value, shape.shape, key)
+    kind = list if isinstance(shape, list) else dict if isinstance(shape, dict | ValuesOf) else shape
+    fits = (type(value) is int and value >= 0) if kind == COUNT else type(value) is kind
+    if not fits:
+        return f"key '{key}' is {_describe(value)}, expected {_JSON_NAMES[kind]}"
+    if isinstance(shape, dict):
+        inner = ((f"{key}.{name}" if key else name, value.get(name, _MISSING), item) for name, item in shape.items())
+    elif isinstance(shape, list):
+        inner = ((f"{key}[{index}]", item, shape[0]) for index, item in enumerate(value))
+    elif isinstance(shape, ValuesOf):
+        inner = ((f"{key}.{name}", item, shape.shape) for name, item in value.items())
+    else:
+        return None
+    for inner_key, item, item_shape in inner:
+        problem = (f"key '{inner_key}' is missing" if item is _MISSING
+                   else _shape_problem(item, item_shape, inner_key))
+        if problem:
+            return problem
+    return None
 
 
 def safe_member(release_dir: Path, relative: str) -> Path:
@@ -107,24 +243,32 @@ def safe_member(release_dir: Path, relative: str) -> Path:
     return release_dir / posix
 
 
-def verify_manifest(manifest_path: Path) -> list[str]:
-    """Every problem found: a shard or ledger file missing, a wrong size, sha256 or row count, or a broken ledger
-    invariant (rows in = rows published + rows in the ledger; no uid both published and dropped). Empty = valid."""
+def verify_manifest(manifest_path: Path, expected_sha256: str | None = None) -> list[str]:
+    """Every problem found in a release (empty = valid): the release digest differs from `expected_sha256` (when
+    given); two places of the manifest state one count differently (`count_problems`); a shard, image tar or
+    ledger file is missing or differs from its entry (size, sha256, rows); a uid is published twice, or published
+    and dropped; the ledger files' rows per stage and reason differ from the stages' drops. ManifestError when the
+    manifest cannot be read at all (`read_manifest`)."""
     manifest_path = locate_manifest(manifest_path)
     release_dir = manifest_path.parent
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != MANIFEST_FORMAT:
-        return [f"{manifest_path}: format is {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}"]
+    manifest = read_manifest(manifest_path)
     problems: list[str] = []
-    published_uids: set[str] = set()
+    if expected_sha256 is not None:
+        expected = _sha256_hex(expected_sha256)
+        digest = release_sha256(manifest)
+        if digest != expected:
+            problems.append(f"release sha256 is {digest}, expected {expected}: this is not the release pinned")
+    problems.extend(count_problems(manifest))
+    files_problems: list[str] = []
     for kind, entries in (("shard", manifest["shards"]), ("ledger file", manifest["ledger"]["files"])):
         for entry in entries:
-            problems.extend(_check_file(release_dir, kind, entry))
-    for entry in manifest.get("image_shards", []):
-        problems.extend(_check_tar(release_dir, entry))
-    if problems:
-        return problems
+            files_problems.extend(_check_file(release_dir, kind, entry))
+    for entry in manifest["image_shards"]:
+        files_problems.extend(_check_tar(release_dir, entry))
+    if files_problems:
+        return problems + files_problems
 
+    published_uids: set[str] = set()
     duplicates = 0
     for entry in manifest["shards"]:
         uids = pq.read_table(safe_member(release_dir, entry["path"]), columns=[UID]).column(UID).to_pylist()
@@ -134,31 +278,118 @@ def verify_manifest(manifest_path: Path) -> list[str]:
     if duplicates:
         problems.append(f"{duplicates} uid(s) published more than once")
     both = 0
+    in_ledger: Counter = Counter()
     for entry in manifest["ledger"]["files"]:
-        ledger = pq.read_table(safe_member(release_dir, entry["path"]), columns=[UID, "reason"]).to_pydict()
+        ledger = pq.read_table(safe_member(release_dir, entry["path"]), columns=[UID, "stage", "reason"]).to_pydict()
+        in_ledger.update(zip(ledger["stage"], ledger["reason"], strict=True))
         both += sum(
             1 for uid, reason in zip(ledger[UID], ledger["reason"], strict=True)
             if uid in published_uids and reason not in REASONS_SHARING_KEPT_UID
         )
     if both:
         problems.append(f"{both} uid(s) are both published and in the ledger")
-
-    totals = manifest["totals"]
-    published = sum(s["rows"] for s in manifest["shards"])
-    in_ledger = sum(f["rows"] for f in manifest["ledger"]["files"])
-    rows_in = sum(i["rows"] for i in manifest["inputs"])
-    if (published, in_ledger, rows_in) != (totals["rows_published"], totals["rows_in_ledger"], totals["rows_in"]):
-        problems.append(f"totals {totals} do not match the files (published {published}, ledger {in_ledger})")
-    if rows_in != published + in_ledger:
-        problems.append(
-            f"ledger invariant broken: {rows_in} rows in != {published} published + {in_ledger} in the ledger"
-        )
+    stated: Counter = Counter()
     for stage in manifest["stages"]:
-        dropped = sum(stage["drops"].values())
-        if stage["rows_in"] != stage["rows_out"] + dropped:
-            problems.append(
-                f"stage {stage['stage']}: {stage['rows_in']} in != {stage['rows_out']} out + {dropped} dropped"
-            )
+        stated.update({(stage["stage"], reason): count for reason, count in stage["drops"].items()})
+    for stage_name, reason in sorted((stated - in_ledger) + (in_ledger - stated)):
+        problems.append(f"the ledger files hold {in_ledger[stage_name, reason]} row(s) of stage {stage_name!r} "
+                        f"with reason {reason!r}, stages[].drops say {stated[stage_name, reason]}")
+    return problems
+
+
+def _sha256_hex(text: str) -> str:
+    digest = text.strip().lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"expected sha256 {text!r} is not 64 hexadecimal digits")
+    return digest
+
+
+def count_problems(manifest: dict) -> list[str]:
+    """Where two places of a (well-shaped) manifest state one count or digest differently, each as
+    `KEY = VALUE but KEY = VALUE`: config_sha256 and the config; inputs[], totals.rows_in and the first stage's rows
+    in; each stage's rows in, out and drops, and its rows in and the previous stage's rows out; the last stage's
+    rows out, totals.rows_published and shards[]; ledger.rows, ledger.files[], totals.rows_in_ledger and the drops;
+    totals.drops_by_reason and the stages' drops; image_shards[] and their parquet twins; balancing_points[] and
+    their stages; a takedown's rows removed and its stage."""
+    totals, stages, ledger = manifest["totals"], manifest["stages"], manifest["ledger"]
+    if not stages:
+        return ["stages is empty: a release has at least its ingest stage"]
+    last = len(stages) - 1
+    by_reason = _drops_by_reason(stages)
+    stated_twice = [
+        (("config_sha256", manifest["config_sha256"]), ("the sha256 of config", sha256_of_json(manifest["config"]))),
+        (("the sum of inputs[].rows", sum(entry["rows"] for entry in manifest["inputs"])),
+         ("totals.rows_in", totals["rows_in"])),
+        (("totals.rows_in", totals["rows_in"]), (f"stages[0].rows_in ({stages[0]['stage']})", stages[0]["rows_in"])),
+        (("totals.rows_in", totals["rows_in"]),
+         ("totals.rows_published + totals.rows_in_ledger", totals["rows_published"] + totals["rows_in_ledger"])),
+        ((f"stages[{last}].rows_out ({stages[last]['stage']})", stages[last]["rows_out"]),
+         ("totals.rows_published", totals["rows_published"])),
+        (("totals.rows_published", totals["rows_published"]),
+         ("the sum of shards[].rows", sum(entry["rows"] for entry in manifest["shards"]))),
+        (("ledger.rows", ledger["rows"]), ("the sum of ledger.files[].rows", sum(f["rows"] for f in ledger["files"]))),
+        (("totals.rows_in_ledger", totals["rows_in_ledger"]), ("ledger.rows", ledger["rows"])),
+        (("totals.rows_in_ledger", totals["rows_in_ledger"]),
+         ("the sum of totals.drops_by_reason", sum(totals["drops_by_reason"].values()))),
+    ]
+    for index, stage in enumerate(stages):
+        rows_in = (f"stages[{index}].rows_in ({stage['stage']})", stage["rows_in"])
+        stated_twice.append((rows_in, (f"stages[{index}].rows_out + its drops",
+                                       stage["rows_out"] + sum(stage["drops"].values()))))
+        if index:
+            previous = stages[index - 1]
+            stated_twice.append(
+                (rows_in, (f"stages[{index - 1}].rows_out ({previous['stage']})", previous["rows_out"])))
+    for reason in sorted(set(by_reason) | set(totals["drops_by_reason"])):
+        stated_twice.append(((f"totals.drops_by_reason.{reason}", totals["drops_by_reason"].get(reason, 0)),
+                             (f"the sum of stages[].drops.{reason}", by_reason.get(reason, 0))))
+    stage_of_folder = {stage.get("folder"): index for index, stage in enumerate(stages)}
+    for index, point in enumerate(manifest["balancing_points"]):
+        stage_index = stage_of_folder.get(point["stage_folder"])
+        if stage_index is not None:
+            stated_twice.extend(((f"balancing_points[{index}].{key}", point[key]),
+                                 (f"stages[{stage_index}].{key}", stages[stage_index][key]))
+                                for key in ("rows_in", "rows_out"))
+    takedown = manifest.get("takedown")
+    if isinstance(takedown, dict) and stages[last]["stage"] == "takedown":
+        stated_twice.append((("takedown.rows_removed", takedown.get("rows_removed")),
+                             (f"the drops of stages[{last}] (takedown)", sum(stages[last]["drops"].values()))))
+    problems = [f"{first} = {value} but {second} = {other}"
+                for (first, value), (second, other) in stated_twice if value != other]
+    return problems + _image_shard_problems(manifest) + _balancing_problems(manifest, stage_of_folder)
+
+
+def _image_shard_problems(manifest: dict) -> list[str]:
+    """Each image tar has the rows of its parquet twin (the shard of the same name), and with images every shard
+    has its tar."""
+    if not manifest["image_shards"]:
+        return []
+    shards = {PurePosixPath(entry["path"]).stem: (index, entry) for index, entry in enumerate(manifest["shards"])}
+    problems, twinned = [], set()
+    for index, tar in enumerate(manifest["image_shards"]):
+        stem = PurePosixPath(tar["path"]).stem
+        if stem not in shards:
+            problems.append(f"image_shards[{index}] ({tar['path']}) has no parquet shard of the same name in shards")
+            continue
+        twinned.add(stem)
+        shard_index, shard = shards[stem]
+        if tar["rows"] != shard["rows"]:
+            problems.append(f"image_shards[{index}].rows = {tar['rows']} but shards[{shard_index}].rows "
+                            f"({shard['path']}) = {shard['rows']}")
+    for stem in sorted(set(shards) - twinned):
+        index, shard = shards[stem]
+        problems.append(f"shards[{index}] ({shard['path']}) has no image tar in image_shards")
+    return problems
+
+
+def _balancing_problems(manifest: dict, stage_of_folder: dict) -> list[str]:
+    """Each of balancing_points[] names a folder of stages[]; `balancing` is the last of them."""
+    problems = [f"balancing_points[{index}].stage_folder {point['stage_folder']!r} is not a folder of stages[]"
+                for index, point in enumerate(manifest["balancing_points"])
+                if point["stage_folder"] not in stage_of_folder]
+    points = manifest["balancing_points"]
+    if manifest["balancing"] != (points[-1] if points else None):
+        problems.append("balancing differs from the last of balancing_points")
     return problems
 
 

@@ -48,7 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.io import StageWriter, atomic_write_json, sha256_of_file
-from curation.manifest import build_manifest, file_entry, safe_member, tar_entry
+from curation.manifest import build_manifest, file_entry, read_manifest, safe_member, tar_entry
 from curation.ops import tars as tar_ops
 from curation.ops.blocklists import BlocklistError, load_url_blocklist
 from curation.ops.image_blocklist import load_image_hash_list, sha256_matches
@@ -232,7 +232,7 @@ def _check_output(release_dir: Path, output_dir: Path) -> None:
 def _check_member_paths(manifest_path: Path, manifest: dict) -> None:
     """ValueError naming the manifest and the entry when a shard, image tar or ledger path would leave the release
     folder; called before anything is read or written, so that the plain joins on these paths afterwards are safe."""
-    sections = (("shards", manifest["shards"]), ("image_shards", manifest.get("image_shards", [])),
+    sections = (("shards", manifest["shards"]), ("image_shards", manifest["image_shards"]),
                 ("ledger files", manifest["ledger"]["files"]))
     for section, entries in sections:
         for entry in entries:
@@ -245,7 +245,7 @@ def _check_member_paths(manifest_path: Path, manifest: dict) -> None:
 
 def _twin_tars(manifest: dict) -> dict[str, dict]:
     """The image tar entry of each shard path (shards/shard-k.parquet -> images/shard-k.tar)."""
-    by_stem = {Path(entry["path"]).stem: entry for entry in manifest.get("image_shards", [])}
+    by_stem = {Path(entry["path"]).stem: entry for entry in manifest["image_shards"]}
     return {entry["path"]: by_stem[Path(entry["path"]).stem] for entry in manifest["shards"]
             if Path(entry["path"]).stem in by_stem}
 
@@ -262,7 +262,7 @@ def takedown_release(
     release_dir, output_dir = manifest_path.parent, Path(output_dir)
     _check_output(release_dir, output_dir)
     request = _Request(uids_file, urls_file, image_hashes_file)
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(manifest_path)
     _check_member_paths(manifest_path, manifest)
     manifest_sha256 = sha256_of_file(manifest_path)
     previous = manifest.get("takedown") or {}
@@ -355,15 +355,15 @@ def takedown_release(
         drops = {Reason.TAKEDOWN: rows_removed} if rows_removed else {}
         stage_summary = {"stage": STAGE, "folder": None, "version": TAKEDOWN_VERSION, "rows_in": rows_before,
                          "rows_out": rows_after, "drops": drops, "seconds": round(time.time() - started, 3)}
-        replaces = {"name": manifest.get("dataset"), "path": str(manifest_path.resolve()), "sha256": manifest_sha256,
-                    "created": manifest.get("created")}
+        replaces = {"name": manifest["dataset"], "path": str(manifest_path.resolve()), "sha256": manifest_sha256,
+                    "created": manifest["created"]}
         new_manifest = build_manifest(
             name=manifest["dataset"], config=manifest["config"], config_sha256=manifest["config_sha256"],
-            inputs=manifest["inputs"], skipped_inputs=manifest.get("skipped_inputs", []),
+            inputs=manifest["inputs"], skipped_inputs=manifest["skipped_inputs"],
             stages=[*manifest["stages"], stage_summary], shards=shards, ledger_files=ledger_files,
-            metadata=manifest.get("metadata"), balancing=manifest.get("balancing"),
+            metadata=manifest["metadata"], balancing=manifest["balancing"],
             execution={"command": "takedown"}, replaces=replaces, image_shards=image_shards,
-            balancing_points=manifest.get("balancing_points"),
+            balancing_points=manifest["balancing_points"],
         )
         report = request.report()
         new_manifest["takedown"] = {

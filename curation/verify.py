@@ -6,7 +6,9 @@ Every problem is reported with what and where; an empty list means the run is co
 - its ledger holds exactly the rows it says it dropped, and its data the rows it says it kept;
 - each stage's input link leads to the stage before it, whose rows out are this stage's rows in;
 - across the run, the rows read by ingest = rows published + rows in all the stages' ledgers;
-- the release's shards, image shards and ledger match the manifest's checksums and counts (`verify_manifest`);
+- the release's shards, image shards and ledger match the manifest's checksums and counts, and every count the
+  manifest states twice agrees (`verify_manifest`); its stages[] are the records of the stages before publish;
+- with an expected sha256, the release digest (`curation.manifest.release_sha256`) is that one;
 - nothing in the run folder is world-writable.
 """
 
@@ -17,10 +19,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from curation.io import LEDGER_DIR
-from curation.manifest import verify_manifest
+from curation.manifest import read_manifest, verify_manifest
 from curation.run_folder import INCOMPLETE, RELEASE_STAGE, RunFolder, StageFolderError
 
 logger = logging.getLogger(__name__)
+
+# What a manifest's stages[] repeats from each stage's record.
+_STAGE_COUNTS = ("stage", "rows_in", "rows_out", "drops")
 
 
 def _parquet_rows(files: list[Path]) -> int:
@@ -67,8 +72,20 @@ def _world_writable(run_dir: Path) -> list[str]:
             if not path.is_symlink() and path.stat().st_mode & stat.S_IWOTH]
 
 
-def verify_run(run_dir: Path) -> list[str]:
-    """Every inconsistency found in the run folder `run_dir` (see the module docstring); empty = consistent."""
+def _manifest_stage_problems(manifest: dict, records: list[tuple[Path, dict]]) -> list[str]:
+    """stages[] of the manifest against the records of the stages before publish, position by position."""
+    summaries = [{key: record[key] for key in _STAGE_COUNTS} for _, record in records]
+    stated = [{key: stage[key] for key in _STAGE_COUNTS} for stage in manifest["stages"]]
+    if len(stated) != len(summaries):
+        return [f"stages[] lists {len(stated)} stages, the run has {len(summaries)} before publish"]
+    return [f"stages[{index}] = {stage} but the record of {folder.name} says {summary}"
+            for index, (stage, summary, (folder, _)) in enumerate(zip(stated, summaries, records, strict=True))
+            if stage != summary]
+
+
+def verify_run(run_dir: Path, expected_sha256: str | None = None) -> list[str]:
+    """Every inconsistency found in the run folder `run_dir` (see the module docstring); empty = consistent.
+    ManifestError when its release's manifest cannot be read at all."""
     run_dir = Path(run_dir)
     run = RunFolder(run_dir)
     if not run.is_run():
@@ -93,6 +110,10 @@ def verify_run(run_dir: Path) -> list[str]:
         published = records[-1][1]["rows_out"]
         if rows_read != published + in_ledgers:
             problems.append(f"run: {rows_read} rows read != {published} published + {in_ledgers} in the ledgers")
-        problems.extend(f"publish: {problem}" for problem in verify_manifest(run.manifest_path))
+        problems.extend(f"publish: {problem}" for problem in verify_manifest(run.manifest_path, expected_sha256))
+        problems.extend(f"publish: {problem}"
+                        for problem in _manifest_stage_problems(read_manifest(run.manifest_path), records[:-1]))
+    elif expected_sha256 is not None:
+        problems.append(f"{run_dir}: no complete release, so no release sha256 to compare with {expected_sha256}")
     problems.extend(_world_writable(run_dir))
     return problems

@@ -16,17 +16,19 @@ release manifest); it is not a stage and starts no Spark. Sections, each an `<se
 - manifest: the release summary.
 
 A section whose stages are not in the run says so in one line; a section that fails to render shows the error
-in its place (and logs it) instead of failing the report. Every image is an inline `data:image/png;base64` URI,
-every piece of text from the data is escaped, and the page needs no script: the file can be mailed or archived
-alone. The same run folder gives the same bytes (no generation timestamp; everything in a fixed order).
+in its place (and logs it) instead of failing the report; a release manifest that cannot be read (a missing
+key, `shards: null`) fails it, naming the file and the key (`curation.manifest.read_manifest`). Every image is an
+inline `data:image/png;base64` URI, every piece of text from the data is escaped, and the page needs no script:
+the file can be mailed or archived alone. The same run folder gives the same bytes (no generation timestamp;
+everything in a fixed order).
 """
 
-import json
 import logging
 from pathlib import Path
 
 import curation
 from curation.io import atomic_write_bytes
+from curation.manifest import read_manifest
 from curation.report.content import section_dedup, section_logos, section_pruning, section_scores
 from curation.report.counts import (
     section_balancing,
@@ -61,12 +63,8 @@ def build_report(run_dir: Path) -> str:
     run = RunView(run_dir)
     logger.info("report: %d stages in %s", len(run.stages), run.folder.path)
     manifest_path = run.folder.manifest_path
-    dataset = None
-    if manifest_path.is_file():
-        try:
-            dataset = json.loads(manifest_path.read_text()).get("dataset")
-        except ValueError:
-            dataset = None
+    # A release whose manifest cannot be read is refused here, naming the file and key, rather than reported on.
+    dataset = read_manifest(manifest_path)["dataset"] if manifest_path.is_file() else None
     title = f"Curation report: {dataset or run.folder.path.name}"
     body = []
     for section_id, heading, render in SECTIONS:
@@ -96,6 +94,9 @@ def build_report(run_dir: Path) -> str:
 def write_report(run_dir: Path, output: Path | None = None) -> Path:
     """Write the report of `run_dir` to `output` (default RUN_DIR/report.html) atomically; its path."""
     output = Path(output) if output is not None else Path(run_dir) / REPORT_NAME
+    if output.is_dir():
+        raise ValueError(f"report output {output} is a folder: name the HTML file to write, e.g. "
+                         f"{output / REPORT_NAME}")
     page = build_report(Path(run_dir))
     atomic_write_bytes(output, page.encode("utf-8", errors="replace"))
     logger.info("report: wrote %s (%.1f KiB)", output, output.stat().st_size / 1024)

@@ -1,6 +1,5 @@
 """The report's sections built from stage records and counts: funnel, balancing, captions, throughput, manifest."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.io import sha256_of_file
+from curation.manifest import read_manifest, release_sha256
 from curation.report import plots
 from curation.report.markup import absent, esc, fmt_float, fmt_int, img, key_values, note, table
 from curation.report.reading import MAX_SAMPLE_ROWS, RunView, has_columns, read_columns, stages_named
@@ -209,26 +208,23 @@ def section_manifest(run: RunView) -> str:
     path = run.folder.manifest_path
     if not path.is_file():
         return absent("publish")
-    manifest = json.loads(path.read_text())
-    totals = manifest.get("totals") or {}
-    shards = manifest.get("shards") or []
-    image_shards = manifest.get("image_shards") or []
-    ledger = manifest.get("ledger") or {}
+    manifest = read_manifest(path)
+    totals, shards, image_shards = manifest["totals"], manifest["shards"], manifest["image_shards"]
     pairs = [
-        ("dataset", esc(manifest.get("dataset", ""))), ("format", esc(manifest.get("format", ""))),
-        ("created", esc(manifest.get("created", ""))), ("code version", esc(manifest.get("code_version", ""))),
-        ("rows in", fmt_int(totals.get("rows_in"))), ("rows published", fmt_int(totals.get("rows_published"))),
-        ("rows in the ledger", fmt_int(totals.get("rows_in_ledger"))),
-        ("parquet shards", f"{len(shards):,} ({sum(s.get('bytes', 0) for s in shards):,} bytes)"),
-        ("image shards", f"{len(image_shards):,} ({sum(s.get('bytes', 0) for s in image_shards):,} bytes)"),
-        ("ledger files", f"{len(ledger.get('files') or []):,}"),
-        ("config sha256", f"<code>{esc(manifest.get('config_sha256', ''))}</code>"),
-        ("manifest.json sha256", f"<code>{esc(sha256_of_file(path))}</code>"),
+        ("dataset", esc(manifest["dataset"] or "")), ("format", esc(manifest["format"])),
+        ("created", esc(manifest["created"])), ("code version", esc(manifest["code_version"])),
+        ("rows in", fmt_int(totals["rows_in"])), ("rows published", fmt_int(totals["rows_published"])),
+        ("rows in the ledger", fmt_int(totals["rows_in_ledger"])),
+        ("parquet shards", f"{len(shards):,} ({sum(s['bytes'] for s in shards):,} bytes)"),
+        ("image shards", f"{len(image_shards):,} ({sum(s['bytes'] for s in image_shards):,} bytes)"),
+        ("ledger files", f"{len(manifest['ledger']['files']):,}"),
+        ("config sha256", f"<code>{esc(manifest['config_sha256'])}</code>"),
+        ("release sha256", f"<code>{esc(release_sha256(manifest))}</code>"),
     ]
-    drops = totals.get("drops_by_reason") or {}
+    drops = totals["drops_by_reason"]
     rows = [[esc(reason), fmt_int(count)] for reason, count in sorted(drops.items(), key=lambda i: (-i[1], i[0]))]
-    shard_rows = [[f"<code>{esc(s.get('path', ''))}</code>", fmt_int(s.get("rows")), fmt_int(s.get("bytes")),
-                   f"<code>{esc(str(s.get('sha256', ''))[:16])}</code>"] for s in shards[:20]]
+    shard_rows = [[f"<code>{esc(s['path'])}</code>", fmt_int(s["rows"]), fmt_int(s["bytes"]),
+                   f"<code>{esc(s['sha256'][:16])}</code>"] for s in shards[:20]]
     parts = [key_values(pairs), "<h3>Rows dropped by reason</h3>",
              table(["reason", "rows"], rows, numeric={1}) if rows else note("No row was dropped."),
              "<h3>Shards</h3>", table(["path", "rows", "bytes", "sha256 (first 16)"], shard_rows, numeric={1, 2})]

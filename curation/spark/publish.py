@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.io import LEDGER_DIR, atomic_write_json, canonical_json, sha256_of_json
-from curation.manifest import build_manifest, file_entry, tar_entry
+from curation.manifest import build_manifest, file_entry, read_manifest, release_sha256, tar_entry
 from curation.ops import tars as tar_ops
 from curation.run_folder import (
     MANIFEST_NAME,
@@ -229,6 +229,9 @@ def run_publish(context: StageContext) -> StageOutput:
     totals = manifest["totals"]
     if totals["rows_in"] != totals["rows_published"] + totals["rows_in_ledger"]:
         raise RuntimeError(f"ledger invariant broken at publish: {totals}")
-    logger.info("published %d rows in %d shards", totals["rows_published"], len(shard_paths))
+    # From the file as written, so the digest is the one `curation verify --expect-sha256` recomputes.
+    digest = release_sha256(read_manifest(release_dir / MANIFEST_NAME))
+    logger.info("published %d rows in %d shards; release sha256: %s", totals["rows_published"], len(shard_paths),
+                digest)
     return StageOutput(rows_out=totals["rows_published"],
-                       record={"manifest": MANIFEST_NAME, "shards": len(shard_paths)})
+                       record={"manifest": MANIFEST_NAME, "shards": len(shard_paths), "release_sha256": digest})

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curation.io import sha256_of_file
+from curation.manifest import release_sha256
 from curation.report import SECTION_IDS, write_report
 from curation.run_folder import stage_chain
 from tests.unit.test_report import classes_in, is_absent, page_problems, parse_page, text_of
@@ -81,7 +81,7 @@ def test_manifest_and_balancing_name_their_sources(report, demo_run):
     manifest_path = demo_run / "publish" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     text = text_of(report, "manifest")
-    assert sha256_of_file(manifest_path) in text
+    assert release_sha256(manifest) in text
     assert manifest["dataset"] in text and f"{manifest['totals']['rows_published']:,}" in text
     chain = stage_chain(demo_run / "publish")
     balances = [(folder, record) for folder, record in chain if record["stage"] == "balance"]

@@ -13,12 +13,13 @@ import pytest
 
 from curation.cli import main as cli_main
 from curation.demo import generate_demo_corpus
-from curation.manifest import verify_manifest, without_volatile
+from curation.manifest import release_sha256, verify_manifest, without_volatile
 from curation.ops import balance as balance_ops
 from curation.ops.ingest import IngestError
 from curation.ops.metadata import build_metadata, write_metadata
 from curation.ops.uid import uniform
 from curation.pipeline import run_pipeline
+from curation.run_folder import read_stage_record
 from curation.schema import Reason
 from curation.stages import parse_run_config
 
@@ -104,7 +105,9 @@ def test_ledger_invariant_and_verify(runs):
     totals = manifest["totals"]
     assert totals["rows_in"] == 4_000 == totals["rows_published"] + totals["rows_in_ledger"]
     assert verify_manifest(run_dir) == []
-    assert cli_main(["verify", str(run_dir)]) == 0
+    digest = release_sha256(manifest)
+    assert read_stage_record(run_dir / "publish")["release_sha256"] == digest
+    assert cli_main(["verify", str(run_dir), "--expect-sha256", digest]) == 0
 
 
 def test_a_flipped_byte_in_a_shard_fails_verify(runs, tmp_path):

@@ -424,23 +424,25 @@ def test_a_section_that_fails_shows_its_error_and_the_others_render(tmp_path):
 
 
 def test_manifest_section_summarises_the_release(tmp_path):
-    from curation.io import sha256_of_file
+    from curation.manifest import build_manifest, file_entry, release_sha256
 
     run = ingest_only(tmp_path)
     shard = rows_table(uids(8))
     folder = run.stage("publish", None, 8, shards=1)
     (folder / "shards").mkdir()
     pq.write_table(shard, folder / "shards" / "shard-00000.parquet")
-    manifest = {"format": "curation.manifest/v1", "dataset": HOSTILE, "created": "2025-01-01T00:00:00+00:00",
-                "shards": [{"path": "shards/shard-00000.parquet", "rows": 8, "bytes": 100, "sha256": "ab" * 32}],
-                "totals": {"rows_in": 10, "rows_published": 8, "rows_in_ledger": 2,
-                           "drops_by_reason": {"empty_caption": 2}},
-                "ledger": {"files": [], "rows": 2}, "config_sha256": "cd" * 32}
+    ingest = {"stage": "ingest", "folder": "01_ingest", "version": 1, "rows_in": 10, "rows_out": 8,
+              "drops": {"empty_caption": 2}, "seconds": 0.1}
+    manifest = build_manifest(
+        name=HOSTILE, config={}, config_sha256="cd" * 32, inputs=[{"path": "in.parquet", "rows": 10}],
+        skipped_inputs=[], stages=[ingest], shards=[file_entry(folder, folder / "shards" / "shard-00000.parquet")],
+        ledger_files=[], metadata=None, balancing=None,
+    )
     (folder / "manifest.json").write_text(json.dumps(manifest))
     page = build_report(tmp_path)
     assert page_problems(page) == []
     text = text_of(page, "manifest")
-    assert HOSTILE in text and sha256_of_file(folder / "manifest.json") in text
+    assert HOSTILE in text and release_sha256(manifest) in text
     assert "<title>Curation report: &lt;script&gt;" in page
     assert "published" in text_of(page, "captions")
 
