@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 __all__ = ["SPECIAL_SCHEMES", "WhatwgAuthority", "host_disagreement", "host_disagreements", "parse_authority",
-           "whatwg_host", "whatwg_hosts"]
+           "parse_host", "whatwg_host", "whatwg_hosts"]
 
 SPECIAL_SCHEMES = ("http", "https")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -81,7 +81,7 @@ def parse_authority(url: str) -> WhatwgAuthority | None:
     host_text, port_text = _split_port(host_and_port)
     if not host_text or port_text is not None and not _is_port(port_text):
         return None
-    host = _parse_host(host_text)
+    host = parse_host(host_text)
     if host is None:
         return None
     port = int(port_text) if port_text else None
@@ -166,7 +166,9 @@ def _is_port(text: str) -> bool:
     return text == "" or set(text) <= _DIGITS[10] and int(text) <= 65535
 
 
-def _parse_host(text: str) -> str | None:
+def parse_host(text: str) -> str | None:
+    """The serialised WHATWG host of an http(s) url's host text (`[...]`, a domain, an IPv4 number); None when the
+    standard rejects it."""
     if text.startswith("["):
         return _parse_ipv6(text[1:-1]) if text.endswith("]") else None
     domain = unquote_to_bytes(text).decode("utf-8", errors="replace")
