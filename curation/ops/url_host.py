@@ -134,7 +134,10 @@ def whatwg_hosts(urls: pa.Array) -> pa.Array:
 def host_disagreements(urls: pa.Array) -> np.ndarray:
     """`host_disagreement` of every non-null entry of a string array, as an object array (None where they agree
     and for null entries)."""
-    _, slow = _plain_hosts(urls)
+    # a match without the capture is cheaper than `_plain_hosts`, and ingest asks this of every row
+    plain = pc.match_substring_regex(urls, _PLAIN_HOST)
+    needs_parsing = pc.or_kleene(pc.invert(plain), pc.match_substring(urls, "xn--", ignore_case=True))
+    slow = np.flatnonzero(pc.and_kleene(needs_parsing, pc.is_valid(urls)).to_numpy(zero_copy_only=False))
     reasons = np.full(len(urls), None, dtype=object)
     reasons[slow] = [host_disagreement(url) for url in urls.take(slow).to_pylist()]
     return reasons
