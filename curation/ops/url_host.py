@@ -33,10 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["SPECIAL_SCHEMES", "WhatwgAuthority", "host_disagreement", "host_disagreements", "parse_authority",
+__all__ = ["WhatwgAuthority", "host_disagreement", "host_disagreements", "parse_authority",
            "parse_host", "whatwg_host", "whatwg_hosts"]
 
-SPECIAL_SCHEMES = ("http", "https")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _C0_CONTROL_OR_SPACE = "".join(chr(code) for code in range(0x21))
@@ -70,7 +69,7 @@ def parse_authority(url: str) -> WhatwgAuthority | None:
     """`url` split as the WHATWG URL parser splits an http(s) URL; None for another scheme or a URL it rejects."""
     url = url.strip(_C0_CONTROL_OR_SPACE).translate(_TAB_OR_NEWLINE)
     scheme_match = _SCHEME.match(url)
-    if not scheme_match or scheme_match.group(0)[:-1].lower() not in SPECIAL_SCHEMES:
+    if not scheme_match or scheme_match.group(0)[:-1].lower() not in _DEFAULT_PORTS:
         return None
     scheme = scheme_match.group(0)[:-1].lower()
     after_scheme = url[scheme_match.end() :].lstrip("/\\")
@@ -100,11 +99,11 @@ def host_disagreement(url: str) -> str | None:
     """Why urllib and the WHATWG parser would send `url` to different hosts (or one of them cannot read it); None
     when they agree.
 
-    urllib's host (`urlsplit`, what the ingest regex and the download's address check read) is compared as DNS is
-    asked for it: lowercased and, when not ASCII, IDNA-encoded the way `socket.getaddrinfo` and `http.client` do,
-    but neither percent-decoded nor read as an IPv4 number. So ``%65vil.example``, ``0x7f.1``, a backslash or '@'
-    trick and ``straße`` (IDNA 2003 ``strasse``, UTS #46 ``xn--strae-oqa``) disagree; case and Unicode that both map
-    alike do not.
+    urllib's host (`urllib.parse.urlsplit`, which reads the authority as RFC 3986 does; `urllib.request` fetches
+    from the same authority but percent-decodes it) is compared as DNS is asked for it: lowercased and, when not
+    ASCII, IDNA-encoded the way `socket.getaddrinfo` and `http.client` do, but neither percent-decoded nor read as
+    an IPv4 number. So ``%65vil.example``, ``0x7f.1``, a backslash or '@' trick and ``straße`` (IDNA 2003
+    ``strasse``, UTS #46 ``xn--strae-oqa``) disagree; case and Unicode that both map alike do not.
     """
     whatwg = whatwg_host(url)
     if whatwg is None:
