@@ -2,7 +2,11 @@
 
 A blocklist file is UTF-8 text, one entry a line; blank lines and lines starting with '#' are ignored. A domain
 entry blocks that host and every subdomain of it (`example.com` blocks `img.example.com`, not `badexample.com`);
-a leading `*.` or `.` is accepted and means the same. A URL entry blocks exactly that URL after the same
+a leading `*.` or `.` is accepted and means the same. The host of a url is its WHATWG host (`curation.ops.url_host`:
+percent-decoded, UTS #46-mapped, punycode, an IPv4 number as a dotted quad), as a browser or urllib.request would
+contact it, and an entry is read the same way, so `%65vil.example`, `EVIL.example.` (a trailing dot is dropped on
+both sides), `evil。example` and `bücher.de` against `xn--bcher-kva.de` cannot slip past; an IPv4 entry blocks
+that address however the url writes it. A URL entry blocks exactly that URL after the same
 normalisation `dedup_exact` uses (`curation.ops.urls`), so case in the scheme and host, a default port or a
 fragment do not let a blocked URL through. In a URL list anything after the first whitespace of a line is a comment
 (`http://example.com/a.jpg  # request 42`, as in the uid and image-hash lists): a valid URL holds no raw whitespace,
@@ -11,12 +15,16 @@ is an error).
 """
 
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from curation.ops.url_host import parse_host, whatwg_hosts
 from curation.ops.urls import normalise_url, normalise_urls
+
+# A DNS label is 1 to 63 octets (RFC 1035); an entry outside that can never match a host that resolves.
+_MAX_LABEL_LENGTH = 63
 
 
 class BlocklistError(ValueError):
@@ -33,18 +41,19 @@ def _entries(path: Path) -> list[tuple[int, str]]:
 
 
 def load_domain_blocklist(path: Path) -> frozenset[str]:
-    """The lowercased domains of a domain blocklist file."""
+    """The domains of a domain blocklist file, as WHATWG hosts without a trailing dot."""
     domains = set()
     for number, entry in _entries(path):
-        domain = entry.lower().removeprefix("*.").lstrip(".").rstrip(".")
-        if not domain or any(c in domain for c in "/:@ \t") or "." not in domain and domain != "localhost":
+        text = entry.removeprefix("*.").lstrip(".")
+        if not text or any(c in text for c in "/:@ \t"):
             raise BlocklistError(f"{path}:{number}: {entry!r} is not a domain (write e.g. example.com)")
-        if not domain.isascii():
-            try:
-                domain = domain.encode("idna").decode("ascii")
-            except UnicodeError as error:
-                raise BlocklistError(f"{path}:{number}: {entry!r} is not a valid internationalised domain "
-                                     f"({error})") from error
+        host = parse_host(text)
+        domain = host.rstrip(".") if host else ""
+        if not domain or any(not 0 < len(label) <= _MAX_LABEL_LENGTH for label in domain.split(".")):
+            raise BlocklistError(f"{path}:{number}: {entry!r} is not a valid "
+                                 f"{'' if text.isascii() else 'internationalised '}domain name")
+        if "." not in domain and domain != "localhost":
+            raise BlocklistError(f"{path}:{number}: {entry!r} is not a domain (write e.g. example.com)")
         domains.add(domain)
     return frozenset(domains)
 
@@ -60,42 +69,29 @@ def load_url_blocklist(path: Path) -> frozenset[str]:
     return frozenset(urls)
 
 
-def host_of(url: str) -> str | None:
-    """The lowercased ASCII host of `url`, or None when it has none that parses."""
-    try:
-        host = urlsplit(url).hostname
-    except ValueError:
-        return None
-    if not host:
-        return None
-    host = host.rstrip(".")
-    if not host.isascii():
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None
-    return host.lower()
-
-
-def is_blocked_host(host: str | None, domains: frozenset[str]) -> bool:
-    """Whether `host` is one of `domains` or a subdomain of one."""
-    if host is None or not domains:
-        return False
-    labels = host.split(".")
-    return any(".".join(labels[i:]) in domains for i in range(len(labels)))
-
-
 def blocked_masks(urls: pa.Array, domains: frozenset[str], blocked_urls: frozenset[str]) -> tuple[np.ndarray,
                                                                                                  np.ndarray]:
-    """(rows whose host is on `domains`, rows whose normalised url is on `blocked_urls`) for a string array;
-    null urls are on neither."""
-    values = urls.to_pylist()
-    by_domain = np.fromiter((url is not None and is_blocked_host(host_of(url), domains) for url in values),
-                            dtype=bool, count=len(values)) if domains else np.zeros(len(values), dtype=bool)
+    """(rows whose host is on `domains` or a subdomain of one, rows whose normalised url is on `blocked_urls`) for a
+    string array; null urls and urls without a WHATWG host are on neither."""
+    by_domain = _on_domain_list(whatwg_hosts(urls), domains) if domains else np.zeros(len(urls), dtype=bool)
     if blocked_urls:
-        normalised = normalise_urls(urls).to_pylist()
-        by_url = np.fromiter((url is not None and url in blocked_urls for url in normalised), dtype=bool,
-                             count=len(values))
+        by_url = _filled(pc.is_in(normalise_urls(urls), value_set=pa.array(list(blocked_urls), type=urls.type)))
     else:
-        by_url = np.zeros(len(values), dtype=bool)
+        by_url = np.zeros(len(urls), dtype=bool)
     return by_domain, by_url
+
+
+def _on_domain_list(hosts: pa.Array, domains: frozenset[str]) -> np.ndarray:
+    """Whether each host, or a parent domain of it, is in `domains`: the host and then each parent in turn (cut at
+    its first '.') is looked up, all rows at once, until no row has a parent left."""
+    value_set = pa.array(list(domains), type=hosts.type)
+    candidates = pc.utf8_rtrim(hosts, characters=".")
+    blocked = np.zeros(len(hosts), dtype=bool)
+    while candidates.null_count < len(candidates):
+        blocked |= _filled(pc.is_in(candidates, value_set=value_set))
+        candidates = pc.struct_field(pc.extract_regex(candidates, r"^[^.]*\.(?P<parent>.+)$"), "parent")
+    return blocked
+
+
+def _filled(mask: pa.Array) -> np.ndarray:
+    return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from curation.ops.blocklists import blocked_masks, load_domain_blocklist, load_url_blocklist
 from curation.ops.uid import compute_uids
+from curation.ops.url_host import host_disagreements
 from curation.schema import CAPTION, UID, URL, Reason
 
 # Column names of the common web image-text schemas, most specific first: img2dataset/CC3M, LAION, DataComp.
@@ -220,6 +221,10 @@ def _filled(mask: pa.Array) -> np.ndarray:
     return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
+def _detail(source: str, row: int, why: str | None) -> str:
+    return json.dumps({"file": source, "row": row} | ({"why": why} if why else {}))
+
+
 def normalise_rows(
     table: pa.Table, options: IngestOptions, source: str, first_row: int = 0
 ) -> tuple[pa.Table, pa.Table]:
@@ -228,7 +233,8 @@ def normalise_rows(
     kept: uid, url, caption, the keep columns, and `_source_row` (row number within the source file).
     rejected: uid, reason, detail (JSON with file and row) — one row per rejected input row, first reason wins in
     the order: missing/empty url, missing/empty caption, invalid UTF-8, a NUL character in the url or caption
-    (see `_NUL`), not an http(s) url (also a url holding a control character no HTTP request can carry), caption too
+    (see `_NUL`), not an http(s) url (also a url holding a control character no HTTP request can carry, and a url
+    whose host urllib reads otherwise than the WHATWG URL Standard, the `why` of its detail saying how), caption too
     long, a url on the url blocklist, a host on the domain blocklist. Other control characters in a caption (ESC,
     bidi overrides) are text and are kept byte for byte.
     """
@@ -254,6 +260,9 @@ def normalise_rows(
     assign(holds_nul, Reason.NUL_CHARACTER)
     assign(~_filled(pc.match_substring_regex(urls, r"^[hH][tT][tT][pP][sS]?://[^/\s?#]+")), Reason.NOT_HTTP_URL)
     assign(_filled(pc.match_substring_regex(urls, _URL_CONTROL_CHARACTERS)), Reason.NOT_HTTP_URL)
+    # which server an ambiguous url names depends on who parses it, so neither blocklist can vouch for it
+    why_ambiguous = np.where(reasons == None, host_disagreements(urls), None)  # noqa: E711
+    assign(why_ambiguous != None, Reason.NOT_HTTP_URL)  # noqa: E711
     assign(_filled(pc.greater(pc.utf8_length(captions), options.max_caption_chars)), Reason.CAPTION_TOO_LONG)
     if options.blocked_domains or options.blocked_urls:
         by_domain, by_url = blocked_masks(urls, options.blocked_domains, options.blocked_urls)
@@ -275,7 +284,7 @@ def normalise_rows(
             UID: uids.take(pa.array(rejected_index, type=pa.int64())),
             "reason": pa.array(reasons[rejected_index].tolist(), type=pa.string()),
             "detail": pa.array(
-                [json.dumps({"file": source, "row": int(source_rows[i])}) for i in rejected_index], type=pa.string()
+                [_detail(source, int(source_rows[i]), why_ambiguous[i]) for i in rejected_index], type=pa.string()
             ),
         }
     )
