@@ -4,7 +4,8 @@ A request is up to three lists (at least one), each a UTF-8 text file, one entry
 starting with '#' ignored, anything after an entry's first whitespace a comment:
 - uids (`--uids`): 32 hex digits each;
 - urls (`--urls`): compared after the url normalisation of dedup_exact and the ingest blocklist
-  (`curation.ops.urls.normalise_url`: scheme and host case, default port, fragment);
+  (`curation.ops.urls.normalise_url`: scheme case, the WHATWG host (percent-decoded, lowercased, punycode, an IPv4
+  number as a dotted quad, no trailing dot), default port, fragment);
 - image hashes (`--image-hashes`): the sha256 of a published image's bytes (64 hex digits: `sha256sum` of the
   `<uid>.jpg` in the release's tar) or of the original file as it was downloaded (the shards' `image_source_sha256`
   column, written by the download stage: a data owner hashes the file they published, not the resized copy the

@@ -10,7 +10,7 @@ class IngestStage(Stage):
     name = "ingest"
     flow = 10
     summary = "raw parquet shards -> uid, url, caption; bad rows to the ledger"
-    input_help = "parquet files, folders or globs (any pyarrow URI)"
+    input_help = "parquet files, folders or patterns (glob:PATTERN for full glob syntax; any pyarrow URI)"
     input_kind = "raw"
     description = (
         "reads parquet shards (files, folders, globs; local or any pyarrow URI: s3://, gs://, hdfs://), maps the "
@@ -19,8 +19,9 @@ class IngestStage(Stage):
     )
     drops = (
         "`missing_url`, `empty_url`, `missing_caption`, `empty_caption`, `invalid_utf8`, `nul_character` (NUL "
-        "separates url and caption in the uid), `not_http_url` (also a url with control characters), "
-        "`caption_too_long`, `blocked_url`, `blocked_domain` (the optional blocklists), `duplicate_pair`"
+        "separates url and caption in the uid), `not_http_url` (also a url with control characters, or one whose "
+        "host urllib and the WHATWG URL Standard read differently), `caption_too_long`, `blocked_url`, "
+        "`blocked_domain` (the optional blocklists), `duplicate_pair`"
     )
 
     class Options(StageOptions):
