@@ -175,6 +175,7 @@ class _StallWatch:
         self._shard_id, self._stall_seconds = shard_id, stall_seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"stall-watch-{shard_name(shard_id)}", daemon=True)
+        self.abandoned_because: str | None = None
 
     def __enter__(self) -> "_StallWatch":
         TRANSFERS.restart()
@@ -184,6 +185,8 @@ class _StallWatch:
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
         self._thread.join()
+        self.abandoned_because = TRANSFERS.abandoned_because
+        TRANSFERS.restart()  # the abandonment ends with this shard: later downloads of the process may run
 
     def _watch(self) -> None:
         while not self._stop.wait(min(1.0, self._stall_seconds / 10)):
@@ -244,10 +247,10 @@ def download_shard(
         install_safe_opener(options.allow_hosts, options.response_limits())
         # download_shard, not the Downloader's __call__, which prints and swallows a failed shard: here a failure
         # must fail the task so that Spark retries it and nothing is silently missing.
-        with _StallWatch(shard_id, options.stall_seconds):
+        with _StallWatch(shard_id, options.stall_seconds) as watch:
             downloader.download_shard((shard_id, str(input_path)))
-        if TRANSFERS.abandoned_because is not None:
-            raise ShardStalled(TRANSFERS.abandoned_because)
+        if watch.abandoned_because is not None:
+            raise ShardStalled(watch.abandoned_because)
         name = shard_name(shard_id)
         for suffix in (".tar", ".parquet", "_stats.json"):
             os.replace(attempt / f"{name}{suffix}", output_folder / f"{name}{suffix}")
