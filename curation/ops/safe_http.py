@@ -34,10 +34,10 @@ error strings, and the download stage recognises refusals by that marker.
 Each ``open`` (one image, its redirects included) also gets `ResponseLimits`: a total deadline and a byte cap. A
 socket timeout only bounds one read, so a server trickling a byte per read interval could hold a download for
 ever; here every read of the response (status line, headers, chunk framing and body) waits at most until the
-deadline, and a response may not be longer than the cap (refused from its Content-Length when it declares one).
-The TLS handshake is bounded by the deadline too. `TRANSFERS` records when this process
-last made progress (a byte received, a request ended), which is what the download stage's shard watchdog reads,
-and can abandon every download of the process at once.
+deadline, as does the TLS handshake, and a response may not be longer than the cap (refused from its
+Content-Length when it declares one). `TRANSFERS` records when this process last made progress (a response byte
+received, a request ended), which the download stage's shard watchdog reads, and can abandon every download of the
+process at once.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ TRANSFERS = TransferProgress()
 
 
 class _Budget:
-    """The deadline and bytes left of one open() (one image and its redirects)."""
+    """The limits of one open() (one image and its redirects) and the deadline they set when it began."""
 
     def __init__(self, limits: ResponseLimits) -> None:
         self.limits = limits
@@ -365,7 +365,7 @@ class _CheckedConnectMixin:
 
     def __init__(self, *args, allow_hosts: AllowHosts, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        # http.client calls self._create_connection((self.host, self.port), ...) in connect(); HTTPSConnection then
+        # http.client calls self._create_connection((self.host, self.port), ...) in connect(); the TLS step then
         # wraps the socket with server_hostname=self.host, so SNI and certificate checks keep the URL's host name.
         self._create_connection = functools.partial(_create_checked_connection, allow_hosts=allow_hosts)
         # Made inside the open() of this image (do_open runs in it), so the thread's budget is this image's; a
