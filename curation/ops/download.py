@@ -9,7 +9,15 @@ this module adds what a curation run needs around it:
 - atomic, resumable shards: img2dataset writes into a per-attempt temporary folder, and the shard's tar, status
   parquet and stats json are moved into place only when complete, the stats json last (the done marker);
 - a status for every row: img2dataset's per-shard parquet lists every sample with its status and error message,
-  and `ledger_reason` turns those into ledger reasons.
+  and `ledger_reason` turns those into ledger reasons;
+- bounded cost per image: the safe opener cuts a download at its total deadline (`image_deadline`; img2dataset's
+  `timeout` bounds one read only, so a server trickling a byte a second held a download for ever) and at
+  `max_image_bytes`; the image's size is read from its header before img2dataset decodes it, and an image of more
+  than `max_image_pixels` is rejected (a 48 kB PNG of 20000x20000 pixels decodes to 1.2 GB);
+- a shard watchdog: when the shard makes no progress (no byte received, no request ended) for `stall_seconds`, every
+  download of the shard is abandoned and the task fails, for Spark to retry. Progress, not total time: a slow shard
+  that keeps moving is never cut, and a stall (the network or DNS gone) is not the rows' fault, so they are not
+  ledgered.
 
 img2dataset imports torch (through wandb and albumentations), so it is imported inside the functions that need it:
 importing this module stays light, and only download workers pay for it.
@@ -19,15 +27,25 @@ import json
 import logging
 import os
 import shutil
+import threading
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
 
-from curation.ops.safe_http import REFUSED_MARKER, install_safe_opener, parse_allow_hosts
+from curation.ops.imagehash import DECODABLE_FORMATS, PIL_DEFAULT_MAX_PIXELS
+from curation.ops.safe_http import (
+    REFUSED_MARKER,
+    TRANSFERS,
+    ResponseLimits,
+    install_safe_opener,
+    parse_allow_hosts,
+)
 from curation.schema import CAPTION, UID, URL, Reason
 
 logger = logging.getLogger(__name__)
@@ -40,6 +58,8 @@ STATUS_COLUMNS = [
     UID, "key", "status", "error_message", "width", "height", "original_width", "original_height", "sha256",
 ]
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+# img2dataset's return value for an image it did not store: (image, width, height, original width and height, error).
+_NOT_STORED = (None, None, None, None, None)
 
 
 @dataclass(frozen=True)
@@ -62,6 +82,11 @@ class DownloadOptions:
     user_agent_token: str | None = None
     disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
     allow_hosts: tuple[str, ...] = field(default_factory=tuple)
+    # Ours, not img2dataset's. Pillow's own limit, which dedup_image's decoding also keeps.
+    max_image_pixels: int = PIL_DEFAULT_MAX_PIXELS
+    image_deadline: float = ResponseLimits.deadline_seconds
+    max_image_bytes: int = ResponseLimits.max_bytes
+    stall_seconds: float = 120.0
 
     def __post_init__(self):
         if self.resize_mode not in RESIZE_MODES:
@@ -71,6 +96,15 @@ class DownloadOptions:
         if self.image_size < 1 or self.thread_count < 1 or self.timeout < 1 or self.retries < 0:
             raise ValueError("image_size, thread_count and timeout must be positive and retries >= 0")
         parse_allow_hosts(self.allow_hosts)
+        self.response_limits()
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be positive, not {self.max_image_pixels}")
+        # A read may wait `timeout` seconds without a byte, so a shorter watch would cut shards that are only slow.
+        if not self.stall_seconds > self.timeout:
+            raise ValueError(f"stall_seconds ({self.stall_seconds}) must be above timeout ({self.timeout})")
+
+    def response_limits(self) -> ResponseLimits:
+        return ResponseLimits(deadline_seconds=self.image_deadline, max_bytes=self.max_image_bytes)
 
     @classmethod
     def from_options(cls, options: dict) -> "DownloadOptions":
@@ -97,6 +131,77 @@ def read_shard_statuses(output_folder: Path, shard_id: int) -> pa.Table:
     return table.select(STATUS_COLUMNS)
 
 
+class PixelCappedResizer:
+    """img2dataset's resizer behind a check of the image's size in its header: an image of more than `max_pixels`
+    pixels, or one whose size Pillow cannot read from a web image format's header, is not stored (img2dataset's
+    failed_to_resize, ledgered image_rejected) and never decoded."""
+
+    def __init__(self, resizer, max_pixels: int) -> None:
+        self._resizer = resizer
+        self._max_pixels = max_pixels
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        TRANSFERS.note()  # a row reached the resizer: the shard is moving even while no byte arrives
+        refusal = self.refusal(img_stream)
+        img_stream.seek(0)
+        if refusal is not None:
+            return (*_NOT_STORED, refusal)
+        return self._resizer(img_stream, blurring_bbox_list)
+
+    def refusal(self, img_stream) -> str | None:
+        """Why the image must not be decoded, or None. Opening reads the header only."""
+        try:
+            # The cap is ours; Pillow's warning between its limit and twice it would only repeat it.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(img_stream, formats=DECODABLE_FORMATS) as opened:
+                    width, height = opened.size
+        except Image.DecompressionBombError as error:  # above twice Pillow's limit: refused by Pillow at open
+            return f"image above the pixel cap of {self._max_pixels}: {error}"
+        except UnidentifiedImageError:
+            return "no web image format recognised in the image's header"
+        # A malformed header raises whatever the format's parser hits (SyntaxError, struct.error, ...).
+        except Exception as error:
+            return f"cannot read the image's size from its header: {type(error).__name__}: {error}"
+        if width * height > self._max_pixels:
+            return f"image of {width}x{height} pixels is above the pixel cap of {self._max_pixels}"
+        return None
+
+
+class _StallWatch:
+    """Abandons the process's downloads when they make no progress for `stall_seconds` (see the module docstring)."""
+
+    def __init__(self, shard_id: int, stall_seconds: float) -> None:
+        self._shard_id, self._stall_seconds = shard_id, stall_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"stall-watch-{shard_name(shard_id)}", daemon=True)
+        self.abandoned_because: str | None = None
+
+    def __enter__(self) -> "_StallWatch":
+        TRANSFERS.restart()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.abandoned_because = TRANSFERS.abandoned_because
+        TRANSFERS.restart()  # the abandonment ends with this shard: later downloads of the process may run
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self._stall_seconds / 10)):
+            if TRANSFERS.idle_seconds() > self._stall_seconds:
+                because = (f"shard {shard_name(self._shard_id)} stalled: no byte received and no request ended for "
+                           f"{self._stall_seconds:g} s (stall_seconds)")
+                logger.error("%s; abandoning its downloads", because)
+                TRANSFERS.abandon(because)
+                return
+
+
+class ShardStalled(RuntimeError):
+    """The shard watchdog abandoned the shard; the task fails so that Spark retries it."""
+
+
 def download_shard(
     rows: pa.Table, shard_id: int, output_folder: str | os.PathLike, options: DownloadOptions
 ) -> pa.Table:
@@ -105,6 +210,8 @@ def download_shard(
 
     A shard already finished in `output_folder` is not downloaded again: its recorded statuses are returned.
     Rows are processed in uid order, so the shard's sample keys do not depend on how rows reached this call.
+    Raises ShardStalled when the shard makes no progress for `options.stall_seconds`. The watchdog and the limits
+    are per process: a process downloads one shard at a time (a Spark Python worker runs one task at a time).
     """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset.downloader import Downloader
@@ -121,13 +228,14 @@ def download_shard(
         rows = rows.select([URL, CAPTION, UID]).sort_by(UID)
         input_path = attempt / "input.feather"
         feather.write_feather(rows, input_path, compression="uncompressed")
-        resizer = Resizer(
+        img2dataset_resizer = Resizer(
             image_size=options.image_size, resize_mode=options.resize_mode,
             resize_only_if_bigger=options.resize_only_if_bigger, encode_format=options.encode_format,
             encode_quality=options.encode_quality, skip_reencode=options.skip_reencode,
             min_image_size=options.min_image_size, max_image_area=options.max_image_area,
             max_aspect_ratio=options.max_aspect_ratio,
         )
+        resizer = PixelCappedResizer(img2dataset_resizer, options.max_image_pixels)
         downloader = Downloader(
             sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=options.thread_count,
             save_caption=True, extract_exif=False, output_folder=str(attempt), column_list=[URL, CAPTION, UID],
@@ -136,10 +244,13 @@ def download_shard(
             retries=options.retries, user_agent_token=options.user_agent_token,
             disallowed_header_directives=list(options.disallowed_header_directives) or None,
         )
-        install_safe_opener(options.allow_hosts)
+        install_safe_opener(options.allow_hosts, options.response_limits())
         # download_shard, not the Downloader's __call__, which prints and swallows a failed shard: here a failure
         # must fail the task so that Spark retries it and nothing is silently missing.
-        downloader.download_shard((shard_id, str(input_path)))
+        with _StallWatch(shard_id, options.stall_seconds) as watch:
+            downloader.download_shard((shard_id, str(input_path)))
+        if watch.abandoned_because is not None:
+            raise ShardStalled(watch.abandoned_because)
         name = shard_name(shard_id)
         for suffix in (".tar", ".parquet", "_stats.json"):
             os.replace(attempt / f"{name}{suffix}", output_folder / f"{name}{suffix}")

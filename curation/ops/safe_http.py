@@ -30,23 +30,42 @@ global opener; img2dataset does not.
 
 Every refusal raises `RefusedURL`, whose message contains `REFUSED_MARKER`; img2dataset turns exceptions into
 error strings, and the download stage recognises refusals by that marker.
+
+Each ``open`` (one image, its redirects included) also gets `ResponseLimits`: a total deadline and a byte cap. A
+socket timeout only bounds one read, so a server trickling a byte per read interval could hold a download for
+ever; here every read of the response (status line, headers, chunk framing and body) waits at most until the
+deadline, as does the TLS handshake, and a response may not be longer than the cap (refused from its
+Content-Length when it declares one). `TRANSFERS` records when this process last made progress (a response byte
+received, a request ended), which the download stage's shard watchdog reads, and can abandon every download of the
+process at once.
 """
 
 from __future__ import annotations
 
 import functools
 import http.client
+import io
 import ipaddress
 import logging
+import selectors
 import socket
+import ssl
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 __all__ = [
     "REFUSED_MARKER",
+    "TRANSFERS",
+    "DeadlinePassed",
+    "DownloadsAbandoned",
     "RefusedURL",
+    "ResponseLimits",
+    "ResponseTooLarge",
     "blocked_category",
     "install_safe_opener",
     "parse_allow_hosts",
@@ -77,6 +96,137 @@ class RefusedURL(urllib.error.URLError):
     def __init__(self, detail: str) -> None:
         super().__init__(f"{REFUSED_MARKER}: {detail}")
         self.detail = detail
+
+
+class DeadlinePassed(TimeoutError):
+    """The image's download (connect, redirects, headers and body together) went past its deadline."""
+
+
+class ResponseTooLarge(OSError):
+    """The response is, or says it is, longer than the byte cap."""
+
+
+class DownloadsAbandoned(OSError):
+    """`TRANSFERS.abandon` was called: every download of this process fails at its next connect or read."""
+
+
+@dataclass(frozen=True)
+class ResponseLimits:
+    """What fetching one URL may cost: `deadline_seconds` for the whole exchange, redirects included, and
+    `max_bytes` read from any one response of it."""
+
+    deadline_seconds: float = 60.0
+    max_bytes: int = 32 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if not self.deadline_seconds > 0 or self.max_bytes < 1:
+            raise ValueError(f"response limits must be positive, not {self}")
+
+
+class TransferProgress:
+    """When this process's downloads last made progress, and a switch that fails all of them.
+
+    Progress is a response byte received or a request ended (either way): a stretch of dead links sends no byte but
+    still moves on. Plain attribute writes, so the download threads never wait on a lock.
+    """
+
+    def __init__(self) -> None:
+        self._last_progress = time.monotonic()
+        self._abandoned_because: str | None = None
+
+    def restart(self) -> None:
+        self._abandoned_because = None
+        self._last_progress = time.monotonic()
+
+    def note(self) -> None:
+        self._last_progress = time.monotonic()
+
+    def idle_seconds(self) -> float:
+        return time.monotonic() - self._last_progress
+
+    def abandon(self, because: str) -> None:
+        self._abandoned_because = because
+
+    @property
+    def abandoned_because(self) -> str | None:
+        return self._abandoned_because
+
+    def check(self) -> None:
+        if self._abandoned_because is not None:
+            raise DownloadsAbandoned(self._abandoned_because)
+
+
+TRANSFERS = TransferProgress()
+
+
+class _Budget:
+    """The limits of one open() (one image and its redirects) and the deadline they set when it began."""
+
+    def __init__(self, limits: ResponseLimits) -> None:
+        self.limits = limits
+        self.deadline = time.monotonic() + limits.deadline_seconds
+
+    def seconds_left(self) -> float:
+        """Seconds until the deadline; raises DeadlinePassed (or DownloadsAbandoned) when there are none."""
+        TRANSFERS.check()
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlinePassed(f"the download took longer than its deadline of {self.limits.deadline_seconds:g} s")
+        return left
+
+    def wait_for_one_read(self, read_timeout: float | None) -> float:
+        left = self.seconds_left()
+        return left if read_timeout is None else min(read_timeout, left)
+
+
+_this_thread = threading.local()
+
+
+def _seconds_or_none(timeout: object) -> float | None:
+    return None if timeout is socket._GLOBAL_DEFAULT_TIMEOUT else timeout
+
+
+class _BudgetedReads(io.RawIOBase):
+    """The response's socket reads, each waiting at most until the deadline, counted against the byte cap."""
+
+    def __init__(self, raw: io.RawIOBase, sock: socket.socket, budget: _Budget, read_timeout: float | None) -> None:
+        super().__init__()
+        self._raw, self._sock, self._budget, self._read_timeout = raw, sock, budget, read_timeout
+        self._received = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self._sock.settimeout(self._budget.wait_for_one_read(self._read_timeout))
+        try:
+            count = self._raw.readinto(buffer)
+        except TimeoutError:
+            self._budget.seconds_left()  # the deadline's error when it is the deadline that cut this read
+            raise
+        if count:
+            TRANSFERS.note()
+            self._received += count
+            if self._received > self._budget.limits.max_bytes:
+                raise ResponseTooLarge(f"the response is longer than the cap of {self._budget.limits.max_bytes} bytes")
+        return count
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _LimitedResponse(http.client.HTTPResponse):
+    def __init__(self, sock, *args, budget: _Budget, read_timeout: float | None, **kwargs) -> None:
+        super().__init__(sock, *args, **kwargs)
+        # Nothing is read yet, so swapping the buffered reader loses no byte.
+        self.fp = io.BufferedReader(_BudgetedReads(self.fp.detach(), sock, budget, read_timeout))
+        self._max_bytes = budget.limits.max_bytes
+
+    def begin(self) -> None:
+        super().begin()
+        if self.length is not None and self.length > self._max_bytes:
+            raise ResponseTooLarge(f"Content-Length {self.length} is above the cap of {self._max_bytes} bytes")
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -210,13 +360,24 @@ def _create_checked_connection(
 
 
 class _CheckedConnectMixin:
-    """Swaps the connection's socket factory for the checked one; the rest of http.client is untouched."""
+    """Swaps the connection's socket factory for the checked one and its response for one that reads within the
+    open()'s budget; the rest of http.client is untouched."""
 
     def __init__(self, *args, allow_hosts: AllowHosts, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        # http.client calls self._create_connection((self.host, self.port), ...) in connect(); HTTPSConnection then
+        # http.client calls self._create_connection((self.host, self.port), ...) in connect(); the TLS step then
         # wraps the socket with server_hostname=self.host, so SNI and certificate checks keep the URL's host name.
         self._create_connection = functools.partial(_create_checked_connection, allow_hosts=allow_hosts)
+        # Made inside the open() of this image (do_open runs in it), so the thread's budget is this image's; a
+        # connection made outside our opener gets the default limits.
+        self._budget: _Budget = getattr(_this_thread, "budget", None) or _Budget(ResponseLimits())
+        self._read_timeout = _seconds_or_none(self.timeout)
+        self.response_class = functools.partial(_LimitedResponse, budget=self._budget, read_timeout=self._read_timeout)
+
+    def connect(self) -> None:
+        """The TCP connection only (HTTPSConnection's TLS step is replaced by `_SafeHTTPSConnection.connect`)."""
+        self.timeout = self._budget.wait_for_one_read(self._read_timeout)
+        http.client.HTTPConnection.connect(self)
 
 
 class _SafeHTTPConnection(_CheckedConnectMixin, http.client.HTTPConnection):
@@ -224,7 +385,32 @@ class _SafeHTTPConnection(_CheckedConnectMixin, http.client.HTTPConnection):
 
 
 class _SafeHTTPSConnection(_CheckedConnectMixin, http.client.HTTPSConnection):
-    pass
+    def connect(self) -> None:
+        super().connect()
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host, do_handshake_on_connect=False)
+        _handshake_within(self.sock, self._budget, self._read_timeout)
+
+
+def _handshake_within(tls: ssl.SSLSocket, budget: _Budget, read_timeout: float | None) -> None:
+    """The TLS handshake, each wait bounded by the read timeout and the deadline. A blocking handshake bounds each
+    read only, so a server trickling its certificate would hold the connection for ever."""
+    tls.setblocking(False)
+    with selectors.DefaultSelector() as selector:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                event = selectors.EVENT_READ
+            except ssl.SSLWantWriteError:
+                event = selectors.EVENT_WRITE
+            selector.register(tls, event)
+            ready = selector.select(budget.wait_for_one_read(read_timeout))
+            selector.unregister(tls)
+            if not ready:
+                budget.seconds_left()
+                raise TimeoutError("the TLS handshake timed out")
+    tls.settimeout(read_timeout)
 
 
 def _unwrap_refusal(open_function):
@@ -302,7 +488,28 @@ class _RefuseOtherSchemesHandler(urllib.request.BaseHandler):
         raise RefusedURL(f"scheme {req.type} is not http or https (url {req.full_url!r})")
 
 
-def safe_opener(allow_hosts: Iterable[str] = (), *, context=None) -> urllib.request.OpenerDirector:
+class _LimitedOpener(urllib.request.OpenerDirector):
+    """Gives each open() of a URL its own budget; a redirect is opened inside it and shares it."""
+
+    def __init__(self, limits: ResponseLimits) -> None:
+        super().__init__()
+        self.limits = limits
+
+    def open(self, fullurl, data=None, timeout=socket._GLOBAL_DEFAULT_TIMEOUT):
+        if getattr(_this_thread, "budget", None) is not None:
+            return super().open(fullurl, data, timeout)
+        TRANSFERS.check()
+        _this_thread.budget = _Budget(self.limits)
+        try:
+            return super().open(fullurl, data, timeout)
+        finally:
+            _this_thread.budget = None
+            TRANSFERS.note()
+
+
+def safe_opener(
+    allow_hosts: Iterable[str] = (), *, context=None, limits: ResponseLimits = ResponseLimits()
+) -> urllib.request.OpenerDirector:
     """An opener that fetches only http(s) URLs whose host resolves to public addresses (see the module docstring).
 
     Built by hand rather than with `urllib.request.build_opener`, which would add FTP, file and data handlers and a
@@ -310,10 +517,11 @@ def safe_opener(allow_hosts: Iterable[str] = (), *, context=None) -> urllib.requ
     are deliberately ignored: through a proxy the address check would apply to the proxy, not to the target.
 
     `allow_hosts` lists ``"host:port"`` strings exempt from the address check (tests and local demos reaching their
-    own server); `context` is an optional `ssl.SSLContext` for HTTPS (default: verify certificates and host names).
+    own server); `context` is an optional `ssl.SSLContext` for HTTPS (default: verify certificates and host names);
+    `limits` bounds the time and bytes of each open() (a URL and its redirects).
     """
     allowed = parse_allow_hosts(allow_hosts)
-    opener = urllib.request.OpenerDirector()
+    opener = _LimitedOpener(limits)
     for handler in (
         _SafeHTTPHandler(allowed),
         _SafeHTTPSHandler(allowed, context=context),
@@ -326,25 +534,25 @@ def safe_opener(allow_hosts: Iterable[str] = (), *, context=None) -> urllib.requ
     return opener
 
 
-# (allow list, opener) of the last install, so a repeated install with the same list keeps the same opener.
-_installed: tuple[AllowHosts, urllib.request.OpenerDirector] | None = None
+# (allow list, limits, opener) of the last install, so a repeated install with the same settings keeps the opener.
+_installed: tuple[AllowHosts, ResponseLimits, urllib.request.OpenerDirector] | None = None
 
 
-def install_safe_opener(allow_hosts: Iterable[str] = ()) -> None:
+def install_safe_opener(allow_hosts: Iterable[str] = (), limits: ResponseLimits = ResponseLimits()) -> None:
     """Make `safe_opener` the process-wide opener behind ``urllib.request.urlopen`` (and so img2dataset).
 
-    Idempotent: calling it again with the same allow list while our opener is still installed changes nothing.
-    Call it in every process that downloads; the global opener does not cross process boundaries.
+    Idempotent: calling it again with the same allow list and limits while our opener is still installed changes
+    nothing. Call it in every process that downloads; the global opener does not cross process boundaries.
     """
     global _installed
     allowed = parse_allow_hosts(allow_hosts)
     current = getattr(urllib.request, "_opener", None)
-    if _installed is not None and _installed[0] == allowed and current is _installed[1]:
+    if _installed is not None and _installed[:2] == (allowed, limits) and current is _installed[2]:
         return
-    opener = safe_opener(sorted(_format_allow_entry(host, port) for host, port in allowed))
+    opener = safe_opener(sorted(_format_allow_entry(host, port) for host, port in allowed), limits=limits)
     urllib.request.install_opener(opener)
-    _installed = (allowed, opener)
-    logger.info("installed the safe URL opener (allow_hosts=%s)", sorted(allowed) or "none")
+    _installed = (allowed, limits, opener)
+    logger.info("installed the safe URL opener (allow_hosts=%s, %s)", sorted(allowed) or "none", limits)
 
 
 def _format_allow_entry(host: str, port: int) -> str:

@@ -19,7 +19,10 @@ class DownloadStage(Stage):
         "after a redirect, and the connection goes to the address that was checked (no second DNS lookup); "
         "`allow_hosts` lists host:port pairs exempt from this (tests, the demo). Proxy variables are ignored. Adds "
         "`image_shard`, `image_key`, `image_width`, `image_height`, `image_original_width`, `image_original_height`, "
-        "`image_source_sha256`; finished shards survive a crash and are not downloaded again"
+        "`image_source_sha256`; finished shards survive a crash and are not downloaded again. Bounded per image: "
+        "`image_deadline` for the whole download (the `timeout` is per read), `max_image_bytes`, and "
+        "`max_image_pixels` read from the header before decoding (decompression bombs); a shard that makes no "
+        "progress for `stall_seconds` fails its task, for Spark to retry"
     )
     drops = (
         "`download_failed`, `download_refused`, `download_opt_out`, `image_rejected` (detail: shard, key, img2dataset "
@@ -52,7 +55,31 @@ class DownloadStage(Stage):
         max_aspect_ratio: float | None = option(
             None, "img2dataset: images with a larger aspect ratio are image_rejected (default none)"
         )
-        timeout: int = option(10, "seconds per request")
+        timeout: int = option(10, "seconds a connect or one read may wait (per read: see image_deadline)")
+        image_deadline: float = option(
+            60.0,
+            "seconds one image's download may take in all (connect, redirects, headers, body); a server that "
+            "trickles bytes is cut off there (download_failed)",
+            above=0,
+        )
+        max_image_bytes: int = option(
+            32 * 1024 * 1024,
+            "longest response read for one image, in bytes (download_failed); a longer Content-Length is refused "
+            "before the body is read",
+            at_least=1,
+        )
+        max_image_pixels: int = option(
+            89_478_485,
+            "images of more pixels (width x height, read from the header before decoding) are image_rejected; "
+            "default Pillow's limit. Pillow refuses above twice its limit whatever this says",
+            at_least=1,
+        )
+        stall_seconds: float = option(
+            120.0,
+            "shard watchdog: when no byte arrives and no request ends in a shard for this many seconds (the network "
+            "or DNS gone), its task fails for Spark to retry; a slow shard that keeps moving is never cut. Must be "
+            "above timeout",
+        )
         retries: int = option(0, "img2dataset retries per URL")
         thread_count: int = option(32, "download threads per Spark task")
         user_agent_token: str | None = option(
