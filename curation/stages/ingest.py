@@ -31,7 +31,7 @@ class IngestStage(Stage):
         text_column: str | None = option(
             None, "caption column (detected: caption, TEXT, text, txt, Caption, alt_text)", default_text="detected"
         )
-        max_caption_chars: int = option(4096, "longer captions go to the ledger (caption_too_long)")
+        max_caption_chars: int = option(4096, "longer captions go to the ledger (caption_too_long)", at_least=1)
         keep_columns: list[str] = option([], "extra raw columns carried through to the release")
         skip_bad_files: bool = option(False, "record unreadable shards in the manifest and go on, instead of failing")
         blocked_domains_file: str | None = option(

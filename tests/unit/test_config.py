@@ -110,6 +110,8 @@ def test_the_boilerplate_rule_is_turned_off_by_null_in_yaml_or_zero():
         ({"dedup_exact": {"partitions": -1}},
          r"stage dedup_exact: option partitions is -1; allowed: an integer >= 1 \| null"),
         ({"ingest": {"keep_columns": "WIDTH"}}, r"stage ingest: option keep_columns is 'WIDTH'; allowed: a list"),
+        # a zero limit would ledger every caption as caption_too_long
+        ({"ingest": {"max_caption_chars": 0}}, r"stage ingest: option max_caption_chars is 0; allowed: an integer >="),
     ],
 )
 def test_option_errors_fail_at_load_naming_stage_option_and_allowed_values(stage, message):
