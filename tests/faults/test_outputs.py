@@ -10,13 +10,14 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.io import OutputError, OutputLock, StageWriter, check_apart
+from curation.io import OutputError, OutputLock, StageWriter, _one_at_a_time, check_apart
 from curation.pipeline import run_pipeline
 from curation.run_folder import RUN_LOCK
 from curation.stages import load_run_config
@@ -155,6 +156,36 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     with OutputLock(lock_path, tmp_path):
         assert json.loads(lock_path.read_text())["pid"] == os.getpid()
     assert not lock_path.exists()
+
+
+def test_a_stale_lock_is_taken_over_by_one_run_at_a_time(tmp_path):
+    """Two runs finding one stale lock must not both take it: each would remove it, the second removing the first's
+    new lock. The takeover waits while another process (here: the test) changes the lock folder's lock files."""
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    lock_path = tmp_path / "x.lock"
+    lock_path.write_text(json.dumps({"host": socket.gethostname(), "pid": finished.pid, "since": "then"}))
+    taken = threading.Event()
+
+    def take_over():
+        with OutputLock(lock_path, tmp_path):
+            taken.set()
+
+    with _one_at_a_time(tmp_path):
+        runner = threading.Thread(target=take_over)
+        runner.start()
+        assert not taken.wait(0.5)
+        assert json.loads(lock_path.read_text())["pid"] == finished.pid
+    runner.join(10)
+    assert taken.is_set() and not lock_path.exists()
+
+
+def test_a_run_removes_only_its_own_lock(tmp_path):
+    lock_path = tmp_path / "x.lock"
+    with OutputLock(lock_path, tmp_path):
+        # Someone removed our lock by hand and another run took the folder meanwhile.
+        lock_path.write_text(json.dumps({"host": socket.gethostname(), "pid": 1, "since": "now"}))
+    assert json.loads(lock_path.read_text())["pid"] == 1
 
 
 def test_a_lock_held_by_a_zombie_is_stale(tmp_path):
