@@ -9,6 +9,7 @@ counts as absent.
 """
 
 import fcntl
+import fnmatch
 import hashlib
 import json
 import logging
@@ -139,27 +140,45 @@ def input_wildcards(location: str, exists: bool) -> str:
     return "*?"
 
 
-def _local_root(location) -> tuple[Path, bool]:
-    """The local path an input names (itself, or for a glob the folder before its first wildcard), and whether it
-    is a glob."""
+LOCAL_FILE_SCHEME = "file://"
+
+
+def _local_input(location) -> tuple[Path, tuple[str, ...]]:
+    """The local folder or file an input names (for a pattern, the folder before its first wildcard) and the
+    pattern's parts below it (none for a literal path). `file://` URIs are local paths too."""
     location = str(location)
-    wildcards = input_wildcards(location, Path(location).expanduser().exists())
-    parts = Path(location.removeprefix(GLOB_PREFIX)).expanduser().parts
+    prefix = GLOB_PREFIX if location.startswith(GLOB_PREFIX) else ""
+    path_text = location.removeprefix(prefix).removeprefix(LOCAL_FILE_SCHEME)
+    wildcards = input_wildcards(prefix + path_text, Path(path_text).expanduser().exists())
+    parts = Path(path_text).expanduser().parts
     wildcard = next((i for i, part in enumerate(parts) if any(c in part for c in wildcards)), len(parts))
-    return (Path(*parts[:wildcard]).resolve() if wildcard else Path.cwd()), wildcard < len(parts)
+    pattern = tuple(part if "[" in wildcards else part.replace("[", "[[]") for part in parts[wildcard:])
+    return (Path(*parts[:wildcard]).resolve() if wildcard else Path.cwd()), pattern
+
+
+def _could_match_inside(pattern: tuple[str, ...], folder: tuple[str, ...]) -> bool:
+    """Whether a pattern (parts below its root) could match a file inside `folder` (parts below the same root):
+    `**` reaches any depth; otherwise the folder must be shallower than the pattern and match its first parts."""
+    if any("**" in part for part in pattern):
+        return True
+    return len(folder) < len(pattern) and all(
+        fnmatch.fnmatchcase(name, part) for name, part in zip(folder, pattern, strict=False)
+    )
 
 
 def check_apart(output: Path, inputs) -> None:
-    """OutputError when the output is, is inside, or contains a local input: writing it would delete the input, or
-    a rerun would read its own output. An empty location is left to the planner, which refuses it."""
+    """OutputError when the output is, is inside, or contains a local input, or could hold files an input pattern
+    matches: writing it would delete the input, or a rerun would read its own output. An empty location is left to
+    the planner, which refuses it."""
     output = Path(output).expanduser().resolve()
     for location in [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs):
-        if _is_remote(str(location)) or not str(location).strip():
+        text = str(location).removeprefix(GLOB_PREFIX)
+        if (_is_remote(text) and not text.startswith(LOCAL_FILE_SCHEME)) or not text.strip():
             continue
-        root, is_glob = _local_root(location)
+        root, pattern = _local_input(location)
         if output == root or output in root.parents:
             raise OutputError(f"the output {output} is or contains the input {location}: refusing to write there")
-        if not is_glob and root in output.parents:
+        if root in output.parents and (not pattern or _could_match_inside(pattern, output.relative_to(root).parts)):
             raise OutputError(f"the output {output} is inside the input {location}: a rerun would read its own "
                               "output; choose a folder outside it")
 

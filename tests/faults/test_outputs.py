@@ -134,6 +134,33 @@ def test_outputs_apart_from_inputs(tmp_path):
         check_apart(tmp_path, str(tmp_path / "in" / "*.parquet"))
 
 
+@pytest.mark.parametrize(
+    ("pattern", "refused"),
+    [
+        ("in/**/*.parquet", True),  # any depth: run/stages/01_ingest/part-0.parquet would match on a rerun
+        ("glob:in/**/*.parquet", True),
+        ("in/*/*/*/*.parquet", True),  # run/stages/01_ingest/part-0.parquet, exactly
+        ("glob:in/[r]*/*/*/*.parquet", True),
+        ("in/*.parquet", False),  # nothing inside run/ is one level deep
+        ("in/s*/*/*.parquet", False),  # run does not match s*
+        ("in/[r]*/*/*/*.parquet", False),  # brackets are literal outside glob:
+        ("file://in", True),  # a file:// URI is a local path
+        ("glob:file://in/**/*.parquet", True),
+    ],
+)
+def test_an_output_inside_a_patterns_folder_is_refused_when_the_pattern_could_match_its_files(
+    tmp_path, monkeypatch, pattern, refused
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    pattern = pattern.replace("file://in", f"file://{tmp_path}/in")
+    if refused:
+        with pytest.raises(OutputError, match="is inside the input"):
+            check_apart(tmp_path / "in" / "run", [pattern])
+    else:
+        check_apart(tmp_path / "in" / "run", [pattern])
+
+
 def test_a_live_lock_refuses_a_second_run_and_its_in_flight_work_survives(raw, tmp_path):
     run_dir = tmp_path / "run"
     in_flight = run_dir / "stages" / ".01_ingest.tmp-0123456789ab"
