@@ -324,8 +324,8 @@ def _dispatch(args) -> int:
             for line in dry_run(run_config, args.output, args.sample_rows):
                 _write(line)
             return 0
-        # The files the options name (metadata, blocklists) are read now, so that a missing or malformed one fails
-        # before Spark starts, not after the stages before it ran.
+        # The files the options name are hashed now, and the metadata read and checked, so that a missing file or a
+        # malformed metadata list fails before Spark starts, not after the stages before it ran.
         for stage in run_config.stages:
             hashed_config(stage)
         check_run_output(args.output, run_config.inputs)

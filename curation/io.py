@@ -8,6 +8,8 @@ after the rename, so a folder without `_SUCCESS` (a crash between the two, or a 
 counts as absent.
 """
 
+import fcntl
+import fnmatch
 import hashlib
 import json
 import logging
@@ -15,6 +17,7 @@ import os
 import shutil
 import socket
 import uuid
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -137,27 +140,45 @@ def input_wildcards(location: str, exists: bool) -> str:
     return "*?"
 
 
-def _local_root(location) -> tuple[Path, bool]:
-    """The local path an input names (itself, or for a glob the folder before its first wildcard), and whether it
-    is a glob."""
+LOCAL_FILE_SCHEME = "file://"
+
+
+def _local_input(location) -> tuple[Path, tuple[str, ...]]:
+    """The local folder or file an input names (for a pattern, the folder before its first wildcard) and the
+    pattern's parts below it (none for a literal path). `file://` URIs are local paths too."""
     location = str(location)
-    wildcards = input_wildcards(location, Path(location).expanduser().exists())
-    parts = Path(location.removeprefix(GLOB_PREFIX)).expanduser().parts
+    prefix = GLOB_PREFIX if location.startswith(GLOB_PREFIX) else ""
+    path_text = location.removeprefix(prefix).removeprefix(LOCAL_FILE_SCHEME)
+    wildcards = input_wildcards(prefix + path_text, Path(path_text).expanduser().exists())
+    parts = Path(path_text).expanduser().parts
     wildcard = next((i for i, part in enumerate(parts) if any(c in part for c in wildcards)), len(parts))
-    return (Path(*parts[:wildcard]).resolve() if wildcard else Path.cwd()), wildcard < len(parts)
+    pattern = tuple(part if "[" in wildcards else part.replace("[", "[[]") for part in parts[wildcard:])
+    return (Path(*parts[:wildcard]).resolve() if wildcard else Path.cwd()), pattern
+
+
+def _could_match_inside(pattern: tuple[str, ...], folder: tuple[str, ...]) -> bool:
+    """Whether a pattern (parts below its root) could match a file inside `folder` (parts below the same root):
+    `**` reaches any depth; otherwise the folder must be shallower than the pattern and match its first parts."""
+    if any("**" in part for part in pattern):
+        return True
+    return len(folder) < len(pattern) and all(
+        fnmatch.fnmatchcase(name, part) for name, part in zip(folder, pattern, strict=False)
+    )
 
 
 def check_apart(output: Path, inputs) -> None:
-    """OutputError when the output is, is inside, or contains a local input: writing it would delete the input, or
-    a rerun would read its own output. An empty location is left to the planner, which refuses it."""
+    """OutputError when the output is, is inside, or contains a local input, or could hold files an input pattern
+    matches: writing it would delete the input, or a rerun would read its own output. An empty location is left to
+    the planner, which refuses it."""
     output = Path(output).expanduser().resolve()
     for location in [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs):
-        if _is_remote(str(location)) or not str(location).strip():
+        text = str(location).removeprefix(GLOB_PREFIX)
+        if (_is_remote(text) and not text.startswith(LOCAL_FILE_SCHEME)) or not text.strip():
             continue
-        root, is_glob = _local_root(location)
+        root, pattern = _local_input(location)
         if output == root or output in root.parents:
             raise OutputError(f"the output {output} is or contains the input {location}: refusing to write there")
-        if not is_glob and root in output.parents:
+        if root in output.parents and (not pattern or _could_match_inside(pattern, output.relative_to(root).parts)):
             raise OutputError(f"the output {output} is inside the input {location}: a rerun would read its own "
                               "output; choose a folder outside it")
 
@@ -166,12 +187,14 @@ class OutputLock:
     """An exclusive lock on an output, held while a command writes it: a file naming the holder (host, pid, start)
     created atomically (hard-linked into place, so it never exists without its content). A lock whose holder is a
     process of this host that no longer runs is stale and taken over; another host's lock is only reported, since
-    this host cannot tell whether that run is alive."""
+    this host cannot tell whether that run is alive. Taking over and releasing read the file and then remove it, so
+    both happen under `_one_at_a_time`: two runs finding the same stale lock would otherwise each remove it, the
+    second removing the first's new lock, and both would hold it."""
 
     def __init__(self, path: Path, what: Path):
         self.path = Path(path)
         self.what = what
-        self.held = False
+        self.holder: dict | None = None
 
     def __enter__(self) -> "OutputLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,24 +202,22 @@ class OutputLock:
         temporary = self.path.with_name(f"{self.path.name}.tmp-{uuid.uuid4().hex[:12]}")
         temporary.write_text(json.dumps(holder))
         try:
-            for _ in range(2):
-                try:
-                    os.link(temporary, self.path)
-                    self.held = True
-                    return self
-                except FileExistsError:
-                    self._take_over_if_stale()
+            with _one_at_a_time(self.path.parent):
+                for _ in range(2):
+                    try:
+                        os.link(temporary, self.path)
+                        self.holder = holder
+                        return self
+                    except FileExistsError:
+                        self._take_over_if_stale()
             raise OutputError(f"{self.what} is locked by another run ({self.path}): try again")
         finally:
             temporary.unlink(missing_ok=True)
 
     def _take_over_if_stale(self) -> None:
-        try:
-            holder = json.loads(self.path.read_text())
-        except FileNotFoundError:
+        holder = _read_holder(self.path)
+        if holder is None:
             return  # released meanwhile: try again
-        except (OSError, ValueError):
-            holder = {}
         host, pid = holder.get("host"), holder.get("pid")
         if host == socket.gethostname() and isinstance(pid, int) and not _process_runs(pid):
             logger.warning("taking over the lock %s of a run that no longer runs (pid %s)", self.path, pid)
@@ -206,8 +227,36 @@ class OutputLock:
                           f"{holder.get('since')}); if that run is gone, remove {self.path}")
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
+        if self.holder is None:
+            return
+        # Only our own lock: one taken over by hand, or by a run that thought us dead, is not ours to remove.
+        with _one_at_a_time(self.path.parent):
+            if _read_holder(self.path) == self.holder:
+                self.path.unlink(missing_ok=True)
+        self.holder = None
+
+
+def _read_holder(lock_path: Path) -> dict | None:
+    """The holder a lock file names ({} when it is unreadable), None when there is no lock file."""
+    try:
+        holder = json.loads(lock_path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+@contextmanager
+def _one_at_a_time(folder: Path):
+    """An exclusive flock on `folder` for this host's processes: changes to a lock file in it are made one at a time.
+    The kernel drops it when the process dies, so it never goes stale itself."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def _process_runs(pid: int) -> bool:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 import curation
 from curation.io import sha256_of_file, sha256_of_json
-from curation.run_folder import locate_manifest
+from curation.run_folder import RELEASE_IMAGES_DIR, RELEASE_LEDGER_DIR, RELEASE_SHARDS_DIR, locate_manifest
 from curation.schema import REASONS_SHARING_KEPT_UID, UID
 
 logger = logging.getLogger(__name__)
@@ -181,9 +181,18 @@ def read_manifest(path: Path) -> dict:
             raise ManifestError(f"{manifest_path}: the number {text} is out of range")
         return value
 
+    # Python's reader keeps the last of two equal keys where another reader may keep the first: a second "shards"
+    # would be a release the digest does not pin for every reader.
+    def refuse_duplicate_keys(pairs: list) -> dict:
+        keys = Counter(key for key, _ in pairs)
+        repeated = sorted(key for key, count in keys.items() if count > 1)
+        if repeated:
+            raise ManifestError(f"{manifest_path}: key(s) {repeated} appear more than once in one object")
+        return dict(pairs)
+
     try:
         manifest = json.loads(manifest_path.read_bytes().decode("utf-8"), parse_constant=refuse_constant,
-                              parse_float=finite)
+                              parse_float=finite, object_pairs_hook=refuse_duplicate_keys)
     except UnicodeDecodeError as error:
         raise ManifestError(f"{manifest_path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except json.JSONDecodeError as error:
@@ -265,6 +274,7 @@ def verify_manifest(manifest_path: Path, expected_sha256: str | None = None) -> 
             files_problems.extend(_check_file(release_dir, kind, entry))
     for entry in manifest["image_shards"]:
         files_problems.extend(_check_tar(release_dir, entry))
+    files_problems.extend(_unlisted_files(release_dir, manifest))
     if files_problems:
         return problems + files_problems
 
@@ -280,10 +290,13 @@ def verify_manifest(manifest_path: Path, expected_sha256: str | None = None) -> 
     both = 0
     in_ledger: Counter = Counter()
     for entry in manifest["ledger"]["files"]:
-        ledger = pq.read_table(safe_member(release_dir, entry["path"]), columns=[UID, "stage", "reason"]).to_pydict()
-        in_ledger.update(zip(ledger["stage"], ledger["reason"], strict=True))
+        ledger = pq.read_table(safe_member(release_dir, entry["path"]), columns=[UID, "stage", "reason"])
+        counts = ledger.group_by(["stage", "reason"]).aggregate([([], "count_all")]).to_pydict()
+        in_ledger.update(dict(zip(zip(counts["stage"], counts["reason"], strict=True), counts["count_all"],
+                                  strict=True)))
+        columns = ledger.select([UID, "reason"]).to_pydict()
         both += sum(
-            1 for uid, reason in zip(ledger[UID], ledger["reason"], strict=True)
+            1 for uid, reason in zip(columns[UID], columns["reason"], strict=True)
             if uid in published_uids and reason not in REASONS_SHARING_KEPT_UID
         )
     if both:
@@ -294,6 +307,22 @@ def verify_manifest(manifest_path: Path, expected_sha256: str | None = None) -> 
     for stage_name, reason in sorted((stated - in_ledger) + (in_ledger - stated)):
         problems.append(f"the ledger files hold {in_ledger[stage_name, reason]} row(s) of stage {stage_name!r} "
                         f"with reason {reason!r}, stages[].drops say {stated[stage_name, reason]}")
+    return problems
+
+
+def _unlisted_files(release_dir: Path, manifest: dict) -> list[str]:
+    """A problem for each file in the release's shards/, images/ and ledger/ that the manifest does not list: a
+    consumer reading `shards/*.parquet` would read it, and neither the checksums nor the digest cover it. Names
+    starting with `.` or `_` (a killed task's temporary file) are not read by globs or datasets, so they pass."""
+    entries = (*manifest["shards"], *manifest["image_shards"], *manifest["ledger"]["files"])
+    listed = {entry["path"] for entry in entries}
+    problems = []
+    for folder in (RELEASE_SHARDS_DIR, RELEASE_IMAGES_DIR, RELEASE_LEDGER_DIR):
+        for path in sorted((release_dir / folder).rglob("*")):
+            name = path.relative_to(release_dir).as_posix()
+            hidden = any(part.startswith((".", "_")) for part in path.relative_to(release_dir).parts)
+            if not (hidden or path.is_dir() or name in listed):
+                problems.append(f"{name} is in the release but not in the manifest")
     return problems
 
 

@@ -149,10 +149,10 @@ class OptionSpec:
 
     def range_text(self) -> str:
         """" in (0, 1]", " >= 1", ... or "" for an option without a range."""
-        low = f"[{self.at_least:g}" if self.at_least is not None else f"({self.above:g}" if self.above is not None \
-            else None
-        high = f"{self.at_most:g}]" if self.at_most is not None else f"{self.below:g})" if self.below is not None \
-            else None
+        low = f"[{_bound(self.at_least)}" if self.at_least is not None else f"({_bound(self.above)}" \
+            if self.above is not None else None
+        high = f"{_bound(self.at_most)}]" if self.at_most is not None else f"{_bound(self.below)})" \
+            if self.below is not None else None
         if low and high:
             return f" in {low}, {high}"
         if low:
@@ -160,6 +160,12 @@ class OptionSpec:
         if high:
             return f" {'<=' if high[-1] == ']' else '<'} {high[:-1]}"
         return ""
+
+
+def _bound(value: float) -> str:
+    """A range's bound as written: every digit of an integer (178956970, not 1.78957e+08), a fraction as Python
+    writes it."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def _is_text(value) -> bool:

@@ -14,10 +14,11 @@ this module adds what a curation run needs around it:
   `timeout` bounds one read only, so a server trickling a byte a second held a download for ever) and at
   `max_image_bytes`; the image's size is read from its header before img2dataset decodes it, and an image of more
   than `max_image_pixels` is rejected (a 48 kB PNG of 20000x20000 pixels decodes to 1.2 GB);
-- a shard watchdog: when the shard makes no progress (no byte received, no request ended) for `stall_seconds`, every
-  download of the shard is abandoned and the task fails, for Spark to retry. Progress, not total time: a slow shard
-  that keeps moving is never cut, and a stall (the network or DNS gone) is not the rows' fault, so they are not
-  ledgered.
+- a shard watchdog: when the shard makes no progress (no response byte received, no request ended; the bytes of a
+  TLS handshake do not count) for `stall_seconds`, every download of the shard is abandoned and the task fails, for
+  Spark to retry on a cluster (in local mode a task is tried once, so the stage fails). Progress, not total time: a
+  slow shard that keeps moving is never cut, and a stall (the network or DNS gone) is not the rows' fault, so they
+  are not ledgered.
 
 img2dataset imports torch (through wandb and albumentations), so it is imported inside the functions that need it:
 importing this module stays light, and only download workers pay for it.
@@ -97,8 +98,11 @@ class DownloadOptions:
             raise ValueError("image_size, thread_count and timeout must be positive and retries >= 0")
         parse_allow_hosts(self.allow_hosts)
         self.response_limits()
-        if self.max_image_pixels < 1:
-            raise ValueError(f"max_image_pixels must be positive, not {self.max_image_pixels}")
+        # Pillow refuses more than twice its limit at open, so a larger cap would be a promise the header check breaks.
+        if not 1 <= self.max_image_pixels <= 2 * PIL_DEFAULT_MAX_PIXELS:
+            raise ValueError(
+                f"max_image_pixels must be in [1, {2 * PIL_DEFAULT_MAX_PIXELS}], not {self.max_image_pixels}"
+            )
         # A read may wait `timeout` seconds without a byte, so a shorter watch would cut shards that are only slow.
         if not self.stall_seconds > self.timeout:
             raise ValueError(f"stall_seconds ({self.stall_seconds}) must be above timeout ({self.timeout})")

@@ -126,8 +126,8 @@ def run_download(context: StageContext) -> StageOutput:
     status and message (reasons download_failed, download_refused, download_opt_out, image_rejected). With the
     option `image_bytes_column`, the rows also carry their stored image's bytes in that column (parquet with
     images, as img2dataset's parquet output), besides the tars. A shard that stalls (no progress for
-    `stall_seconds`) fails its task with ShardStalled: Spark retries it up to spark.task.maxFailures, and a rerun
-    of the stage downloads only the shards not finished."""
+    `stall_seconds`) fails its task with ShardStalled: Spark retries it up to spark.task.maxFailures (1 in local
+    mode, where the stage fails at once), and a rerun of the stage downloads only the shards not finished."""
     from pyspark.sql import functions as F
 
     options = DownloadOptions.from_options(context.options)

@@ -22,7 +22,7 @@ class DownloadStage(Stage):
         "`image_source_sha256`; finished shards survive a crash and are not downloaded again. Bounded per image: "
         "`image_deadline` for the whole download (the `timeout` is per read), `max_image_bytes`, and "
         "`max_image_pixels` read from the header before decoding (decompression bombs); a shard that makes no "
-        "progress for `stall_seconds` fails its task, for Spark to retry"
+        "progress for `stall_seconds` fails its task (retried by Spark on a cluster)"
     )
     drops = (
         "`download_failed`, `download_refused`, `download_opt_out`, `image_rejected` (detail: shard, key, img2dataset "
@@ -71,14 +71,14 @@ class DownloadStage(Stage):
         max_image_pixels: int = option(
             89_478_485,
             "images of more pixels (width x height, read from the header before decoding) are image_rejected; "
-            "default Pillow's limit. Pillow refuses above twice its limit whatever this says",
-            at_least=1,
+            "default Pillow's limit, at most twice it (Pillow refuses larger images itself)",
+            at_least=1, at_most=2 * 89_478_485,
         )
         stall_seconds: float = option(
             120.0,
-            "shard watchdog: when no byte arrives and no request ends in a shard for this many seconds (the network "
-            "or DNS gone), its task fails for Spark to retry; a slow shard that keeps moving is never cut. Must be "
-            "above timeout",
+            "shard watchdog: when no response byte arrives and no request ends in a shard for this many seconds "
+            "(the network or DNS gone), its task fails (Spark retries it up to spark.task.maxFailures, which is 1 "
+            "in local mode: the stage fails); a slow shard that keeps moving is never cut. Must be above timeout",
         )
         retries: int = option(0, "img2dataset retries per URL")
         thread_count: int = option(32, "download threads per Spark task")

@@ -10,13 +10,14 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.io import OutputError, OutputLock, StageWriter, check_apart
+from curation.io import OutputError, OutputLock, StageWriter, _one_at_a_time, check_apart
 from curation.pipeline import run_pipeline
 from curation.run_folder import RUN_LOCK
 from curation.stages import load_run_config
@@ -133,6 +134,33 @@ def test_outputs_apart_from_inputs(tmp_path):
         check_apart(tmp_path, str(tmp_path / "in" / "*.parquet"))
 
 
+@pytest.mark.parametrize(
+    ("pattern", "refused"),
+    [
+        ("in/**/*.parquet", True),  # any depth: run/stages/01_ingest/part-0.parquet would match on a rerun
+        ("glob:in/**/*.parquet", True),
+        ("in/*/*/*/*.parquet", True),  # run/stages/01_ingest/part-0.parquet, exactly
+        ("glob:in/[r]*/*/*/*.parquet", True),
+        ("in/*.parquet", False),  # nothing inside run/ is one level deep
+        ("in/s*/*/*.parquet", False),  # run does not match s*
+        ("in/[r]*/*/*/*.parquet", False),  # brackets are literal outside glob:
+        ("file://in", True),  # a file:// URI is a local path
+        ("glob:file://in/**/*.parquet", True),
+    ],
+)
+def test_an_output_inside_a_patterns_folder_is_refused_when_the_pattern_could_match_its_files(
+    tmp_path, monkeypatch, pattern, refused
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    pattern = pattern.replace("file://in", f"file://{tmp_path}/in")
+    if refused:
+        with pytest.raises(OutputError, match="is inside the input"):
+            check_apart(tmp_path / "in" / "run", [pattern])
+    else:
+        check_apart(tmp_path / "in" / "run", [pattern])
+
+
 def test_a_live_lock_refuses_a_second_run_and_its_in_flight_work_survives(raw, tmp_path):
     run_dir = tmp_path / "run"
     in_flight = run_dir / "stages" / ".01_ingest.tmp-0123456789ab"
@@ -155,6 +183,36 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     with OutputLock(lock_path, tmp_path):
         assert json.loads(lock_path.read_text())["pid"] == os.getpid()
     assert not lock_path.exists()
+
+
+def test_a_stale_lock_is_taken_over_by_one_run_at_a_time(tmp_path):
+    """Two runs finding one stale lock must not both take it: each would remove it, the second removing the first's
+    new lock. The takeover waits while another process (here: the test) changes the lock folder's lock files."""
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    lock_path = tmp_path / "x.lock"
+    lock_path.write_text(json.dumps({"host": socket.gethostname(), "pid": finished.pid, "since": "then"}))
+    taken = threading.Event()
+
+    def take_over():
+        with OutputLock(lock_path, tmp_path):
+            taken.set()
+
+    with _one_at_a_time(tmp_path):
+        runner = threading.Thread(target=take_over)
+        runner.start()
+        assert not taken.wait(0.5)
+        assert json.loads(lock_path.read_text())["pid"] == finished.pid
+    runner.join(10)
+    assert taken.is_set() and not lock_path.exists()
+
+
+def test_a_run_removes_only_its_own_lock(tmp_path):
+    lock_path = tmp_path / "x.lock"
+    with OutputLock(lock_path, tmp_path):
+        # Someone removed our lock by hand and another run took the folder meanwhile.
+        lock_path.write_text(json.dumps({"host": socket.gethostname(), "pid": 1, "since": "now"}))
+    assert json.loads(lock_path.read_text())["pid"] == 1
 
 
 def test_a_lock_held_by_a_zombie_is_stale(tmp_path):

@@ -284,6 +284,20 @@ def test_a_manifest_readers_cannot_rely_on_is_refused_naming_the_key(published, 
     assert str(refused.value).startswith(f"{release / MANIFEST_NAME}: {message}")
 
 
+def test_a_file_the_manifest_does_not_list_fails_verify(published, tmp_path):
+    """R25: a consumer reading shards/*.parquet would read it, and neither the checksums nor the digest cover it."""
+    release = _copy(published, tmp_path)
+    shard = sorted((release / "shards").glob("*.parquet"))[0]
+    shutil.copy(shard, release / "shards" / "shard-99999.parquet")
+    (release / "images").mkdir(exist_ok=True)
+    (release / "images" / "extra.tar").write_bytes(b"")
+    (release / "shards" / ".shard-00001.parquet.tmp-0123456789ab").write_bytes(b"")  # a killed task's leftover
+    assert verify_manifest(release) == [
+        "shards/shard-99999.parquet is in the release but not in the manifest",
+        "images/extra.tar is in the release but not in the manifest",
+    ]
+
+
 @pytest.mark.parametrize(("content", "message"), [
     (b"{\"format\": ", "not valid JSON (Expecting value: line 1 column 12"),
     (b"[1, 2]", "holds an array, expected a manifest object"),
@@ -291,6 +305,8 @@ def test_a_manifest_readers_cannot_rely_on_is_refused_naming_the_key(published, 
     (b"{\"format\": 1e999}", "the number 1e999 is out of range"),
     (b"\xff\xfe{}", "not UTF-8 text"),
     (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    # a first-wins reader would see the first "shards", Python and the digest the last
+    (b"{\"format\": 1, \"shards\": [], \"shards\": []}", r"key\S+ \S+'shards'\S+ appear more than once in one object"),
 ])
 def test_a_manifest_that_is_not_json_is_refused_naming_the_file(tmp_path, content, message):
     """R18."""

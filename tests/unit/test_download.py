@@ -66,6 +66,9 @@ def test_the_stage_defaults_are_the_ops_defaults():
         ({"image_deadline": 0}, "image_deadline"),
         ({"max_image_bytes": 0}, "max_image_bytes"),
         ({"max_image_pixels": 0}, "max_image_pixels"),
+        # Pillow refuses above twice its limit at open: a larger cap would promise what the header check cannot keep
+        ({"max_image_pixels": 2 * 89_478_485 + 1},
+         r"max_image_pixels is 178956971; allowed: an integer in \[1, 178956970\]"),
     ],
 )
 def test_limits_that_would_cut_every_download_are_refused_at_load(given, message):
