@@ -362,6 +362,7 @@ def _dispatch(args) -> int:
             raise ConfigError("takedown needs at least one of --uids, --urls, --image-hashes")
         summary = takedown_release(args.release, args.output, args.uids, args.urls, args.image_hashes, args.reason)
         _write_json(summary, indent=2, sort_keys=True)
+        _write(_release_line(args.output))  # the new release, for a consumer to pin
         return 0
     if args.command == "verify":
         from curation.manifest import verify_manifest

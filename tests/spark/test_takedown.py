@@ -1,7 +1,9 @@
 """`curation takedown` on the demo run's release: removed samples leave every shard and tar, untouched shards are
 copied byte for byte, the ledger and manifest account for the removal, verify passes, and takedowns chain."""
 
+import contextlib
 import hashlib
+import io
 import json
 import shutil
 import tarfile
@@ -11,7 +13,7 @@ import pytest
 
 from curation.cli import main as cli_main
 from curation.io import sha256_of_file
-from curation.manifest import file_entry, verify_manifest
+from curation.manifest import file_entry, read_manifest, release_sha256, verify_manifest
 from curation.ops.image_blocklist import BlocklistError, format_phash
 from curation.run_folder import MANIFEST_NAME, is_complete
 from curation.schema import Reason
@@ -70,9 +72,12 @@ def first(demo_run, tmp_path_factory):
     digest = hashlib.sha256(_tar_image(release, 2, image_row["uid"])).hexdigest()
     (root / "hashes.txt").write_text(digest + "\n")
     new = root / "new"
-    assert cli_main(["takedown", str(release), "--output", str(new), "--uids", str(root / "uids.txt"),
-                     "--urls", str(root / "urls.txt"), "--image-hashes", str(root / "hashes.txt"),
-                     "--reason", "DMCA request 42"]) == 0
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert cli_main(["takedown", str(release), "--output", str(new), "--uids", str(root / "uids.txt"),
+                         "--urls", str(root / "urls.txt"), "--image-hashes", str(root / "hashes.txt"),
+                         "--reason", "DMCA request 42"]) == 0
+    # The new release's digest, for a consumer to pin as publish prints it for a first release.
+    assert printed.getvalue().splitlines()[-1] == f"release sha256: {release_sha256(read_manifest(new))}"
     removed = {*uids, url_row["uid"], image_row["uid"]}
     assert len(removed) == 5
     return {"release": release, "root": root, "new": new, "before": before, "removed": removed, "uids": uids,
