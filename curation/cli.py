@@ -13,20 +13,12 @@ from curation.pipeline import COMMAND_RUN_DEFAULTS, INGEST
 from curation.run_folder import RunFolder
 from curation.stage import OptionSpec, Stage
 from curation.stages import all_stages, get_stage, hashed_config, load_run_config
+from curation.terminal import printable
 
 logger = logging.getLogger("curation")
 
 # `curation <command>` -> its stage, for every declared stage.
 STAGE_COMMANDS = {stage.command: stage for stage in all_stages()}
-
-# What could recolour, move the cursor, reorder or break a terminal line, escaped as `curation inspect` shows data:
-# C0, DEL and C1 as Python escapes (\x1b, \t, \n, \r), the bidi embeddings, overrides and isolates and the Unicode
-# line and paragraph separators as \uNNNN.
-_TERMINAL_ESCAPES = {
-    **{code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))},
-    **{ord(char): escape for char, escape in (("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))},
-    **{code: f"\\u{code:04x}" for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029)},
-}
 
 # Kept in step with curation.demo_images (not imported: it would load Pillow and numpy for every command).
 DEMO_IMAGE_PORT = 18765
@@ -212,22 +204,16 @@ def _stage_command(args, stage: Stage) -> dict:
         return run_stage(spark, configured, config, args.input, args.output, ingest_options=ingest_options)
 
 
-def escape_controls(text: str) -> str:
-    """`text` with every character of `_TERMINAL_ESCAPES` escaped: a file name, caption or path echoed in a message
-    can neither drive the terminal nor start a forged line."""
-    return text.translate(_TERMINAL_ESCAPES)
-
-
 class EscapingFormatter(logging.Formatter):
     """Escapes the whole message of every record, so each record is one line whatever input it echoes; a
     traceback (--verbose) keeps its line breaks but not the control characters within its lines."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = escape_controls(record.message)
+        record.message = printable(record.message)
         return super().formatMessage(record)
 
     def formatException(self, exc_info) -> str:
-        return "\n".join(escape_controls(line) for line in super().formatException(exc_info).split("\n"))
+        return "\n".join(printable(line) for line in super().formatException(exc_info).split("\n"))
 
 
 def configure_logging(verbose: bool) -> None:
@@ -238,7 +224,7 @@ def configure_logging(verbose: bool) -> None:
 
 def _write(line: str) -> None:
     """One line to stdout, escaped as log messages are (it may echo a path or a caption)."""
-    sys.stdout.write(escape_controls(line) + "\n")
+    sys.stdout.write(printable(line) + "\n")
 
 
 def _write_json(value, **dumps_options) -> None:

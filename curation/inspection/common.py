@@ -8,18 +8,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from curation.run_folder import Artifact, RunFolder, StageFolder, StageFolderError
+from curation.terminal import printable
 
 MAX_SHOWN_ENTRIES = 30
 MAX_TEXT_CHARS = 300
-# C0 and C1 controls and DEL (tab and newlines too: a line holds one value) as Python escapes; the bidi embedding,
-# override and isolate characters as \uNNNN. Other Unicode is shown as it is.
-_ESCAPES = {
-    **{code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))},
-    **{ord(char): escape for char, escape in (("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))},
-    **{code: f"\\u{code:04x}" for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))},
-}
-
-
 class InspectError(LookupError):
     """An unknown uid or entry, or a folder that is not a run: the message is what to show."""
 
@@ -64,12 +56,6 @@ def displayable(schema: pa.Schema) -> list[str]:
 def text(value, limit: int = MAX_TEXT_CHARS) -> str:
     text = printable(value if isinstance(value, str) else repr(value))
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
-
-
-def printable(text: str) -> str:
-    """`text` with its control and bidi characters escaped, so that a crawled caption or url cannot drive the
-    terminal (an OSC 52 clipboard write, a screen clear) or reorder what is shown around it."""
-    return text.translate(_ESCAPES)
 
 
 def value_text(value) -> str:

@@ -12,13 +12,13 @@ from curation.inspection.common import (
     InspectError,
     chain,
     metadata_entries,
-    printable,
     scan,
     text,
 )
 from curation.io import ARTIFACTS_DIR
 from curation.run_folder import Artifact, RunFolder
 from curation.schema import CAPTION, ENTRY_IDS, UID
+from curation.terminal import printable
 
 
 def _rows_with_entry(table: pa.Table, entry_ids: list[int]) -> np.ndarray:

@@ -14,7 +14,6 @@ from curation.inspection.common import (
     displayable,
     metadata_entries,
     pairs,
-    printable,
     scan,
     text,
     value_text,
@@ -22,6 +21,7 @@ from curation.inspection.common import (
 from curation.io import ARTIFACTS_DIR
 from curation.run_folder import Artifact, RunFolder, StageFolder
 from curation.schema import CAPTION, ENTRY_IDS, REASONS_SHARING_KEPT_UID, UID, URL
+from curation.terminal import printable
 
 # How the row's columns are grouped in the story; any other float column counts as a score too.
 SCORE_COLUMNS = (
