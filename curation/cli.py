@@ -312,11 +312,10 @@ def _dispatch(args) -> int:
             return 0
         # The files the options name are hashed now, and the metadata read and checked, so that a missing file or a
         # malformed metadata list fails before Spark starts, not after the stages before it ran.
-        for stage in run_config.stages:
-            hashed_config(stage)
+        configs = [hashed_config(stage) for stage in run_config.stages]
         check_run_output(args.output, run_config.inputs)
         spark = _spark_for_run(args, run_config)
-        results = run_pipeline(spark, run_config, args.output, force=args.force)
+        results = run_pipeline(spark, run_config, args.output, force=args.force, configs=configs)
         for line in run_summary(results, args.output.resolve()):
             _write(line)
         if args.report:

@@ -99,15 +99,19 @@ def run_one_stage(spark, name: str, input_location, output_dir: Path, options: d
     return run_stage(spark, stage, hashed_config(stage), input_location, output_dir, ingest_options=ingest)
 
 
-def run_pipeline(spark, run_config: RunConfig, run_dir: Path, force: bool = False) -> list[tuple[Path, dict, bool]]:
-    """Run every configured stage in order; (folder, record, was it skipped) per stage."""
+def run_pipeline(spark, run_config: RunConfig, run_dir: Path, force: bool = False,
+                 configs: list[dict] | None = None) -> list[tuple[Path, dict, bool]]:
+    """Run every configured stage in order; (folder, record, was it skipped) per stage. `configs` are the stages'
+    `hashed_config`s when the caller computed them already (the CLI does, before Spark starts): the files they name
+    are read and hashed once."""
+    configs = configs if configs is not None else [hashed_config(stage) for stage in run_config.stages]
     run_dir = Path(run_dir).resolve()
     run = RunFolder(run_dir)
     check_run_output(run_dir, run_config.inputs)
     with run.lock():
         for folder in (run_dir, run.stages_dir):
             remove_leftovers(folder)
-        return _run_stages(spark, run_config, run_dir, force)
+        return _run_stages(spark, run_config, configs, run_dir, force)
 
 
 def check_run_output(run_dir: Path, inputs) -> None:
@@ -124,13 +128,13 @@ def check_stage_output(output_dir: Path, input_location) -> None:
     check_replaceable(output_dir)
 
 
-def _run_stages(spark, run_config: RunConfig, run_dir: Path, force: bool) -> list[tuple[Path, dict, bool]]:
+def _run_stages(spark, run_config: RunConfig, configs: list[dict], run_dir: Path,
+                force: bool) -> list[tuple[Path, dict, bool]]:
     results = []
     input_location = run_config.inputs
     upstream_redone = force
-    for position, stage in enumerate(run_config.stages, start=1):
+    for position, (stage, config) in enumerate(zip(run_config.stages, configs, strict=True), start=1):
         folder = stage_folder(run_dir, position, stage)
-        config = hashed_config(stage)
         if not upstream_redone and is_up_to_date(stage, config, folder, input_location):
             logger.info("stage %s is up to date in %s: skipped", stage.name, folder)
             results.append((folder, read_stage_record(folder), True))
