@@ -88,11 +88,32 @@ def torch_machine(device) -> dict:
     }
 
 
+def provenance() -> dict:
+    """What a result was measured on: the commit (with `+dirty` when the work tree had uncommitted changes to
+    tracked files) and the command line, so that a figure can be traced to the code that produced it."""
+    import shlex
+    import subprocess
+    import sys
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                                  cwd=Path(__file__).parent).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return {"commit": commit, "command": shlex.join([Path(sys.executable).name, *sys.argv])}
+
+
 def write_result(result: dict, out: Path) -> None:
-    """Write a benchmark's result as JSON at `out` and log it."""
+    """Write a benchmark's result as JSON at `out`, with its `provenance`, and log it."""
     import json
     import logging
 
+    result = {**provenance(), **result}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     logging.getLogger("bench").info("result: %s", json.dumps(result))
