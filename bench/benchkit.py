@@ -90,7 +90,8 @@ def torch_machine(device) -> dict:
 
 def provenance() -> dict:
     """What a result was measured on: the commit (with `+dirty` when the work tree had uncommitted changes to
-    tracked files) and the command line, so that a figure can be traced to the code that produced it."""
+    tracked files) and the command line, so that a figure can be traced to the code that produced it, and the
+    machine's load average when it was written (figures taken beside other jobs say so)."""
     import shlex
     import subprocess
     import sys
@@ -105,7 +106,8 @@ def provenance() -> dict:
     commit = git("rev-parse", "HEAD") or "unknown"
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += "+dirty"
-    return {"commit": commit, "command": shlex.join([Path(sys.executable).name, *sys.argv])}
+    return {"commit": commit, "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+            "load_average_1_5_15_min": [round(load, 2) for load in os.getloadavg()]}
 
 
 def write_result(result: dict, out: Path) -> None:
