@@ -29,7 +29,7 @@ from itertools import combinations
 
 import numpy as np
 
-from curation.ops.imagehash import HASH_BITS, MAX_DISTANCE_LIMIT, hamming_distances
+from curation.ops.imagehash import HASH_BITS, MAX_DISTANCE_LIMIT, contiguous_blocks, hamming_distances
 
 __all__ = [
     "CANDIDATES_PER_HASH",
@@ -39,7 +39,6 @@ __all__ = [
     "NeighbourPlan",
     "bucket_links",
     "bucket_pairs",
-    "contiguous_blocks",
     "near_duplicate_groups",
     "near_duplicate_pairs",
     "plan_tables",
@@ -59,20 +58,6 @@ still leave ~2.5e6 chance candidates per hash; d = 31 allows only m = 32, two-bi
 there `plan_tables` takes the m with the fewest candidates within this cap and the cost grows with n."""
 PAIRS_PER_STEP = 1 << 21
 """Pairs compared per step of `bucket_pairs`: 2M pairs are ~100 MiB of index, hash and xor arrays."""
-
-
-def contiguous_blocks(block_count: int) -> list[tuple[int, int]]:
-    """The 64 bits as `block_count` contiguous blocks ``(bit_offset, width)`` from the least significant bit;
-    widths differ by at most one, the first ``64 % block_count`` blocks are one bit wider."""
-    if not 1 <= block_count <= HASH_BITS:
-        raise ValueError(f"block_count must be in 1..{HASH_BITS}, got {block_count}")
-    narrow, wider = divmod(HASH_BITS, block_count)
-    blocks, offset = [], 0
-    for index in range(block_count):
-        width = narrow + (index < wider)
-        blocks.append((offset, width))
-        offset += width
-    return blocks
 
 
 def _bit_mask(offset: int, width: int) -> int:

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 
 from curation.ops import phash_neighbors
-from curation.ops.imagehash import MAX_DISTANCE_LIMIT, hamming_distances
+from curation.ops.imagehash import MAX_DISTANCE_LIMIT, contiguous_blocks, hamming_distances
 from curation.ops.phash_neighbors import (
     CANDIDATES_PER_HASH,
     MAX_TABLES,
     bucket_links,
     bucket_pairs,
-    contiguous_blocks,
     near_duplicate_groups,
     near_duplicate_pairs,
     plan_tables,
