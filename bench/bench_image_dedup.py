@@ -5,15 +5,17 @@ pigeonhole-with-anchors scheme, the Spark path's agreement with the op, and a de
                                       [--spark-sizes 100000 1000000] [--dense 1000000]
                                       [--out bench/results/image_dedup.json]
 
-Data: N uniformly random 64-bit hashes from a seeded numpy Generator, of which the last --planted rows are copies
-of the first --planted rows with 1, 2, 3 or 4 random bits flipped (a quarter each): planted pairs at Hamming
-distance 1..4, found when both rows end up in one group at max_distance 4.
+Data: N uniformly random 64-bit hashes from a seeded numpy Generator; --planted rows at random positions are
+copies of --planted other rows at random positions with 1, 2, 3 or 4 random bits flipped (a quarter each):
+planted pairs at Hamming distance 1..4, found when both rows end up in one group at max_distance 4. (Random
+positions matter for the old scheme: its anchors are the first members of a bucket in uid order.)
 
 Measured, each phase on its own:
 1. the op, `near_duplicate_groups(hashes, 4)`, at each --sizes N: seconds, peak RSS of the process (benchkit,
    sampled every 0.2 s; the process holds the inputs too), tables, chance candidates per distinct hash the plan
    expected and measured (2 x pairs compared / distinct hashes: the other hashes a hash meets in its buckets),
-   verified edges, recall of the planted pairs;
+   verified edges, recall of the planted pairs; the plan minimises tables + chance candidates / 64 per hash
+   (`CANDIDATES_PER_KEY`);
 2. the old scheme at each --old-sizes N, re-implemented here in numpy as the baseline (the Spark code it
    replaces: d + 1 = 5 chunks of 12-13 bits, a bucket of up to 64 members compares all pairs, a larger one pairs
    member i with the first min(i, 8) members in uid = row order, verified pairs joined by connected components):
@@ -41,7 +43,7 @@ import numpy as np
 from benchkit import PeakMemory, cpu_model, write_result
 
 from curation.ops.imagehash import hamming_distances, pigeonhole_chunks
-from curation.ops.phash_neighbors import CANDIDATES_PER_HASH, near_duplicate_groups
+from curation.ops.phash_neighbors import CANDIDATES_PER_KEY, near_duplicate_groups
 
 logger = logging.getLogger("bench_image_dedup")
 
@@ -59,17 +61,18 @@ def flip_bits(rng, values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return values ^ masks
 
 
-def planted_hashes(rows: int, planted: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(hashes, planted distance per planted pair): row rows - planted + i copies row i at distance 1 + i % 4."""
+def planted_hashes(rows: int, planted: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(hashes, source rows, copy rows): copy i is source i at distance 1 + i % 4; all at random positions."""
     rng = np.random.default_rng(seed)
     hashes = rng.integers(0, 2**64, size=rows, dtype=np.uint64)
-    distances = 1 + np.arange(planted) % 4
-    hashes[rows - planted:] = flip_bits(rng, hashes[:planted], distances)
-    return hashes, distances
+    positions = rng.permutation(rows)[: 2 * planted]
+    sources, copies = positions[:planted], positions[planted:]
+    hashes[copies] = flip_bits(rng, hashes[sources], 1 + np.arange(planted) % 4)
+    return hashes, sources, copies
 
 
-def planted_recall(groups: np.ndarray, rows: int, planted: int) -> float:
-    return float((groups[:planted] == groups[rows - planted:]).mean())
+def planted_recall(groups: np.ndarray, sources: np.ndarray, copies: np.ndarray) -> float:
+    return float((groups[sources] == groups[copies]).mean())
 
 
 def components_of(rows: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -151,8 +154,8 @@ def write_markdown(result: dict, out: Path) -> None:
         f"{result['machine']['cores']} cores, shared with other jobs (timings +-30%).",
         "",
         f"N random 64-bit hashes with {result['planted']:,} planted pairs at distance 1-4, max_distance "
-        f"{MAX_DISTANCE}. Candidates per hash: other hashes a hash meets in its buckets (the plan keeps the expected "
-        f"number under {CANDIDATES_PER_HASH}).",
+        f"{MAX_DISTANCE}. Candidates per hash: other hashes a hash meets in its buckets; the plan minimises tables + "
+        f"expected candidates / {CANDIDATES_PER_KEY} per hash.",
         "",
         "| N | tables | expected cand./hash | measured cand./hash | edges | recall | seconds | peak RSS MiB |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -192,10 +195,10 @@ def main() -> int:
 
     op_rows, old_rows, spark_rows, op_groups = [], [], [], {}
     for rows in sorted(set(args.sizes) | set(args.spark_sizes)):
-        hashes, _ = planted_hashes(rows, args.planted, args.seed)
+        hashes, sources, copies = planted_hashes(rows, args.planted, args.seed)
         measured = measure_op(hashes)
         groups = measured.pop("groups")
-        measured = {"rows": rows, **measured, "recall": planted_recall(groups, rows, args.planted)}
+        measured = {"rows": rows, **measured, "recall": planted_recall(groups, sources, copies)}
         logger.info("op: %s", measured)
         if rows in args.sizes:
             op_rows.append(measured)
@@ -205,7 +208,7 @@ def main() -> int:
             started = time.perf_counter()
             labels, candidates = old_scheme(hashes)
             old = {"rows": rows, "candidates_per_row": round(candidates / rows, 2),
-                   "recall": planted_recall(labels, rows, args.planted),
+                   "recall": planted_recall(labels, sources, copies),
                    "seconds": round(time.perf_counter() - started, 2)}
             logger.info("old scheme: %s", old)
             old_rows.append(old)
@@ -244,7 +247,7 @@ def main() -> int:
         "command": "python bench/bench_image_dedup.py " + " ".join(sys.argv[1:]),
         "max_distance": MAX_DISTANCE,
         "planted": args.planted,
-        "candidates_per_hash_bound": CANDIDATES_PER_HASH,
+        "candidates_per_key": CANDIDATES_PER_KEY,
         "op": op_rows,
         "old": old_rows,
         "spark": spark_rows,

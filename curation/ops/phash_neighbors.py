@@ -32,7 +32,7 @@ import numpy as np
 from curation.ops.imagehash import HASH_BITS, MAX_DISTANCE_LIMIT, contiguous_blocks, hamming_distances
 
 __all__ = [
-    "CANDIDATES_PER_HASH",
+    "CANDIDATES_PER_KEY",
     "MAX_TABLES",
     "PAIRS_PER_STEP",
     "NeighbourCounters",
@@ -47,15 +47,18 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CANDIDATES_PER_HASH = 64
-"""`plan_tables` takes the fewest tables whose chance candidates per distinct hash stay under this. One more table
-costs every hash one more shuffled key (~20 bytes through a Spark shuffle, about a microsecond), while a candidate
-costs a vectorised xor + popcount inside its bucket (tens of nanoseconds): at 64 candidates the verification is
-still no dearer than one key, so more tables would cost more shuffle than they save in comparisons."""
+CANDIDATES_PER_KEY = 64
+"""How many chance candidates cost as much as one key: `plan_tables` minimises tables + candidates / 64 per hash.
+A key is a row through a Spark shuffle and a collect_list (~1-3 us of executor time: serialise, write, fetch,
+aggregate, hand to Python through Arrow); a candidate is one side of a pair compared inside its bucket by a
+vectorised xor + popcount + first-table check (measured 76 ns per pair, i.e. ~38 ns per candidate, on a 2-core
+machine at load 16; well under that unloaded). One key ~ 30-80 candidates; 64 sits there. The answer never
+depends on it, only the shuffle / CPU balance; for d = 4 it gives 5 tables up to ~2e5 distinct hashes, 15 up to
+~4e7, 35 up to ~3e9."""
 MAX_TABLES = 256
 """At most this many tables (keys per distinct hash). For large d no m is cheap (d = 8 at 1e9 hashes: 165 tables
 still leave ~2.5e6 chance candidates per hash; d = 31 allows only m = 32, two-bit blocks, nearly all pairs):
-there `plan_tables` takes the m with the fewest candidates within this cap and the cost grows with n."""
+within the cap the cheapest m is taken and the cost grows with n."""
 PAIRS_PER_STEP = 1 << 21
 """Pairs compared per step of `bucket_pairs`: 2M pairs are ~100 MiB of index, hash and xor arrays."""
 
@@ -99,25 +102,24 @@ def _expected_candidates(block_count: int, max_distance: int, distinct_count: in
 
 
 def plan_tables(distinct_count: int, max_distance: int) -> NeighbourPlan:
-    """The fewest tables (smallest m >= d + 1) whose chance candidates per hash are at most `CANDIDATES_PER_HASH`,
-    with at most `MAX_TABLES` tables; where no m qualifies, the m with the fewest candidates within the cap."""
+    """The number of blocks m >= d + 1 with the least expected work per distinct hash, C(m, d) keys plus chance
+    candidates / `CANDIDATES_PER_KEY`, among those with at most `MAX_TABLES` tables (C(m, d) grows with m: more
+    tables, longer keys, fewer candidates)."""
     if not 0 <= max_distance <= MAX_DISTANCE_LIMIT:
         raise ValueError(f"max_distance must be in 0..{MAX_DISTANCE_LIMIT}, got {max_distance}")
-    chosen, fewest = None, None
+    costs = {}
     for block_count in range(max_distance + 1, HASH_BITS + 1):
-        if math.comb(block_count, max_distance) > MAX_TABLES:
+        tables = math.comb(block_count, max_distance)
+        if tables > MAX_TABLES:
             break
         candidates = _expected_candidates(block_count, max_distance, distinct_count)
-        if fewest is None or candidates < fewest[0]:
-            fewest = (candidates, block_count)
-        if candidates <= CANDIDATES_PER_HASH:
-            chosen = block_count
-            break
-    if chosen is None:
-        chosen = fewest[1]
-        logger.info("phash neighbours: %d distinct hashes at distance %d: no plan within %d tables keeps chance "
-                    "candidates under %d per hash; %d blocks give %.3g", distinct_count, max_distance, MAX_TABLES,
-                    CANDIDATES_PER_HASH, chosen, fewest[0])
+        costs[block_count] = tables + candidates / CANDIDATES_PER_KEY
+    chosen = min(costs, key=costs.get)
+    if costs[chosen] > 2 * MAX_TABLES:
+        logger.info("phash neighbours: %d distinct hashes at distance %d: %d blocks, %d tables, %.3g chance "
+                    "candidates per hash (no plan within %d tables is cheap)", distinct_count, max_distance,
+                    chosen, math.comb(chosen, max_distance),
+                    _expected_candidates(chosen, max_distance, distinct_count), MAX_TABLES)
     blocks = tuple(contiguous_blocks(chosen))
     subsets = tuple(combinations(range(chosen), chosen - max_distance))
     key_masks = np.array([sum(_bit_mask(*blocks[j]) for j in subset) for subset in subsets], dtype=np.uint64)

@@ -8,7 +8,7 @@ import pytest
 from curation.ops import phash_neighbors
 from curation.ops.imagehash import MAX_DISTANCE_LIMIT, contiguous_blocks, hamming_distances
 from curation.ops.phash_neighbors import (
-    CANDIDATES_PER_HASH,
+    CANDIDATES_PER_KEY,
     MAX_TABLES,
     bucket_links,
     bucket_pairs,
@@ -96,8 +96,13 @@ def test_a_row_alone_is_its_own_group():
     assert groups.tolist() == [0, 1, 2]
 
 
+def plan_cost(block_count: int, max_distance: int, distinct_count: int) -> float:
+    return (math.comb(block_count, max_distance)
+            + phash_neighbors._expected_candidates(block_count, max_distance, distinct_count) / CANDIDATES_PER_KEY)
+
+
 @pytest.mark.parametrize("max_distance", range(MAX_DISTANCE_LIMIT + 1))
-def test_plans_cover_every_subset_and_respect_the_table_cap(max_distance):
+def test_plans_cover_every_subset_and_take_the_cheapest_within_the_table_cap(max_distance):
     for distinct_count in (10, 10**6, 10**9):
         plan = plan_tables(distinct_count, max_distance)
         block_count = len(plan.blocks)
@@ -105,15 +110,15 @@ def test_plans_cover_every_subset_and_respect_the_table_cap(max_distance):
         assert plan.table_count == math.comb(block_count, max_distance)
         assert all(len(subset) == block_count - max_distance for subset in plan.subsets)
         assert list(plan.subsets) == sorted(plan.subsets)
-        if plan.expected_candidates <= CANDIDATES_PER_HASH:
-            # the smallest qualifying m: every smaller one expects more candidates
-            for m in range(max_distance + 1, block_count):
-                assert phash_neighbors._expected_candidates(m, max_distance, distinct_count) > CANDIDATES_PER_HASH
+        allowed = [m for m in range(max_distance + 1, 65) if math.comb(m, max_distance) <= MAX_TABLES]
+        cheapest = min(plan_cost(m, max_distance, distinct_count) for m in allowed)
+        assert plan_cost(block_count, max_distance, distinct_count) == cheapest
 
 
 def test_plan_grows_tables_with_the_number_of_hashes_at_distance_4():
-    assert [plan_tables(n, 4).table_count for n in (10**4, 10**6, 10**7, 10**9)] == [5, 15, 35, 70]
-    assert plan_tables(10**9, 4).expected_candidates <= CANDIDATES_PER_HASH
+    assert [plan_tables(n, 4).table_count for n in (10**4, 10**5, 10**6, 10**7, 10**9)] == [5, 5, 15, 15, 35]
+    assert plan_tables(10**9, 4).expected_candidates < 300
+    assert plan_tables(35_000, 4).table_count == 5  # the demo's scale: the plain pigeonhole on 5 chunks
 
 
 def test_blocks_tile_the_64_bits():
