@@ -115,12 +115,15 @@ def near_duplicate_hash_groups(rows, max_distance: int) -> HashGroups:
     )
     links = buckets.mapInArrow(_bucket_link_worker(plan), "a long, b long, row_pairs long").localCheckpoint()
     components = connected_components(links).select(F.col("node").alias("image_phash"), F.col("root"))
-    members = (
-        rows.select(UID, "image_phash").join(components, "image_phash", "left")
-        .select(UID, F.coalesce("root", "image_phash").alias("_component"))
+    # Only hashes with a link or with several rows are in a group of two or more rows; the rest never meet a join.
+    grouped_hashes = (
+        distinct.join(components, "image_phash", "left")
+        .filter(F.col("root").isNotNull() | (F.col("rows") > 1))
+        .select("image_phash", F.coalesce("root", "image_phash").alias("_component"))
     )
-    sizes = members.groupBy("_component").agg(F.count("*").alias("_rows"), F.min(UID).alias("group"))
-    groups = members.join(sizes.filter(F.col("_rows") > 1), "_component").select(UID, "group")
+    members = rows.select(UID, "image_phash").join(grouped_hashes, "image_phash").localCheckpoint()
+    smallest = members.groupBy("_component").agg(F.min(UID).alias("group"))
+    groups = members.join(smallest, "_component").select(UID, "group")
     linked_pairs = links.agg(F.sum("row_pairs")).first()[0] or 0
     identical_pairs = distinct.agg(F.sum(F.expr("rows * (rows - 1) div 2"))).first()[0] or 0
     return HashGroups(groups, int(linked_pairs + identical_pairs))
