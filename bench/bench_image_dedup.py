@@ -151,19 +151,21 @@ def write_markdown(result: dict, out: Path) -> None:
         "# Exact image near-duplicate groups",
         "",
         f"Commit `{result['commit']}`, `{result['command']}`; {result['machine']['cpu']}, "
-        f"{result['machine']['cores']} cores, shared with other jobs (timings +-30%).",
+        f"{result['machine']['cores']} cores, shared with other jobs (5-minute load average "
+        f"{result['machine']['load_average_at_end'][1]:.0f} at the end: timings are upper bounds).",
         "",
         f"N random 64-bit hashes with {result['planted']:,} planted pairs at distance 1-4, max_distance "
         f"{MAX_DISTANCE}. Candidates per hash: other hashes a hash meets in its buckets; the plan minimises tables + "
         f"expected candidates / {CANDIDATES_PER_KEY} per hash.",
         "",
-        "| N | tables | expected cand./hash | measured cand./hash | edges | recall | seconds | peak RSS MiB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| N | tables | expected cand./hash | measured cand./hash | pairs compared per hash | edges | recall | "
+        "seconds | peak RSS MiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["op"]:
         lines.append(f"| {row['rows']:,} | {row['tables']} | {row['expected_candidates_per_hash']} | "
-                     f"{row['candidates_per_hash']} | {row['edges']:,} | {row['recall']} | {row['seconds']} | "
-                     f"{row['peak_rss_mib']:,} |")
+                     f"{row['candidates_per_hash']} | {row['pairs_compared'] / row['distinct']:.2f} | "
+                     f"{row['edges']:,} | {row['recall']} | {row['seconds']} | {row['peak_rss_mib']:,} |")
     lines += ["", "Old scheme (5 chunks, buckets over 64 members paired with 8 anchors), the baseline:", "",
               "| N | candidate pairs per row | recall | seconds |", "|---:|---:|---:|---:|"]
     for row in result["old"]:
