@@ -213,11 +213,11 @@ def bucket_links(plan: NeighbourPlan, members: np.ndarray, offsets: np.ndarray, 
     """What the buckets say about groups, in O(members) edges: (linked, root, weighted_pairs, compared).
 
     (linked[i], root[i]) are uint64 hash pairs that join exactly the hashes that the buckets' verified pairs
-    join: a star per connected component of the verified pairs (each member to the component's first member),
-    not the pairs themselves, which a dense cluster makes quadratic. A star link need not be within max_distance
-    itself; connected components over the links equal those over the verified pairs. `weighted_pairs` sums
-    weights[left] * weights[right] over the verified pairs (their count when weights is None: rows per hash
-    make it the number of row pairs); `compared` counts the pairs compared."""
+    join: a star per connected component of the verified pairs (each member to the component's first member,
+    unless it is the same hash value), not the pairs themselves, which a dense cluster makes quadratic. A star
+    link need not be within max_distance itself; connected components over the links equal those over the
+    verified pairs. `weighted_pairs` sums weights[left] * weights[right] over the verified pairs (their count
+    when weights is None: rows per hash make it the number of row pairs); `compared` counts the pairs compared."""
     members = np.asarray(members, dtype=np.uint64)
     labels = np.arange(len(members), dtype=np.int64)
     weighted_pairs, compared = 0, 0
@@ -229,7 +229,8 @@ def bucket_links(plan: NeighbourPlan, members: np.ndarray, offsets: np.ndarray, 
             weighted_pairs += int(np.dot(weights[left].astype(np.int64), weights[right].astype(np.int64)))
         _union(labels, left, right)
     roots = _flatten(labels)
-    linked = np.flatnonzero(roots != np.arange(len(members)))
+    # One hash may sit in buckets of several tables of the batch: it needs no link to itself.
+    linked = np.flatnonzero(members != members[roots])
     return members[linked], members[roots[linked]], weighted_pairs, compared
 
 

@@ -187,3 +187,13 @@ def test_bucket_links_weight_pairs_by_rows_per_hash():
     assert sorted(zip(linked.tolist(), root.tolist(), strict=True)) == [(1, 0), (3, 0)]
     # in table 0's bucket (low block) the same pairs are not the first table's: nothing is reported
     assert bucket_links(plan, members, np.array([0, 3]), np.array([0]))[2] == 0
+
+
+def test_a_hash_in_buckets_of_two_tables_gets_no_link_to_itself():
+    plan = plan_tables(3, 1)
+    # 0b01 is in table 1's bucket with 0b00 and 0b11 (high blocks equal), and again on its own in another bucket
+    members = np.array([0b00, 0b01, 0b11, 0b01, 0b01 | 1 << 40], dtype=np.uint64)
+    linked, root, weighted_pairs, _ = bucket_links(plan, members, np.array([0, 3, 5]), np.array([1, 0]))
+    assert weighted_pairs == 3  # 0-1, 1-3 in table 1; 1 and 1 | 1 << 40 agree on the low block: table 0
+    assert (linked != root).all()
+    assert components(zip(linked.tolist(), root.tolist(), strict=True)) == {frozenset({0, 1, 3, 1 | 1 << 40})}
