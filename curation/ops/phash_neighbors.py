@@ -49,12 +49,12 @@ logger = logging.getLogger(__name__)
 
 CANDIDATES_PER_KEY = 64
 """How many chance candidates cost as much as one key: `plan_tables` minimises tables + candidates / 64 per hash.
-A key is a row through a Spark shuffle and a collect_list (~1-3 us of executor time: serialise, write, fetch,
-aggregate, hand to Python through Arrow); a candidate is one side of a pair compared inside its bucket by a
+A key is a row through a Spark shuffle and a collect_list (estimated ~1-3 us of executor time: serialise, write,
+fetch, aggregate, hand to Python through Arrow); a candidate is one side of a pair compared inside its bucket by a
 vectorised xor + popcount + first-table check (measured 76 ns per pair, i.e. ~38 ns per candidate, on a 2-core
 machine at load 16; well under that unloaded). One key ~ 30-80 candidates; 64 sits there. The answer never
-depends on it, only the shuffle / CPU balance; for d = 4 it gives 5 tables up to ~2e5 distinct hashes, 15 up to
-~4e7, 35 up to ~3e9."""
+depends on it, only the shuffle / CPU balance; for d = 4 it gives 5 tables up to ~5e5 distinct hashes, 15 up to
+~9e7, 35 up to ~9e9."""
 MAX_TABLES = 256
 """At most this many tables (keys per distinct hash). For large d no m is cheap (d = 8 at 1e9 hashes: 165 tables
 still leave ~2.5e6 chance candidates per hash; d = 31 allows only m = 32, two-bit blocks, nearly all pairs):
