@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from curation.ops.phash_neighbors import near_duplicate_groups
+from curation.ops.phash_neighbors import near_duplicate_groups, near_duplicate_pairs
 from curation.schema import UID
 from curation.spark.image_dedup import near_duplicate_hash_groups
 
@@ -61,8 +61,6 @@ def test_spark_hash_groups_equal_the_exact_op(spark):
 
     # every pair of rows within the distance, counted row by row (identical hashes included)
     distinct, counts = np.unique(hashes, return_counts=True)
-    from curation.ops.phash_neighbors import near_duplicate_pairs
-
     low, high, _ = near_duplicate_pairs(hashes, MAX_DISTANCE)
     per_hash = dict(zip(distinct.tolist(), counts.tolist(), strict=True))
     row_pairs = sum(per_hash[a] * per_hash[b] for a, b in zip(low.tolist(), high.tolist(), strict=True))
