@@ -2,12 +2,12 @@
 and the nearest hash of a fixed list.
 
 DESIGN.md section 4 "Image dedup": exact duplicates share the sha256 of their image bytes; near
-duplicates have 64-bit perceptual hashes within Hamming distance d, and candidate pairs come from a
-pigeonhole split of the hash into d + 1 chunks. This module is the pure layer (numpy / Pillow, no
-Spark): the Spark adapter shuffles on `chunk_keys`, verifies candidates with `hamming_distances` and
-groups them. The same split indexes a fixed list of hashes in memory (`PhashIndex`) for the stages
-that compare every image with one list: decontaminate (the evaluation set), block_images and
-takedown (image blocklists).
+duplicates have 64-bit perceptual hashes within Hamming distance d. This module is the pure layer
+(numpy / Pillow, no Spark). Pairs among the corpus's own hashes are found by the block-subset tables of
+`curation.ops.phash_neighbors`; the pigeonhole split of the hash into d + 1 chunks
+(`pigeonhole_chunks`) indexes a fixed list of hashes in memory (`PhashIndex`) for the stages that
+compare every image with one list: decontaminate (the evaluation set), block_images and takedown
+(image blocklists).
 
 Perceptual hash: the DCT pHash of Zauner (2010) / hackerfactor "Looks Like It" (2011), exactly as
 ``imagehash.phash`` (ImageHash 4.3) computes it:
@@ -51,7 +51,7 @@ __all__ = [
     "DecodeFailure",
     "DecodedImage",
     "PhashIndex",
-    "chunk_keys",
+    "contiguous_blocks",
     "decode_image",
     "hamming_distances",
     "image_sha256",
@@ -83,8 +83,6 @@ _WHITE = (255, 255, 255, 255)
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
-# key = (chunk index << _CHUNK_INDEX_SHIFT) | chunk value; see `chunk_keys`.
-_CHUNK_INDEX_SHIFT = 58
 MAX_DISTANCE_LIMIT = MAX_PHASH_DISTANCE
 
 
@@ -310,40 +308,21 @@ def pigeonhole_chunks(max_distance: int) -> list[tuple[int, int]]:
     bits fall into at most d of the d + 1 chunks, so at least one chunk is identical in both.
     """
     _check_max_distance(max_distance)
-    chunk_count = max_distance + 1
-    narrow_width, wider_count = divmod(HASH_BITS, chunk_count)
-    chunks = []
-    offset = 0
-    for index in range(chunk_count):
-        width = narrow_width + (index < wider_count)
-        chunks.append((offset, width))
+    return contiguous_blocks(max_distance + 1)
+
+
+def contiguous_blocks(block_count: int) -> list[tuple[int, int]]:
+    """The 64 bits as `block_count` contiguous blocks ``(bit_offset, width)`` from the least significant bit;
+    widths differ by at most one, the first ``64 % block_count`` blocks are one bit wider."""
+    if not 1 <= block_count <= HASH_BITS:
+        raise ValueError(f"block_count must be in 1..{HASH_BITS}, got {block_count}")
+    narrow, wider = divmod(HASH_BITS, block_count)
+    blocks, offset = [], 0
+    for index in range(block_count):
+        width = narrow + (index < wider)
+        blocks.append((offset, width))
         offset += width
-    return chunks
-
-
-def chunk_keys(hashes: np.ndarray, max_distance: int) -> np.ndarray:
-    """Pigeonhole shuffle keys: int64 of shape (n, max_distance + 1), one key per chunk of each hash.
-
-    Encoding: ``key = (chunk_index << 58) | chunk_value`` for d >= 1, where every chunk is at most
-    32 bits wide (the widest is ``ceil(64 / (d + 1))``), so the value never reaches bit 58 and the
-    chunk index (< 32) sits in bits 58..62: keys of different chunk indexes never collide and are
-    non-negative. For d = 0 there is one chunk, the whole hash, and its key is the hash's 64 bits
-    reinterpreted as int64 (there is no other chunk index to collide with).
-
-    Guarantee (see `pigeonhole_chunks`): if ``hamming_distances(x, y) <= d`` then x and y share at least
-    one key in the same column, so shuffling rows by each key and comparing hashes inside each key
-    group finds every pair within distance d. Pairs sharing a key may still be farther apart: verify
-    them with `hamming_distances`.
-    """
-    _check_max_distance(max_distance)
-    values = np.asarray(hashes, dtype=np.uint64).reshape(-1)
-    if max_distance == 0:
-        return values.view(np.int64).reshape(-1, 1).copy()
-    keys = np.empty((len(values), max_distance + 1), dtype=np.int64)
-    for index, (offset, width) in enumerate(pigeonhole_chunks(max_distance)):
-        chunk_values = (values >> np.uint64(offset)) & np.uint64((1 << width) - 1)
-        keys[:, index] = (np.uint64(index) << np.uint64(_CHUNK_INDEX_SHIFT) | chunk_values).view(np.int64)
-    return keys
+    return blocks
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,7 +358,7 @@ class PhashIndex:
     """A fixed list of 64-bit hashes (an evaluation set, a blocklist), indexed for exact nearest-within-
     ``max_distance`` lookups (`nearest`).
 
-    The same pigeonhole split as `chunk_keys`: a query within distance d of a listed hash equals it in at
+    The pigeonhole split of `pigeonhole_chunks`: a query within distance d of a listed hash equals it in at
     least one of the d + 1 chunks of `pigeonhole_chunks`. Each chunk's listed values are sorted once; a
     query looks up its d + 1 chunk values (``np.searchsorted``) and is compared bit by bit with the listed
     hashes found there only, so the answer is exact. With evenly spread bits a chunk of w = 64 / (d + 1)

@@ -1,27 +1,23 @@
 """Spark adapter of dedup_image, the model-free part: exact duplicates by sha256 of the image bytes, then near
-duplicates by a 64-bit perceptual hash within Hamming distance d (candidates by pigeonhole on d + 1 hash chunks in
-a Spark shuffle, groups by distributed connected components). The survivor of a group is the largest image
-(width x height), ties by the smallest uid.
+duplicates by a 64-bit perceptual hash within Hamming distance d, found exactly at any scale: distinct hash values
+are keyed into the block-subset tables of `curation.ops.phash_neighbors` in a Spark shuffle, each bucket's pairs
+are verified, and groups come from distributed connected components over hash values. The survivor of a group is
+the largest image (width x height), ties by the smallest uid.
 """
 
 import json
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from curation.ops.imagehash import (
-    DecodeFailure,
-    chunk_keys,
-    decode_image,
-    hamming_distances,
-    image_sha256,
-    perceptual_hash,
-)
+from curation.ops.imagehash import DecodeFailure, decode_image, image_sha256, perceptual_hash
+from curation.ops.phash_neighbors import NeighbourPlan, bucket_links, plan_tables, table_keys
 from curation.schema import TAG_REASON, UID, Reason
 from curation.spark.common import drop_where, untagged
 from curation.spark.components import connected_components
-from curation.spark.dedup import keep_first_per_key, pair_worker
+from curation.spark.dedup import keep_first_per_key
 from curation.spark.download import row_images
 from curation.spark.executor import StageContext, StageOutput
 
@@ -55,33 +51,82 @@ def _fingerprint_worker(batches):
         )
 
 
-def _chunk_key_worker(max_distance: int):
+def _table_key_worker(plan: NeighbourPlan):
     def run(batches):
         for batch in batches:
-            hashes = batch.column(1).to_numpy().view(np.uint64)
-            keys = chunk_keys(hashes, max_distance)
+            hashes = batch.column(0).to_numpy()
+            tables, keys = table_keys(plan, hashes.view(np.uint64))
             yield pa.RecordBatch.from_arrays(
-                [pa.array(np.repeat(np.asarray(batch.column(0).to_pylist(), dtype=object), keys.shape[1]),
-                          pa.string()), pa.array(keys.reshape(-1))],
-                names=[UID, "key"],
+                [pa.array(tables), pa.array(keys), pa.array(np.repeat(hashes, plan.table_count)),
+                 pa.array(np.repeat(batch.column(1).to_numpy(), plan.table_count))],
+                names=["table", "key", "hash", "rows"],
             )
 
     return run
 
 
-def _hamming_worker(max_distance: int):
+def _bucket_link_worker(plan: NeighbourPlan):
+    """Buckets (table, members: list of (hash, rows)) -> links (a, b) joining what their verified pairs join
+    (see `bucket_links`); the batch's count of row pairs within max_distance rides on its first link."""
     def run(batches):
         for batch in batches:
-            distances = hamming_distances(
-                batch.column(2).to_numpy().view(np.uint64), batch.column(3).to_numpy().view(np.uint64)
-            ).astype(np.int32)
-            keep = pa.array(distances <= max_distance)
+            members = batch.column(1)
+            offsets = members.offsets.to_numpy()
+            values = members.flatten()
+            linked, root, row_pairs, _ = bucket_links(
+                plan, values.field("hash").to_numpy().view(np.uint64), offsets - offsets[0],
+                batch.column(0).to_numpy(), weights=values.field("rows").to_numpy(),
+            )
+            counts = np.zeros(len(linked), dtype=np.int64)
+            if len(linked):
+                counts[0] = row_pairs
             yield pa.RecordBatch.from_arrays(
-                [batch.column(0).filter(keep), batch.column(1).filter(keep), pa.array(distances).filter(keep)],
-                names=["a", "b", "distance"],
+                [pa.array(linked.view(np.int64)), pa.array(root.view(np.int64)), pa.array(counts)],
+                names=["a", "b", "row_pairs"],
             )
 
     return run
+
+
+@dataclass(frozen=True)
+class HashGroups:
+    """`groups`: DataFrame (uid, group) of the rows whose hash is within max_distance of another row's, directly
+    or through others (identical hashes included), group = the smallest uid of the connected component;
+    `row_pairs`: how many pairs of rows are within max_distance (dedup_image's record calls them edges)."""
+
+    groups: object
+    row_pairs: int
+
+
+def near_duplicate_hash_groups(rows, max_distance: int) -> HashGroups:
+    """Exact near-duplicate groups of a DataFrame (uid, image_phash long). Only distinct hash values are keyed
+    (C(m, d) keys each, m from their count: `plan_tables`); buckets of one member stay in the JVM's aggregation;
+    components are computed over hash values, then every row takes its hash's component."""
+    from pyspark.sql import functions as F
+
+    distinct = rows.groupBy("image_phash").agg(F.count("*").alias("rows")).localCheckpoint()
+    plan = plan_tables(distinct.count(), max_distance)
+    logger.info("dedup_image: %d distinct hashes, %d tables of %d-bit keys, %.3g chance candidates per hash",
+                plan.distinct_count, plan.table_count, plan.key_bits, plan.expected_candidates)
+    keys = distinct.mapInArrow(_table_key_worker(plan), "table int, key long, hash long, rows long")
+    buckets = (
+        keys.groupBy("table", "key").agg(F.collect_list(F.struct("hash", "rows")).alias("members"))
+        .filter(F.size("members") > 1).select("table", "members")
+    )
+    links = buckets.mapInArrow(_bucket_link_worker(plan), "a long, b long, row_pairs long").localCheckpoint()
+    components = connected_components(links).select(F.col("node").alias("image_phash"), F.col("root"))
+    # Only hashes with a link or with several rows are in a group of two or more rows; the rest never meet a join.
+    grouped_hashes = (
+        distinct.join(components, "image_phash", "left")
+        .filter(F.col("root").isNotNull() | (F.col("rows") > 1))
+        .select("image_phash", F.coalesce("root", "image_phash").alias("_component"))
+    )
+    members = rows.select(UID, "image_phash").join(grouped_hashes, "image_phash").localCheckpoint()
+    smallest = members.groupBy("_component").agg(F.min(UID).alias("group"))
+    groups = members.join(smallest, "_component").select(UID, "group")
+    linked_pairs = links.agg(F.sum("row_pairs")).first()[0] or 0
+    identical_pairs = distinct.agg(F.sum(F.expr("rows * (rows - 1) div 2"))).first()[0] or 0
+    return HashGroups(groups, int(linked_pairs + identical_pairs))
 
 
 def run_dedup_image(context: StageContext) -> StageOutput:
@@ -113,20 +158,8 @@ def run_dedup_image(context: StageContext) -> StageOutput:
     ).localCheckpoint()
 
     survivors = tagged.filter(F.col(TAG_REASON).isNull()).select(UID, "image_phash", "image_width", "image_height")
-    keys = survivors.select(UID, "image_phash").mapInArrow(_chunk_key_worker(max_distance), f"{UID} string, key long")
-    buckets = (
-        keys.groupBy("key").agg(F.sort_array(F.collect_list(UID)).alias("members"))
-        .filter(F.size("members") > 1).select("members")
-    )
-    pairs = buckets.mapInArrow(pair_worker(options.max_anchors, options.full_pairs_limit),
-                               "a string, b string").distinct()
-    hash_a = survivors.select(F.col(UID).alias("a"), F.col("image_phash").alias("hash_a"))
-    hash_b = survivors.select(F.col(UID).alias("b"), F.col("image_phash").alias("hash_b"))
-    edges = (
-        pairs.join(hash_a, "a").join(hash_b, "b").select("a", "b", "hash_a", "hash_b")
-        .mapInArrow(_hamming_worker(max_distance), "a string, b string, distance int").localCheckpoint()
-    )
-    groups = connected_components(edges).select(F.col("node").alias(UID), F.col("root").alias("_group"))
+    hash_groups = near_duplicate_hash_groups(survivors.select(UID, "image_phash"), max_distance)
+    groups = hash_groups.groups.select(UID, F.col("group").alias("_group"))
     members = survivors.join(groups, UID)
     largest = Window.partitionBy("_group").orderBy(*largest_first)
     members = (
@@ -141,5 +174,6 @@ def run_dedup_image(context: StageContext) -> StageOutput:
 
     return StageOutput(
         rows=tagged, columns=[*data_columns, *IMAGE_COLUMNS],
-        record={"dedup_image": {"max_distance": max_distance, "image_column": image_column, "edges": edges.count()}},
+        record={"dedup_image": {"max_distance": max_distance, "image_column": image_column,
+                                "edges": hash_groups.row_pairs}},
     )

@@ -15,8 +15,9 @@ class DedupImageStage(Stage):
         "for rows that carry image bytes (column `jpg`, as img2dataset's parquet output writes them) or point into a "
         "download stage's tars: images that do not decode (decompression bombs refused before decoding, only web "
         "formats) are dropped; exact duplicates by sha256 of the bytes; near duplicates by a 64-bit DCT perceptual "
-        "hash within Hamming distance 4 (candidates share one of 5 hash chunks in a Spark shuffle, groups by connected"
-        " components); the survivor is the largest image, ties by smallest uid; adds `image_sha256`, `image_phash`, "
+        "hash within Hamming distance 4, found exactly at any scale (distinct hashes share a key in one of the "
+        "block-subset tables of Manku et al. 2007 in a Spark shuffle, every bucket pair verified, groups by connected "
+        "components); the survivor is the largest image, ties by smallest uid; adds `image_sha256`, `image_phash`, "
         "`image_width`, `image_height`, `image_dup_group`"
     )
     drops = "`undecodable_image`, `duplicate_image_bytes`, `near_duplicate_image`"
@@ -27,10 +28,6 @@ class DedupImageStage(Stage):
             4, "perceptual hashes within this Hamming distance are near duplicates", at_least=0,
             at_most=MAX_PHASH_DISTANCE,
         )
-        max_anchors: int = option(
-            8, "in a hash-chunk bucket larger than full_pairs_limit, members pair with this many anchors"
-        )
-        full_pairs_limit: int = option(64, "hash-chunk buckets up to this size are compared pair by pair")
         partitions: int | None = partitions_option()
 
     assumed_rate = RateAssumption(300, "images/s", "JPEG decode and perceptual hash of a small image (guess)")

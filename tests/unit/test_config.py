@@ -97,6 +97,8 @@ def test_the_boilerplate_rule_is_turned_off_by_null_in_yaml_or_zero():
         ({"prune": {"k": 10}}, r"stage prune: give exactly one of keep_fraction, keep_count \(got none\)"),
         ({"filter": {"min_clip_score": 0.2, "min_clip_scor": 0.3}},
          r"stage filter: unknown option\(s\) \['min_clip_scor'\]; options are \[.*'min_clip_score'"),
+        # issue 18: exact image near duplicates retired the anchor options of dedup_image
+        ({"dedup_image": {"max_anchors": 8}}, r"stage dedup_image: unknown option\(s\) \['max_anchors'\]"),
         ({"download": {"allow_hosts": "127.0.0.1:80"}}, r"stage download: option allow_hosts is '127.0.0.1:80'; "
                                                         r"allowed: a list of non-empty strings"),
         # issue 17 case 10: a quoted boolean, a zero target, a fractional seed, blank text

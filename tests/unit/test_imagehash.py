@@ -18,7 +18,6 @@ from curation.ops.imagehash import (
     DecodedImage,
     DecodeFailure,
     PhashIndex,
-    chunk_keys,
     decode_image,
     hamming_distances,
     image_sha256,
@@ -432,51 +431,34 @@ def test_chunks_tile_the_64_bits_evenly(max_distance):
 def test_out_of_range_distance_is_refused(max_distance):
     with pytest.raises(ValueError, match="max_distance"):
         pigeonhole_chunks(max_distance)
-    with pytest.raises(ValueError, match="max_distance"):
-        chunk_keys(np.zeros(1, dtype=np.uint64), max_distance)
 
 
-@SETTINGS
-@given(st.lists(HASH_STRATEGY, min_size=1, max_size=10), DISTANCE_STRATEGY)
-def test_chunk_keys_encode_index_and_value(hash_values, max_distance):
-    keys = chunk_keys(np.array(hash_values, dtype=np.uint64), max_distance)
-    assert keys.shape == (len(hash_values), max_distance + 1) and keys.dtype == np.int64
-    if max_distance == 0:
-        assert keys[:, 0].view(np.uint64).tolist() == hash_values
-        return
-    assert (keys >= 0).all()
-    for row, hash_value in zip(keys.tolist(), hash_values, strict=True):
-        rebuilt = 0
-        for index, ((offset, width), key) in enumerate(zip(pigeonhole_chunks(max_distance), row, strict=True)):
-            assert key >> 58 == index
-            chunk_value = key & ((1 << 58) - 1)
-            assert chunk_value == (hash_value >> offset) & ((1 << width) - 1)
-            rebuilt |= chunk_value << offset
-        assert rebuilt == hash_value
-    # The chunk index in the key keeps equal values in different chunks apart.
-    assert len(set(chunk_keys(np.zeros(1, dtype=np.uint64), max_distance)[0].tolist())) == max_distance + 1
+def chunk_values(pair: np.ndarray, max_distance: int) -> np.ndarray:
+    """Each hash's value in each chunk of `pigeonhole_chunks`, shape (len(pair), max_distance + 1)."""
+    return np.stack([(pair >> np.uint64(offset)) & np.uint64((1 << width) - 1)
+                     for offset, width in pigeonhole_chunks(max_distance)], axis=1)
 
 
 @SETTINGS
 @given(HASH_STRATEGY, DISTANCE_STRATEGY, st.data())
 def test_pigeonhole_guarantee(hash_value, max_distance, data):
-    """Any two hashes within distance d share at least one key in the same column."""
+    """Any two hashes within distance d agree on at least one chunk."""
     flipped_bits = data.draw(st.sets(st.integers(min_value=0, max_value=63), max_size=max_distance))
     other = hash_value ^ sum(1 << bit for bit in flipped_bits)
     pair = np.array([hash_value, other], dtype=np.uint64)
     assert hamming_distances(pair[0], pair[1]) <= max_distance
-    keys = chunk_keys(pair, max_distance)
-    assert (keys[0] == keys[1]).any()
+    values = chunk_values(pair, max_distance)
+    assert (values[0] == values[1]).any()
 
 
 @pytest.mark.parametrize("max_distance", [0, 1, 4, 10, MAX_DISTANCE_LIMIT])
 def test_d_plus_one_flips_can_escape_every_chunk(max_distance):
-    """The guarantee is tight: one flipped bit per chunk (distance d + 1) leaves no key in common."""
+    """The guarantee is tight: one flipped bit per chunk (distance d + 1) leaves no chunk in common."""
     one_bit_per_chunk = sum(1 << offset for offset, _ in pigeonhole_chunks(max_distance))
     pair = np.array([0, one_bit_per_chunk], dtype=np.uint64)
     assert hamming_distances(pair[0], pair[1]) == max_distance + 1
-    keys = chunk_keys(pair, max_distance)
-    assert not (keys[0] == keys[1]).any()
+    values = chunk_values(pair, max_distance)
+    assert not (values[0] == values[1]).any()
 
 
 # --------------------------------------------------------------------------------------------------
