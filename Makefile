@@ -61,6 +61,8 @@ bench: $(STAMP)
 	$(VENV_PYTHON) bench/bench_minhash.py --out bench/results/minhash.json
 	$(VENV_PYTHON) bench/bench_spine.py --out bench/results/spine.json
 	$(VENV_PYTHON) bench/bench_dedup_text.py --out bench/results/dedup_text.json
+	$(VENV_PYTHON) bench/bench_dedup_text_extremes.py --out bench/results/dedup_text_extremes.json
+	$(VENV_PYTHON) bench/bench_image_dedup.py --out bench/results/image_dedup.json
 	$(VENV_PYTHON) bench/bench_embed.py batch
 	$(VENV_PYTHON) bench/bench_semdedup.py --out bench/results/semdedup.json
 	$(VENV_PYTHON) bench/bench_slant.py --out bench/results/slant.json
