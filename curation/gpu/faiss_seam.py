@@ -14,6 +14,7 @@ GPU selection needs both `faiss.get_num_gpus() > 0` and `faiss.StandardGpuResour
 import contextlib
 import functools
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -160,6 +161,12 @@ class KMeansResult:
     better). faiss may stop before the requested iterations once the objective stops improving, so
     `iterations` is the number actually run. sample_size is the number of points faiss trained on:
     min(n, k * max_points_per_centroid).
+
+    A two-level fit (`coarse` set, see `two_level_spherical_kmeans`) trains on every row at both levels:
+    `objective` then has one entry, the sum over the rows of the cosine similarity to the fine centroid each
+    was assigned to within its coarse cluster; `iterations` is the most any fine fit ran;
+    `max_points_per_centroid` is the largest ceil(n_j / k_j); `coarse_of[i]` is the coarse cluster fine
+    centroid i was fit in.
     """
 
     centroids: np.ndarray
@@ -170,6 +177,41 @@ class KMeansResult:
     sample_size: int
     seed: int
     init: str
+    coarse: "KMeansResult | None" = None
+    coarse_of: np.ndarray | None = None
+
+    @property
+    def levels(self) -> int:
+        """1 for a flat fit, 2 for a two-level one."""
+        return 1 if self.coarse is None else 2
+
+
+# Above this k, `fit_spherical_kmeans` fits two levels. A flat fit costs k * n * d per iteration with n >= k
+# (faiss wants 39 points per centroid): at k = 4096 on the default 500,000-row sample that is 1e12
+# multiply-adds per iteration (about 10 s on 2 CPU cores, 1/30 s on an H100), and it grows as k^2 once the
+# sample grows with k; at k = 1e5 over 4e6 rows it is 2e17, days per iteration even on a GPU. Two levels cost
+# about 2 sqrt(k) n d per iteration, 32x less at k = 4096, 160x less at k = 1e5. Not a stage option: the
+# stage config (and so the manifest) would gain a key, and no k at which the flat fit is affordable needs it.
+FLAT_KMEANS_MAX_K = 4096
+# faiss's own floor: with fewer training points per centroid it warns that the fit is unreliable.
+MIN_POINTS_PER_CENTROID = 39
+
+
+def _validated_kmeans_input(
+    vectors: np.ndarray, k: int, iterations: int, max_points_per_centroid: int, init: str
+) -> np.ndarray:
+    """`vectors` as a checked float32 matrix, after checking the k-means parameters against it."""
+    vectors = float32_matrix(vectors, "vectors")
+    n = len(vectors)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and the number of vectors {n}, got {k}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if max_points_per_centroid < 1:
+        raise ValueError(f"max_points_per_centroid must be >= 1, got {max_points_per_centroid}")
+    if init not in INIT_METHODS:
+        raise ValueError(f"init must be one of {INIT_METHODS}, got {init!r}")
+    return vectors
 
 
 def spherical_kmeans(
@@ -190,18 +232,36 @@ def spherical_kmeans(
     default of 256 is applied silently otherwise). With the same input, seed and threads the CPU result is
     bit-identical across runs; `threads` also bounds faiss's OpenMP threads, which Spark executors share.
     """
-    vectors = float32_matrix(vectors, "vectors")
-    n, dimension = vectors.shape
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be between 1 and the number of vectors {n}, got {k}")
-    if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
-    if max_points_per_centroid < 1:
-        raise ValueError(f"max_points_per_centroid must be >= 1, got {max_points_per_centroid}")
-    if init not in INIT_METHODS:
-        raise ValueError(f"init must be one of {INIT_METHODS}, got {init!r}")
-    unit_vectors = _unit_rows(vectors, "vectors")
+    vectors = _validated_kmeans_input(vectors, k, iterations, max_points_per_centroid, init)
+    logger.info(
+        "spherical k-means: %d points (training on %d), d=%d, k=%d, up to %d iterations, %s seeding, device %s",
+        len(vectors),
+        min(len(vectors), k * max_points_per_centroid),
+        vectors.shape[1],
+        k,
+        iterations,
+        init,
+        device_for(device),
+    )
+    return _fit_unit_rows(
+        _unit_rows(vectors, "vectors"), k, iterations=iterations, seed=seed,
+        max_points_per_centroid=max_points_per_centroid, threads=threads, device=device, init=init,
+    )
 
+
+def _fit_unit_rows(
+    unit_vectors: np.ndarray,
+    k: int,
+    *,
+    iterations: int,
+    seed: int,
+    max_points_per_centroid: int,
+    threads: int,
+    device: str,
+    init: str,
+) -> KMeansResult:
+    """The flat faiss fit of already checked and normalised rows."""
+    n, dimension = unit_vectors.shape
     parameters = faiss.ClusteringParameters()
     parameters.niter = iterations
     parameters.seed = seed
@@ -214,16 +274,6 @@ def spherical_kmeans(
     clustering = faiss.Clustering(dimension, k, parameters)
     index = flat_index(dimension, device=device)
     sample_size = min(n, k * max_points_per_centroid)
-    logger.info(
-        "spherical k-means: %d points (training on %d), d=%d, k=%d, up to %d iterations, %s seeding, device %s",
-        n,
-        sample_size,
-        dimension,
-        k,
-        iterations,
-        init,
-        index.device,
-    )
     with _omp_threads(threads):
         clustering.train(unit_vectors, index.faiss_index)
 
@@ -243,6 +293,146 @@ def spherical_kmeans(
     )
 
 
+def fit_spherical_kmeans(
+    vectors: np.ndarray,
+    k: int,
+    *,
+    iterations: int = 20,
+    seed: int = 0,
+    threads: int = 1,
+    device: str = "auto",
+    init: str = "random",
+) -> KMeansResult:
+    """Spherical k-means trained on every row of `vectors`: flat up to k = FLAT_KMEANS_MAX_K (the same fit as
+    `spherical_kmeans` with max_points_per_centroid = ceil(n / k)), two-level above it."""
+    vectors = float32_matrix(vectors, "vectors")
+    n = len(vectors)
+    if 1 <= k and n < MIN_POINTS_PER_CENTROID * k:
+        logger.warning(
+            "k-means: %d rows for k = %d is fewer than the %d per centroid faiss asks for (%d rows): "
+            "centroids rest on few points each",
+            n, k, MIN_POINTS_PER_CENTROID, MIN_POINTS_PER_CENTROID * k,
+        )
+    if k > FLAT_KMEANS_MAX_K:
+        return two_level_spherical_kmeans(
+            vectors, k, iterations=iterations, seed=seed, threads=threads, device=device, init=init
+        )
+    return spherical_kmeans(
+        vectors, k, iterations=iterations, seed=seed, max_points_per_centroid=math.ceil(n / max(k, 1)),
+        threads=threads, device=device, init=init,
+    )
+
+
+def coarse_k_for(k: int) -> int:
+    """The number of coarse clusters of a two-level fit of k centroids: ceil(sqrt(k)), which minimises the
+    per-iteration cost n * d * (k1 + k / k1)."""
+    return math.isqrt(k - 1) + 1 if k > 1 else 1
+
+
+def allocate_fine_k(coarse_sizes: np.ndarray, k: int) -> np.ndarray:
+    """k_j, the fine centroids of each coarse cluster: every non-empty cluster gets one, the other
+    k - (non-empty clusters) go in proportion to n_j - 1 by largest remainder (ties to the lower j), so that
+    sum k_j = k and k_j <= n_j. Exact integer arithmetic: the same sizes give the same k_j on any machine."""
+    sizes = np.asarray(coarse_sizes, dtype=np.int64)
+    nonempty = sizes > 0
+    if not nonempty.sum() <= k <= sizes.sum():
+        raise ValueError(
+            f"k must be between the {int(nonempty.sum())} non-empty clusters and the {int(sizes.sum())} rows, got {k}"
+        )
+    spare = k - int(nonempty.sum())
+    capacity = np.where(nonempty, sizes - 1, 0)
+    total_capacity = int(capacity.sum())
+    allocation = nonempty.astype(np.int64)
+    if spare == 0:
+        return allocation
+    # spare * capacity <= k * n: exact in int64 for any sample a driver holds.
+    quotas = spare * capacity
+    allocation += quotas // total_capacity
+    left = spare - int((quotas // total_capacity).sum())
+    largest_remainders_first = np.lexsort((np.arange(len(sizes)), -(quotas % total_capacity)))
+    allocation[largest_remainders_first[:left]] += 1
+    return allocation
+
+
+def fine_seed(seed: int, coarse_cluster: int) -> int:
+    """The faiss seed of the fine fit in coarse cluster j: a pure function of (seed, j), within faiss's int."""
+    return int(np.random.SeedSequence([seed, coarse_cluster]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def two_level_spherical_kmeans(
+    vectors: np.ndarray,
+    k: int,
+    *,
+    iterations: int = 20,
+    seed: int = 0,
+    threads: int = 1,
+    device: str = "auto",
+    init: str = "random",
+) -> KMeansResult:
+    """Spherical k-means with k centroids in two levels, each trained on every row of `vectors`.
+
+    Level 1 fits k1 = ceil(sqrt(k)) coarse centroids (flat, as `spherical_kmeans`) and assigns every row to
+    one; level 2 fits k_j fine centroids (`allocate_fine_k`) on the n_j rows of each coarse cluster j, seeded
+    by `fine_seed(seed, j)`. The centroids are concatenated in (coarse, fine) order. A flat fit costs
+    k * n * d per iteration, this one about (k1 + max k_j) * n * d ~ 2 sqrt(k) n d. Same input, seed and
+    threads give bit-identical centroids. Rows keep their order within a coarse cluster, so a caller that
+    sorts them (by uid) fixes what each fine fit sees.
+    """
+    vectors = _validated_kmeans_input(vectors, k, iterations, 1, init)
+    device = device_for(device)
+    unit_vectors = _unit_rows(vectors, "vectors")
+    del vectors
+    n, dimension = unit_vectors.shape
+    coarse_k = coarse_k_for(k)
+    coarse = _fit_unit_rows(
+        unit_vectors, coarse_k, iterations=iterations, seed=seed, max_points_per_centroid=math.ceil(n / coarse_k),
+        threads=threads, device=device, init=init,
+    )
+    index = flat_index(dimension, device=device)
+    index.add(coarse.centroids)
+    with _omp_threads(threads):
+        coarse_cluster = index.search(unit_vectors, 1)[1][:, 0]
+    members_by_cluster = np.argsort(coarse_cluster, kind="stable")
+    sizes = np.bincount(coarse_cluster, minlength=coarse_k)
+    boundaries = np.concatenate([[0], np.cumsum(sizes)])
+    fine_k = allocate_fine_k(sizes, k)
+    logger.info(
+        "two-level spherical k-means: %d rows, d=%d, k=%d as %d coarse clusters (%d empty) of %d to %d fine "
+        "centroids, device %s",
+        n, dimension, k, coarse_k, int((sizes == 0).sum()), int(fine_k[sizes > 0].min()), int(fine_k.max()),
+        device,
+    )
+
+    centroids, coarse_of, fine_objective, fine_iterations, points_per_centroid = [], [], 0.0, 0, 1
+    for cluster in range(coarse_k):
+        if fine_k[cluster] == 0:
+            continue
+        rows = unit_vectors[members_by_cluster[boundaries[cluster] : boundaries[cluster + 1]]]
+        cluster_points = math.ceil(len(rows) / fine_k[cluster])
+        fine = _fit_unit_rows(
+            rows, int(fine_k[cluster]), iterations=iterations, seed=fine_seed(seed, cluster),
+            max_points_per_centroid=cluster_points, threads=threads, device=device, init=init,
+        )
+        centroids.append(fine.centroids)
+        coarse_of.append(np.full(fine_k[cluster], cluster, dtype=np.int64))
+        # When k_j == n_j faiss copies the rows as centroids and reports an objective of 0; every cosine is 1.
+        fine_objective += float(len(rows)) if fine_k[cluster] == len(rows) else fine.objective[-1]
+        fine_iterations = max(fine_iterations, fine.iterations)
+        points_per_centroid = max(points_per_centroid, cluster_points)
+    return KMeansResult(
+        centroids=_unit_rows(np.concatenate(centroids), "centroids"),
+        iterations=fine_iterations,
+        objective=(fine_objective,),
+        device=device,
+        max_points_per_centroid=points_per_centroid,
+        sample_size=n,
+        seed=seed,
+        init=init,
+        coarse=coarse,
+        coarse_of=np.concatenate(coarse_of),
+    )
+
+
 def assign(
     vectors: np.ndarray, centroids: np.ndarray, *, device: str = "auto", batch_size: int = DEFAULT_BATCH_SIZE
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -259,6 +449,52 @@ def assign(
     vectors = float32_matrix(vectors, "vectors", index.dimension)
     _, ids = index.search(vectors, 1)
     return ids[:, 0], row_cosines(vectors, centroids[ids[:, 0]])
+
+
+def two_level_assign(
+    vectors: np.ndarray,
+    centroids: np.ndarray,
+    coarse_centroids: np.ndarray,
+    coarse_of: np.ndarray,
+    *,
+    probes: int = 1,
+    device: str = "auto",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`assign` through the levels of a two-level fit: each row is compared with the `probes` nearest coarse
+    centroids, then with the fine centroids fit within them (`coarse_of[i]`: the coarse cluster of fine
+    centroid i). Costs (k1 + probes * k / k1) * d per row instead of k * d; a row whose nearest centroid lies
+    under another coarse centroid gets the best one it was compared with (agreement with `assign`:
+    bench/bench_kmeans.py). faiss IndexIVFFlat with the fine centroids as the lists' entries."""
+    centroids = float32_matrix(centroids, "centroids")
+    coarse_centroids = float32_matrix(coarse_centroids, "coarse_centroids", centroids.shape[1])
+    coarse_of = np.asarray(coarse_of, dtype=np.int64)
+    coarse_k, dimension = coarse_centroids.shape
+    if coarse_of.shape != (len(centroids),) or not ((0 <= coarse_of) & (coarse_of < coarse_k)).all():
+        raise ValueError(f"coarse_of must give each of the {len(centroids)} centroids a coarse cluster < {coarse_k}")
+    # Only coarse centroids that own fine ones are probed, so every probe has a candidate.
+    owners = np.unique(coarse_of)
+    if not 1 <= probes <= len(owners):
+        raise ValueError(f"probes must be between 1 and the {len(owners)} coarse centroids, got {probes}")
+    vectors = float32_matrix(vectors, "vectors", dimension)
+    quantizer = faiss.IndexFlatIP(dimension)
+    quantizer.add(_unit_rows(coarse_centroids[owners], "coarse_centroids"))
+    index = faiss.IndexIVFFlat(quantizer, dimension, len(owners), faiss.METRIC_INNER_PRODUCT)
+    # swig_ptr holds no reference: each array it points into must stay bound to a name during the call.
+    unit_centroids = _unit_rows(centroids, "centroids")
+    centroid_ids = np.arange(len(centroids), dtype=np.int64)
+    list_of_centroid = np.searchsorted(owners, coarse_of).astype(np.int64)
+    index.add_core(
+        len(unit_centroids), faiss.swig_ptr(unit_centroids), faiss.swig_ptr(centroid_ids),
+        faiss.swig_ptr(list_of_centroid),
+    )
+    index.nprobe = probes
+    if device_for(device) == "cuda":
+        index = faiss.index_cpu_to_gpu(_gpu_resources(), GPU_DEVICE_ID, index)
+    ids = np.empty(len(vectors), dtype=np.int64)
+    for rows in _batches(len(vectors), batch_size):
+        ids[rows] = index.search(_unit_rows(vectors[rows], "vectors"), 1)[1][:, 0]
+    return ids, row_cosines(vectors, centroids[ids])
 
 
 def row_cosines(left: np.ndarray, right: np.ndarray) -> np.ndarray:
