@@ -164,7 +164,8 @@ class KMeansResult:
 
     A two-level fit (`coarse` set, see `two_level_spherical_kmeans`) trains on every row at both levels:
     `objective` then has one entry, the sum over the rows of the cosine similarity to the fine centroid each
-    was assigned to within its coarse cluster; `iterations` is the most any fine fit ran;
+    was assigned to within its coarse cluster (to its nearest centroid for the few rows of a coarse cluster
+    given no fine centroid); `iterations` is the most any fine fit ran;
     `max_points_per_centroid` is the largest ceil(n_j / k_j); `coarse_of[i]` is the coarse cluster fine
     centroid i was fit in.
     """
@@ -330,27 +331,20 @@ def coarse_k_for(k: int) -> int:
 
 
 def allocate_fine_k(coarse_sizes: np.ndarray, k: int) -> np.ndarray:
-    """k_j, the fine centroids of each coarse cluster: every non-empty cluster gets one, the other
-    k - (non-empty clusters) go in proportion to n_j - 1 by largest remainder (ties to the lower j), so that
-    sum k_j = k and k_j <= n_j. Exact integer arithmetic: the same sizes give the same k_j on any machine."""
+    """k_j, the fine centroids of each coarse cluster: in proportion to its rows n_j by largest remainder
+    (Hamilton's rule; equal remainders go to the lower j), so sum k_j = k, and k_j <= n_j whenever k <= n.
+    Exact integer arithmetic: the same sizes give the same k_j on any machine. A cluster of fewer than about
+    n / k rows may get none; its rows then lie nearer another cluster's fine centroids than a centroid of
+    their own would be worth."""
     sizes = np.asarray(coarse_sizes, dtype=np.int64)
-    nonempty = sizes > 0
-    if not nonempty.sum() <= k <= sizes.sum():
-        raise ValueError(
-            f"k must be between the {int(nonempty.sum())} non-empty clusters and the {int(sizes.sum())} rows, got {k}"
-        )
-    spare = k - int(nonempty.sum())
-    capacity = np.where(nonempty, sizes - 1, 0)
-    total_capacity = int(capacity.sum())
-    allocation = nonempty.astype(np.int64)
-    if spare == 0:
-        return allocation
-    # spare * capacity <= k * n: exact in int64 for any sample a driver holds.
-    quotas = spare * capacity
-    allocation += quotas // total_capacity
-    left = spare - int((quotas // total_capacity).sum())
-    largest_remainders_first = np.lexsort((np.arange(len(sizes)), -(quotas % total_capacity)))
-    allocation[largest_remainders_first[:left]] += 1
+    rows = int(sizes.sum())
+    if (sizes < 0).any() or not 1 <= k <= rows:
+        raise ValueError(f"k must be between 1 and the {rows} rows, and sizes >= 0, got k = {k}")
+    # k * n_j <= k * n: exact in int64 for any sample a driver holds.
+    quotas = k * sizes
+    allocation = quotas // rows
+    largest_remainders_first = np.lexsort((np.arange(len(sizes)), -(quotas % rows)))
+    allocation[largest_remainders_first[: k - int(allocation.sum())]] += 1
     return allocation
 
 
@@ -397,10 +391,9 @@ def two_level_spherical_kmeans(
     boundaries = np.concatenate([[0], np.cumsum(sizes)])
     fine_k = allocate_fine_k(sizes, k)
     logger.info(
-        "two-level spherical k-means: %d rows, d=%d, k=%d as %d coarse clusters (%d empty) of %d to %d fine "
-        "centroids, device %s",
-        n, dimension, k, coarse_k, int((sizes == 0).sum()), int(fine_k[sizes > 0].min()), int(fine_k.max()),
-        device,
+        "two-level spherical k-means: %d rows, d=%d, k=%d as %d coarse clusters (%d without fine centroids) of "
+        "up to %d fine centroids, device %s",
+        n, dimension, k, coarse_k, int((fine_k == 0).sum()), int(fine_k.max()), device,
     )
 
     centroids, coarse_of, fine_objective, fine_iterations, points_per_centroid = [], [], 0.0, 0, 1
@@ -419,8 +412,14 @@ def two_level_spherical_kmeans(
         fine_objective += float(len(rows)) if fine_k[cluster] == len(rows) else fine.objective[-1]
         fine_iterations = max(fine_iterations, fine.iterations)
         points_per_centroid = max(points_per_centroid, cluster_points)
+    centroids = _unit_rows(np.concatenate(centroids), "centroids")
+    orphans = np.isin(coarse_cluster, np.flatnonzero((sizes > 0) & (fine_k == 0)))
+    if orphans.any():
+        # Rows of coarse clusters left without fine centroids (fewer than ~n / k rows each, so at most about
+        # n / sqrt(k) rows in all) count in the objective with their nearest centroid.
+        fine_objective += float(search(unit_vectors[orphans], centroids, 1, device=device)[0].sum())
     return KMeansResult(
-        centroids=_unit_rows(np.concatenate(centroids), "centroids"),
+        centroids=centroids,
         iterations=fine_iterations,
         objective=(fine_objective,),
         device=device,
