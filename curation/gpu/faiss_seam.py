@@ -163,11 +163,12 @@ class KMeansResult:
     min(n, k * max_points_per_centroid).
 
     A two-level fit (`coarse` set, see `two_level_spherical_kmeans`) trains on every row at both levels:
-    `objective` then has one entry, the sum over the rows of the cosine similarity to the fine centroid each
-    was assigned to within its coarse cluster (to its nearest centroid for the few rows of a coarse cluster
-    given no fine centroid); `iterations` is the most any fine fit ran;
-    `max_points_per_centroid` is the largest ceil(n_j / k_j); `coarse_of[i]` is the coarse cluster fine
-    centroid i was fit in.
+    `objective[0]` is then the sum over the rows of the cosine similarity to the fine centroid each was fit
+    with (to its nearest centroid for the few rows of a coarse cluster given no fine centroid), and one entry
+    follows per refinement pass: its sum over the rows before it moved the centroids. `iterations` is the most
+    any fine fit ran; `max_points_per_centroid` is the largest ceil(n_j / k_j); `coarse_of[i]` is the coarse
+    cluster fine centroid i was fit in (and whose list `two_level_assign` finds it in); `refine_passes` and
+    `refine_probes` say how the fine centroids were then moved together.
     """
 
     centroids: np.ndarray
@@ -180,6 +181,8 @@ class KMeansResult:
     init: str
     coarse: "KMeansResult | None" = None
     coarse_of: np.ndarray | None = None
+    refine_passes: int = 0
+    refine_probes: int = 0
 
     @property
     def levels(self) -> int:
@@ -194,6 +197,10 @@ class KMeansResult:
 # about 2 sqrt(k) n d per iteration, 32x less at k = 4096, 160x less at k = 1e5. Not a stage option: the
 # stage config (and so the manifest) would gain a key, and no k at which the flat fit is affordable needs it.
 FLAT_KMEANS_MAX_K = 4096
+# Lloyd passes over all k centroids after the two levels, assigning through 8 coarse clusters: 4 passes bring
+# the mean cosine to the flat fit's on bench/bench_kmeans.py's data, for about the cost of the 20 fit iterations.
+REFINE_PASSES = 4
+REFINE_PROBES = 8
 # faiss's own floor: with fewer training points per centroid it warns that the fit is unreliable.
 MIN_POINTS_PER_CENTROID = 39
 
@@ -362,14 +369,19 @@ def two_level_spherical_kmeans(
     threads: int = 1,
     device: str = "auto",
     init: str = "random",
+    refine_passes: int = REFINE_PASSES,
+    refine_probes: int = REFINE_PROBES,
 ) -> KMeansResult:
     """Spherical k-means with k centroids in two levels, each trained on every row of `vectors`.
 
     Level 1 fits k1 = ceil(sqrt(k)) coarse centroids (flat, as `spherical_kmeans`) and assigns every row to
     one; level 2 fits k_j fine centroids (`allocate_fine_k`) on the n_j rows of each coarse cluster j, seeded
-    by `fine_seed(seed, j)`. The centroids are concatenated in (coarse, fine) order. A flat fit costs
-    k * n * d per iteration, this one about (k1 + max k_j) * n * d ~ 2 sqrt(k) n d. Same input, seed and
-    threads give bit-identical centroids. Rows keep their order within a coarse cluster, so a caller that
+    by `fine_seed(seed, j)`. The centroids are concatenated in (coarse, fine) order. Then `refine_passes` Lloyd
+    passes move all k at once, rows assigned through the levels (`two_level_assign` with `refine_probes`):
+    a fine fit cannot see across its coarse cluster's border, and topics the border cuts cost the fit-only
+    centroids about 6% of the mean cosine (bench/bench_kmeans.py). A flat fit costs k * n * d per iteration;
+    this one about 2 sqrt(k) n d per fit iteration and (1 + probes) sqrt(k) n d per pass. Same input, seed
+    and threads give bit-identical centroids. Rows keep their order within a coarse cluster, so a caller that
     sorts them (by uid) fixes what each fine fit sees.
     """
     vectors = _validated_kmeans_input(vectors, k, iterations, 1, init)
@@ -413,22 +425,30 @@ def two_level_spherical_kmeans(
         fine_iterations = max(fine_iterations, fine.iterations)
         points_per_centroid = max(points_per_centroid, cluster_points)
     centroids = _unit_rows(np.concatenate(centroids), "centroids")
+    coarse_of = np.concatenate(coarse_of)
     orphans = np.isin(coarse_cluster, np.flatnonzero((sizes > 0) & (fine_k == 0)))
     if orphans.any():
         # Rows of coarse clusters left without fine centroids (fewer than ~n / k rows each, so at most about
         # n / sqrt(k) rows in all) count in the objective with their nearest centroid.
         fine_objective += float(search(unit_vectors[orphans], centroids, 1, device=device)[0].sum())
+    probes = min(refine_probes, len(np.unique(coarse_of)))
+    centroids, refine_objectives = _refine(
+        unit_vectors, centroids, coarse.centroids, coarse_of, passes=refine_passes, probes=probes, threads=threads,
+        device=device,
+    )
     return KMeansResult(
-        centroids=centroids,
+        centroids=_unit_rows(centroids, "centroids"),
         iterations=fine_iterations,
-        objective=(fine_objective,),
+        objective=(fine_objective, *refine_objectives),
         device=device,
         max_points_per_centroid=points_per_centroid,
         sample_size=n,
         seed=seed,
         init=init,
         coarse=coarse,
-        coarse_of=np.concatenate(coarse_of),
+        coarse_of=coarse_of,
+        refine_passes=refine_passes,
+        refine_probes=probes,
     )
 
 
@@ -464,36 +484,78 @@ def two_level_assign(
     centroids, then with the fine centroids fit within them (`coarse_of[i]`: the coarse cluster of fine
     centroid i). Costs (k1 + probes * k / k1) * d per row instead of k * d; a row whose nearest centroid lies
     under another coarse centroid gets the best one it was compared with (agreement with `assign`:
-    bench/bench_kmeans.py). faiss IndexIVFFlat with the fine centroids as the lists' entries."""
+    bench/bench_kmeans.py)."""
     centroids = float32_matrix(centroids, "centroids")
-    coarse_centroids = float32_matrix(coarse_centroids, "coarse_centroids", centroids.shape[1])
-    coarse_of = np.asarray(coarse_of, dtype=np.int64)
-    coarse_k, dimension = coarse_centroids.shape
-    if coarse_of.shape != (len(centroids),) or not ((0 <= coarse_of) & (coarse_of < coarse_k)).all():
-        raise ValueError(f"coarse_of must give each of the {len(centroids)} centroids a coarse cluster < {coarse_k}")
-    # Only coarse centroids that own fine ones are probed, so every probe has a candidate.
-    owners = np.unique(coarse_of)
-    if not 1 <= probes <= len(owners):
-        raise ValueError(f"probes must be between 1 and the {len(owners)} coarse centroids, got {probes}")
-    vectors = float32_matrix(vectors, "vectors", dimension)
-    quantizer = faiss.IndexFlatIP(dimension)
-    quantizer.add(_unit_rows(coarse_centroids[owners], "coarse_centroids"))
-    index = faiss.IndexIVFFlat(quantizer, dimension, len(owners), faiss.METRIC_INNER_PRODUCT)
-    # swig_ptr holds no reference: each array it points into must stay bound to a name during the call.
-    unit_centroids = _unit_rows(centroids, "centroids")
-    centroid_ids = np.arange(len(centroids), dtype=np.int64)
-    list_of_centroid = np.searchsorted(owners, coarse_of).astype(np.int64)
-    index.add_core(
-        len(unit_centroids), faiss.swig_ptr(unit_centroids), faiss.swig_ptr(centroid_ids),
-        faiss.swig_ptr(list_of_centroid),
+    vectors = float32_matrix(vectors, "vectors", centroids.shape[1])
+    index = _two_level_index(
+        _unit_rows(centroids, "centroids"), coarse_centroids, coarse_of, probes=probes, device=device
     )
-    index.nprobe = probes
-    if device_for(device) == "cuda":
-        index = faiss.index_cpu_to_gpu(_gpu_resources(), GPU_DEVICE_ID, index)
     ids = np.empty(len(vectors), dtype=np.int64)
     for rows in _batches(len(vectors), batch_size):
         ids[rows] = index.search(_unit_rows(vectors[rows], "vectors"), 1)[1][:, 0]
     return ids, row_cosines(vectors, centroids[ids])
+
+
+def _two_level_index(unit_centroids: np.ndarray, coarse_centroids: np.ndarray, coarse_of: np.ndarray, *,
+                     probes: int, device: str):
+    """A faiss IndexIVFFlat whose lists are the coarse clusters and whose entries are the fine centroids."""
+    coarse_centroids = float32_matrix(coarse_centroids, "coarse_centroids", unit_centroids.shape[1])
+    coarse_of = np.asarray(coarse_of, dtype=np.int64)
+    coarse_k, dimension = coarse_centroids.shape
+    k = len(unit_centroids)
+    if coarse_of.shape != (k,) or not ((0 <= coarse_of) & (coarse_of < coarse_k)).all():
+        raise ValueError(f"coarse_of must give each of the {k} centroids a coarse cluster < {coarse_k}")
+    # Only coarse centroids that own fine ones are probed, so every probe has a candidate.
+    owners = np.unique(coarse_of)
+    if not 1 <= probes <= len(owners):
+        raise ValueError(f"probes must be between 1 and the {len(owners)} coarse centroids, got {probes}")
+    quantizer = faiss.IndexFlatIP(dimension)
+    quantizer.add(_unit_rows(coarse_centroids[owners], "coarse_centroids"))
+    index = faiss.IndexIVFFlat(quantizer, dimension, len(owners), faiss.METRIC_INNER_PRODUCT)
+    # swig_ptr holds no reference: each array it points into must stay bound to a name during the call.
+    centroid_ids = np.arange(k, dtype=np.int64)
+    list_of_centroid = np.searchsorted(owners, coarse_of).astype(np.int64)
+    index.add_core(k, faiss.swig_ptr(unit_centroids), faiss.swig_ptr(centroid_ids), faiss.swig_ptr(list_of_centroid))
+    index.nprobe = probes
+    if device_for(device) == "cuda":
+        return faiss.index_cpu_to_gpu(_gpu_resources(), GPU_DEVICE_ID, index)
+    return index
+
+
+def _refine(
+    unit_vectors: np.ndarray,
+    centroids: np.ndarray,
+    coarse_centroids: np.ndarray,
+    coarse_of: np.ndarray,
+    *,
+    passes: int,
+    probes: int,
+    threads: int,
+    device: str,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> tuple[np.ndarray, list[float]]:
+    """(centroids, objective of each pass) after `passes` Lloyd passes over all k centroids at once, each row
+    assigned through the levels with `probes` probes: what lets a topic cut by a coarse boundary gather under
+    one fine centroid again. A centroid no row chose keeps its place. The sums run in float64 over
+    uid-ordered batches in a fixed order, so the result does not depend on threads."""
+    objectives = []
+    for _ in range(passes):
+        index = _two_level_index(centroids, coarse_centroids, coarse_of, probes=probes, device=device)
+        sums = np.zeros(centroids.shape, dtype=np.float64)
+        objective = 0.0
+        with _omp_threads(threads):
+            for rows in _batches(len(unit_vectors), batch_size):
+                similarities, ids = index.search(unit_vectors[rows], 1)
+                objective += float(similarities[:, 0].sum(dtype=np.float64))
+                order = np.argsort(ids[:, 0], kind="stable")
+                chosen, starts = np.unique(ids[order, 0], return_index=True)
+                sums[chosen] += np.add.reduceat(unit_vectors[rows][order].astype(np.float64), starts, axis=0)
+        objectives.append(objective)
+        norms = np.linalg.norm(sums, axis=1)
+        moved = norms > 0
+        centroids = centroids.copy()
+        centroids[moved] = (sums[moved] / norms[moved, None]).astype(np.float32)
+    return centroids, objectives
 
 
 def row_cosines(left: np.ndarray, right: np.ndarray) -> np.ndarray:

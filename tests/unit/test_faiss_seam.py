@@ -244,10 +244,17 @@ def test_two_level_kmeans_shape_order_and_objective():
     assert result.coarse.centroids.shape == (13, 24)  # ceil(sqrt(150))
     # (coarse, fine) order: each coarse cluster's fine centroids are contiguous, coarse clusters ascending.
     assert (np.diff(result.coarse_of) >= 0).all()
-    assert (result.levels, result.sample_size, len(result.objective)) == (2, 4000, 1)
-    # The objective sums each row's cosine to the fine centroid it was fit with: no more than to its nearest.
-    _, nearest = assign(vectors, result.centroids, device="cpu")
-    assert 0.9 * nearest.sum() < result.objective[0] <= nearest.sum() + 1e-2
+    assert (result.levels, result.sample_size, len(result.objective)) == (2, 4000, 1 + faiss_seam.REFINE_PASSES)
+    assert (result.refine_passes, result.refine_probes) == (faiss_seam.REFINE_PASSES, faiss_seam.REFINE_PROBES)
+    assert result.objective[-1] > result.objective[0]
+
+    fit_only = two_level_spherical_kmeans(vectors, 150, seed=1, device="cpu", refine_passes=0)
+    assert np.array_equal(fit_only.coarse_of, result.coarse_of) and fit_only.objective == result.objective[:1]
+    # objective[0] sums each row's cosine to the fine centroid it was fit with: no more than to its nearest.
+    _, nearest = assign(vectors, fit_only.centroids, device="cpu")
+    assert 0.9 * nearest.sum() < fit_only.objective[0] <= nearest.sum() + 1e-2
+    _, refined_nearest = assign(vectors, result.centroids, device="cpu")
+    assert refined_nearest.mean() > nearest.mean()
 
 
 def test_two_level_kmeans_recovers_well_separated_clusters():
