@@ -190,15 +190,17 @@ class KMeansResult:
         return 1 if self.coarse is None else 2
 
 
-# Above this k, `fit_spherical_kmeans` fits two levels. A flat fit costs k * n * d per iteration with n >= k
-# (faiss wants 39 points per centroid): at k = 4096 on the default 500,000-row sample that is 1e12
-# multiply-adds per iteration (about 10 s on 2 CPU cores, 1/30 s on an H100), and it grows as k^2 once the
-# sample grows with k; at k = 1e5 over 4e6 rows it is 2e17, days per iteration even on a GPU. Two levels cost
-# about 2 sqrt(k) n d per iteration, 32x less at k = 4096, 160x less at k = 1e5. Not a stage option: the
-# stage config (and so the manifest) would gain a key, and no k at which the flat fit is affordable needs it.
+# Above this k, `fit_spherical_kmeans` fits two levels. A flat fit costs k * n * d multiply-adds per iteration
+# with n >= 39 k (faiss's floor): at k = 4096 on the default 500,000-row sample 1e12, about a minute per
+# iteration on 2 CPU cores (bench/results/kmeans.json: 1.9e10 multiply-adds/s), and it grows as k^2 once the
+# sample grows with k: at k = 1e5 over 3.9e6 rows 2e14 per iteration, 57 hours per 20-iteration fit on those
+# cores (minutes on an H100). Two levels with their refinement cost 2.6e13 in all at k = 1e5, 150x less. The
+# rule is by k alone so that the fit does not depend on the machine it ran on. Not a stage option: the stage
+# config (and so the manifest) would gain a key.
 FLAT_KMEANS_MAX_K = 4096
-# Lloyd passes over all k centroids after the two levels, assigning through 8 coarse clusters: 4 passes bring
-# the mean cosine to the flat fit's on bench/bench_kmeans.py's data, for about the cost of the 20 fit iterations.
+# Lloyd passes over all k centroids after the two levels, assigning through 8 coarse clusters: at k = 500 (23
+# coarse clusters) 4 passes bring the mean cosine to the flat fit's; at k = 5000 (71) they leave 4% below it
+# (bench/results/kmeans.json); about the cost of the 20 fit iterations.
 REFINE_PASSES = 4
 REFINE_PROBES = 8
 # faiss's own floor: with fewer training points per centroid it warns that the fit is unreliable.
@@ -379,7 +381,7 @@ def two_level_spherical_kmeans(
     by `fine_seed(seed, j)`. The centroids are concatenated in (coarse, fine) order. Then `refine_passes` Lloyd
     passes move all k at once, rows assigned through the levels (`two_level_assign` with `refine_probes`):
     a fine fit cannot see across its coarse cluster's border, and topics the border cuts cost the fit-only
-    centroids about 6% of the mean cosine (bench/bench_kmeans.py). A flat fit costs k * n * d per iteration;
+    centroids about 6% of the mean cosine at k = 500 (bench/bench_kmeans.py). A flat fit costs k * n * d per iteration;
     this one about 2 sqrt(k) n d per fit iteration and (1 + probes) sqrt(k) n d per pass. Same input, seed
     and threads give bit-identical centroids. Rows keep their order within a coarse cluster, so a caller that
     sorts them (by uid) fixes what each fine fit sees.
