@@ -7,7 +7,11 @@ class KMeansOptions(StageOptions):
     """What the cluster and prune stages share: both fit spherical k-means on the image embeddings."""
 
     sample_size: int = option(
-        500_000, "k-means is fit on the driver on a uniform sample (u(seed, uid)) of about this many", at_least=1
+        500_000,
+        "k-means is fit on the driver on a uniform sample (u(seed, uid)) of about this many; faiss wants at least "
+        "39 rows per centroid, so k needs a sample of 39 k (k = 100,000: 3.9 million rows, 8 GiB at d = 512); "
+        "fewer is logged as a warning",
+        at_least=1,
     )
     iterations: int = option(20, "k-means iterations (faiss may stop earlier once converged)", at_least=1)
     threads: int = option(
@@ -29,7 +33,9 @@ class ClusterStage(Stage):
     description = (
         "spherical k-means (FAISS; GPU when present) on the image embeddings of the upstream embed stage: fit on the "
         "driver on a uniform sample by u(seed, uid), sorted by uid, with fixed seed, threads and "
-        "`max_points_per_centroid` = ceil(sample / k) so faiss trains on the whole sample; every row assigned in a "
+        "`max_points_per_centroid` = ceil(sample / k) so faiss trains on the whole sample; above k = 4,096 the fit is "
+        "two-level (ceil(sqrt(k)) coarse centroids, then fine ones within each coarse cluster in proportion to its "
+        "rows: ~2 sqrt(k) instead of k sample-centroid products per row and iteration); every row assigned in a "
         "distributed pass with the centroids broadcast; adds `cluster`, `centroid_similarity`; artifacts "
         "`centroids.npy`, `cluster_sizes.parquet`, `assignments/`"
     )

@@ -5,7 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from curation.gpu.faiss_seam import GpuFlatIndex, assign, device_for, flat_index, search, spherical_kmeans
+from curation.gpu.faiss_seam import (
+    GpuFlatIndex,
+    assign,
+    device_for,
+    flat_index,
+    search,
+    spherical_kmeans,
+    two_level_assign,
+    two_level_spherical_kmeans,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -81,3 +90,19 @@ def test_gpu_search_matches_cpu_reference():
     tied |= close
     assert (~tied).mean() > 0.95
     np.testing.assert_array_equal(gpu_ids[~tied], cpu_ids[:, :10][~tied])
+
+
+def test_gpu_two_level_kmeans_and_assign_match_cpu_reference():
+    vectors = separated_clusters(clusters=400, per_cluster=50, dimension=64, seed=4)
+    common = {"seed": 1, "init": "kmeans++"}
+    cpu = two_level_spherical_kmeans(vectors, 400, device="cpu", **common)
+    gpu = two_level_spherical_kmeans(vectors, 400, device="cuda", **common)
+    assert (cpu.device, gpu.device, gpu.levels) == ("cpu", "cuda", 2)
+    assert gpu.centroids.shape == cpu.centroids.shape == (400, 64)
+    cpu_ids, _ = assign(vectors, cpu.centroids, device="cpu")
+    gpu_ids, _ = assign(vectors, gpu.centroids, device="cpu")
+    assert matched_agreement(cpu_ids, gpu_ids) >= 0.99
+    levels = (gpu.centroids, gpu.coarse.centroids, gpu.coarse_of)
+    through_cpu, _ = two_level_assign(vectors, *levels, probes=3, device="cpu")
+    through_gpu, _ = two_level_assign(vectors, *levels, probes=3, device="cuda")
+    assert (through_cpu == through_gpu).mean() >= 0.999

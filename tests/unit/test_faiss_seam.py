@@ -5,7 +5,18 @@ import numpy as np
 import pytest
 
 from curation.gpu import faiss_seam
-from curation.gpu.faiss_seam import FlatIndex, assign, device_for, flat_index, search, spherical_kmeans
+from curation.gpu.faiss_seam import (
+    FlatIndex,
+    allocate_fine_k,
+    assign,
+    device_for,
+    fit_spherical_kmeans,
+    flat_index,
+    search,
+    spherical_kmeans,
+    two_level_assign,
+    two_level_spherical_kmeans,
+)
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -164,6 +175,136 @@ def test_flat_index_ids_continue_across_adds():
     assert index.size == 100 and index.device == "cpu"
     _, ids = index.search(database[75:76], 1)
     assert ids[0, 0] == 75
+
+
+def test_fit_below_the_threshold_is_the_flat_fit_on_every_row():
+    vectors = random_unit(2000, 16, seed=20)
+    fitted = fit_spherical_kmeans(vectors, 30, seed=4, device="cpu", init="kmeans++")
+    flat = spherical_kmeans(vectors, 30, seed=4, max_points_per_centroid=67, device="cpu", init="kmeans++")
+    assert np.array_equal(fitted.centroids, flat.centroids)
+    assert fitted.objective == flat.objective
+    assert (fitted.levels, fitted.coarse, fitted.coarse_of, fitted.sample_size) == (1, None, None, 2000)
+
+
+def test_fit_above_the_threshold_is_two_level(monkeypatch):
+    monkeypatch.setattr(faiss_seam, "FLAT_KMEANS_MAX_K", 20)
+    vectors = random_unit(2000, 16, seed=21)
+    assert fit_spherical_kmeans(vectors, 20, device="cpu").levels == 1
+    fitted = fit_spherical_kmeans(vectors, 21, seed=2, device="cpu")
+    assert np.array_equal(fitted.centroids, two_level_spherical_kmeans(vectors, 21, seed=2, device="cpu").centroids)
+    assert (fitted.levels, fitted.coarse.centroids.shape, fitted.centroids.shape) == (2, (5, 16), (21, 16))
+
+
+@pytest.mark.parametrize(
+    ("sizes", "k", "expected"),
+    [
+        ([10, 0, 5, 1, 84], 20, [2, 0, 1, 0, 17]),  # quotas 2, 0, 1, 0.2, 16.8: the largest remainder wins
+        ([30, 60, 90], 6, [1, 2, 3]),  # exact quotas
+        ([1, 1, 1, 1], 2, [1, 1, 0, 0]),  # equal remainders go to the lower j
+        ([3, 4], 7, [3, 4]),  # k = n: one centroid per row
+        ([0, 5], 1, [0, 1]),
+    ],
+)
+def test_fine_k_is_allocated_by_largest_remainder(sizes, k, expected):
+    assert allocate_fine_k(np.array(sizes), k).tolist() == expected
+
+
+def test_fine_k_sums_to_k_and_never_exceeds_a_clusters_rows():
+    rng = np.random.default_rng(22)
+    for _ in range(200):
+        # Many empty and one-row clusters among larger ones.
+        sizes = rng.integers(0, 50, size=rng.integers(1, 40)) * (rng.random(1) < 0.5) + rng.integers(0, 3)
+        if sizes.sum() == 0:
+            continue
+        k = int(rng.integers(1, sizes.sum() + 1))
+        allocation = allocate_fine_k(sizes, k)
+        assert allocation.sum() == k
+        assert (allocation <= sizes).all() and (allocation >= 0).all()
+    with pytest.raises(ValueError, match="between 1 and the 3 rows"):
+        allocate_fine_k(np.array([1, 2]), 4)
+
+
+def test_two_level_kmeans_is_deterministic():
+    vectors = random_unit(4000, 24, seed=23)
+    first = two_level_spherical_kmeans(vectors, 150, seed=5, device="cpu")
+    again = two_level_spherical_kmeans(vectors, 150, seed=5, device="cpu")
+    threaded = two_level_spherical_kmeans(vectors, 150, seed=5, threads=2, device="cpu")
+    assert np.array_equal(first.centroids, again.centroids) and np.array_equal(first.centroids, threaded.centroids)
+    assert first.objective == again.objective == threaded.objective
+    assert np.array_equal(first.coarse_of, again.coarse_of)
+    other_seed = two_level_spherical_kmeans(vectors, 150, seed=6, device="cpu")
+    assert not np.array_equal(first.centroids, other_seed.centroids)
+
+
+def test_two_level_kmeans_shape_order_and_objective():
+    vectors = random_unit(4000, 24, seed=24)
+    result = two_level_spherical_kmeans(vectors, 150, seed=1, device="cpu")
+    assert result.centroids.shape == (150, 24) and result.centroids.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(result.centroids, axis=1), 1.0, atol=1e-6)
+    assert result.coarse.centroids.shape == (13, 24)  # ceil(sqrt(150))
+    # (coarse, fine) order: each coarse cluster's fine centroids are contiguous, coarse clusters ascending.
+    assert (np.diff(result.coarse_of) >= 0).all()
+    assert (result.levels, result.sample_size, len(result.objective)) == (2, 4000, 1 + faiss_seam.REFINE_PASSES)
+    # Probes are capped at the 13 coarse clusters there are.
+    assert result.refine_passes == faiss_seam.REFINE_PASSES
+    assert result.refine_probes == min(faiss_seam.REFINE_PROBES, 13)
+    assert result.objective[-1] > result.objective[0]
+
+    fit_only = two_level_spherical_kmeans(vectors, 150, seed=1, device="cpu", refine_passes=0)
+    assert np.array_equal(fit_only.coarse_of, result.coarse_of) and fit_only.objective == result.objective[:1]
+    # objective[0] sums each row's cosine to the fine centroid it was fit with: no more than to its nearest.
+    _, nearest = assign(vectors, fit_only.centroids, device="cpu")
+    assert 0.9 * nearest.sum() < fit_only.objective[0] <= nearest.sum() + 1e-2
+    _, refined_nearest = assign(vectors, result.centroids, device="cpu")
+    assert refined_nearest.mean() > nearest.mean()
+
+
+def test_two_level_kmeans_recovers_well_separated_clusters():
+    vectors, labels = separated_clusters(clusters=64, per_cluster=30, dimension=32)
+    result = two_level_spherical_kmeans(vectors, 64, seed=0, init="kmeans++", device="cpu")
+    found, similarity = assign(vectors, result.centroids, device="cpu")
+    assert purity(found, labels) == 1.0
+    assert len(np.unique(found)) == 64
+    assert similarity.min() > 0.99
+    assert result.objective[0] == pytest.approx(len(vectors), rel=1e-3)
+
+
+def test_two_level_kmeans_with_one_centroid_per_row():
+    vectors = random_unit(40, 8, seed=25)
+    result = two_level_spherical_kmeans(vectors, 40, device="cpu")
+    _, similarity = assign(vectors, result.centroids, device="cpu")
+    np.testing.assert_allclose(similarity, 1.0, atol=1e-6)
+    assert result.objective[0] == pytest.approx(40.0)
+
+
+def test_two_level_assign_agrees_with_exact_assign():
+    vectors, labels = separated_clusters(clusters=64, per_cluster=30, dimension=32)
+    result = two_level_spherical_kmeans(vectors, 64, seed=0, init="kmeans++", device="cpu")
+    exact, exact_similarity = assign(vectors, result.centroids, device="cpu")
+    ids, similarity = two_level_assign(
+        vectors, result.centroids, result.coarse.centroids, result.coarse_of, device="cpu", batch_size=500
+    )
+    np.testing.assert_array_equal(ids, exact)
+    np.testing.assert_array_equal(similarity, exact_similarity)
+
+    spread = random_unit(3000, 16, seed=26)
+    spread_fit = two_level_spherical_kmeans(spread, 100, seed=0, device="cpu")
+    exact_spread, _ = assign(spread, spread_fit.centroids, device="cpu")
+    agreement = [
+        (two_level_assign(spread, spread_fit.centroids, spread_fit.coarse.centroids, spread_fit.coarse_of,
+                          probes=probes, device="cpu")[0] == exact_spread).mean()
+        for probes in (1, 3, 10)
+    ]
+    # Uniform directions are the worst case for a coarse level; probing every coarse centroid is exact.
+    assert agreement[0] > 0.5 and agreement[0] <= agreement[1] <= agreement[2] == 1.0
+
+
+def test_two_level_assign_rejects_bad_levels():
+    vectors, centroids, coarse = random_unit(10, 4, seed=27), random_unit(6, 4, seed=28), random_unit(2, 4, seed=29)
+    with pytest.raises(ValueError, match="coarse_of must give each of the 6 centroids"):
+        two_level_assign(vectors, centroids, coarse, np.array([0, 0, 1, 1, 2, 2]), device="cpu")
+    with pytest.raises(ValueError, match="probes must be between 1 and the 1 coarse"):
+        two_level_assign(vectors, centroids, coarse, np.zeros(6, dtype=np.int64), probes=2, device="cpu")
 
 
 @pytest.mark.parametrize(
