@@ -5,8 +5,12 @@ Embeddings come from the nearest upstream embed stage (image embeddings, joined 
 on the driver, through the FAISS seam (GPU when present), on a uniform sample chosen by u(seed, uid) and sorted by
 uid, with a fixed seed, thread count and `max_points_per_centroid` = ceil(sample / k) so that faiss trains on the
 whole sample: the centroids depend on the rows, never on partitioning. Every row is then assigned in a
-distributed pass with the centroids broadcast. Per-cluster work (SemDeDup, choosing the kept members) is one
-`applyInArrow` group per cluster.
+distributed pass with the centroids broadcast. SemDeDup shuffles the vectors once by (cluster, part), sorts them
+into SemDeDup order and streams each part through an on-disk memmap (no worker holds a cluster's vectors); choosing
+the kept members (uids and floats only) and pruning's selection are one `applyInArrow` group per cluster or part.
+
+Vectors travel as packed float16 in large_binary values (the session enables Arrow large var types): a binary
+Arrow array has 32-bit offsets and stops at 2 GiB, about 2.1M rows at d = 512.
 """
 
 import logging
@@ -352,15 +356,47 @@ def _split_record(similarities, oversized: dict[int, int], cap: int) -> dict:
     ]}
 
 
+def semdedup_similarities(emb_df, block_rows: int, cap: int, seed: int, broadcast):
+    """(checkpointed DataFrame of uid, cluster, PART, _order, _max_sim, _earlier; {cluster: size} of the clusters
+    over `cap`, which were split) for `emb_df`'s rows (uid, cluster, centroid_similarity, packed embedding).
+
+    The vectors are shuffled once, by (cluster, part), and sorted within partitions into SemDeDup order; one pass
+    then streams each part through an on-disk memmap (`_streamed_similarity_worker`). `broadcast` ships a value to
+    the executors (StageContext.broadcast)."""
+    from pyspark.sql import functions as F
+
+    sizes = emb_df.groupBy(CLUSTER).count().filter(F.col("count") > cap).toArrow()
+    oversized = dict(zip(sizes.column(CLUSTER).to_pylist(), sizes.column("count").to_pylist(), strict=True))
+    if oversized:
+        centroids = fit_parts(emb_df, oversized, cap, seed)
+        logger.info("semdedup: %d cluster(s) over %d rows split into %d parts", len(oversized), cap,
+                    sum(len(c) for c in centroids.values()))
+        parted = emb_df.mapInArrow(_part_worker(broadcast(centroids)),
+                                   f"{UID} string, {CLUSTER} int, {CENTROID_SIMILARITY} float, "
+                                   f"{EMBEDDING_COLUMN} binary, {PART} int")
+    else:
+        parted = emb_df.withColumn(PART, F.lit(None).cast("int"))
+    similarities = (
+        parted.repartition(CLUSTER, PART).sortWithinPartitions(CLUSTER, PART, CENTROID_SIMILARITY, UID)
+        .mapInArrow(_streamed_similarity_worker(block_rows), _SIMILARITY_SCHEMA)
+        .localCheckpoint()
+    )
+    return similarities, oversized
+
+
+def resolved_decisions(similarities, eps: float):
+    """uid, _keep, _kept_uid of every row of `semdedup_similarities` at this eps."""
+    return similarities.groupBy(CLUSTER, PART).applyInArrow(
+        _resolve_worker(1.0 - eps), f"{UID} string, _keep boolean, _kept_uid string"
+    )
+
+
 def run_semdedup(context: StageContext) -> StageOutput:
     """SemDeDup inside the clusters of an upstream cluster stage: drop a member whose cosine similarity to an
     earlier member (in decreasing distance to the centroid) exceeds 1 - eps. With `target_keep_fraction`, eps is
     chosen from every member's similarity so that this fraction is kept. A cluster over `max_cluster_rows` is split
     by a sub-k-means into ceil(m / max_cluster_rows) parts, and SemDeDup runs inside each part. Ledger:
-    semantic_duplicate with the kept uid the member resolves to, its cluster (and part when split) and similarity.
-
-    The vectors are shuffled once, by (cluster, part), and sorted within partitions into SemDeDup order; one pass
-    then streams each part through an on-disk memmap (`_streamed_similarity_worker`)."""
+    semantic_duplicate with the kept uid the member resolves to, its cluster (and part when split) and similarity."""
     from pyspark.sql import functions as F
 
     options = context.typed
@@ -371,22 +407,7 @@ def run_semdedup(context: StageContext) -> StageOutput:
                          "first")
     rows_in = context.rows_in
     emb_df = with_embeddings(context.spark, df.select(UID, CLUSTER, CENTROID_SIMILARITY), context.input_dir)
-    sizes = emb_df.groupBy(CLUSTER).count().filter(F.col("count") > cap).toArrow()
-    oversized = dict(zip(sizes.column(CLUSTER).to_pylist(), sizes.column("count").to_pylist(), strict=True))
-    if oversized:
-        centroids = fit_parts(emb_df, oversized, cap, options.seed)
-        logger.info("semdedup: %d cluster(s) over %d rows split into %d parts", len(oversized), cap,
-                    sum(len(c) for c in centroids.values()))
-        parted = emb_df.mapInArrow(_part_worker(context.broadcast(centroids)),
-                                   f"{UID} string, {CLUSTER} int, {CENTROID_SIMILARITY} float, "
-                                   f"{EMBEDDING_COLUMN} binary, {PART} int")
-    else:
-        parted = emb_df.withColumn(PART, F.lit(None).cast("int"))
-    similarities = (
-        parted.repartition(CLUSTER, PART).sortWithinPartitions(CLUSTER, PART, CENTROID_SIMILARITY, UID)
-        .mapInArrow(_streamed_similarity_worker(block_rows), _SIMILARITY_SCHEMA)
-        .localCheckpoint()
-    )
+    similarities, oversized = semdedup_similarities(emb_df, block_rows, cap, options.seed, context.broadcast)
     if target_keep_fraction is None:
         # A float even when the YAML gives an integer: the ledger detail writes it as one.
         eps = float(options.eps)
@@ -396,9 +417,7 @@ def run_semdedup(context: StageContext) -> StageOutput:
         values = similarities.select("_max_sim").toArrow().column(0).to_numpy(zero_copy_only=False)
         eps = semdedup_ops.eps_for_keep_fraction(np.where(np.isnan(values), -np.inf, values), target_keep_fraction)
         logger.info("semdedup: eps = %.6g keeps %.3f of the rows", eps, target_keep_fraction)
-    decisions = similarities.groupBy(CLUSTER, PART).applyInArrow(
-        _resolve_worker(1.0 - eps), f"{UID} string, _keep boolean, _kept_uid string"
-    )
+    decisions = resolved_decisions(similarities, eps)
     joined = df.join(similarities.select(UID, PART, "_max_sim"), UID).join(decisions, UID)
     dropped = ~F.col("_keep")
     # PART is null in an unsplit cluster, and to_json leaves null fields out: its detail is as before splitting.

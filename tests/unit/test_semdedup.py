@@ -3,11 +3,10 @@
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import pyarrow as pa
 
 from curation.ops.embeddings import pack, unpack
 from curation.ops.semdedup import (
