@@ -208,8 +208,10 @@ def _split_sample_worker(seed: int, fractions: dict[int, float]):
 def fit_parts(emb_df, oversized: dict[int, int], cap: int, seed: int) -> dict[int, np.ndarray]:
     """{cluster: unit centroids of its ceil(m / cap) parts} for every over-cap cluster (`oversized`: its size m).
 
-    A sub-k-means keeps near-copies in one part, where SemDeDup still compares them. Each cluster's k-means is fit
-    on a u(seed, uid) sample of about 256 rows per part, sorted by uid, with a fixed seed and one thread: the parts
+    A sub-k-means puts near-copies in one part, where SemDeDup still compares them, except for pairs that straddle
+    a part boundary: those are no longer compared, so a split only ever keeps more members than SemDeDup of the
+    whole cluster (bench/bench_semdedup_large.py measures how many). Each cluster's k-means is fit on a u(seed, uid)
+    sample of about 256 rows per part, sorted by uid, with a fixed seed and one thread: the parts
     depend on the rows only. The driver holds the samples, sum(parts) * 256 rows, and loops over the split
     clusters only (at most k)."""
     from curation.gpu import faiss_seam
