@@ -62,24 +62,33 @@ def float32_matrix(vectors: np.ndarray, name: str, dimension: int | None = None)
     return np.ascontiguousarray(vectors)
 
 
-def pack(matrix: np.ndarray) -> pa.BinaryArray:
-    """Rows of a float16 (n, d) matrix as n binary values of d * 2 bytes."""
+def pack(matrix: np.ndarray) -> pa.LargeBinaryArray:
+    """Rows of a float16 (n, d) matrix as n large_binary values of d * 2 bytes.
+
+    large_binary has int64 offsets: with binary's int32 ones an array stops at 2 GiB, about 2.1M rows at d = 512,
+    which one k-means sample or one SemDeDup cluster can exceed.
+    """
     matrix = np.ascontiguousarray(matrix, dtype="<f2")
     rows, dim = matrix.shape
-    offsets = (np.arange(rows + 1, dtype=np.int64) * dim * 2).astype(np.int32)
-    return pa.Array.from_buffers(pa.binary(), rows, [None, pa.py_buffer(offsets), pa.py_buffer(matrix.tobytes())])
+    offsets = np.arange(rows + 1, dtype=np.int64) * dim * 2
+    return pa.Array.from_buffers(pa.large_binary(), rows,
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(matrix.tobytes())])
 
 
 def unpack(values: pa.Array | pa.ChunkedArray, dim: int | None = None) -> np.ndarray:
-    """The float32 (n, d) matrix of binary values made by `pack` (null values are refused)."""
+    """The float32 (n, d) matrix of binary or large_binary values made by `pack` (null values are refused).
+
+    binary stays accepted (a logo bank stores its vectors as binary in parquet); neither type is cast, so a column
+    over 2 GiB is read as it is."""
     if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks() if values.num_chunks else pa.array([], pa.binary())
+        values = values.combine_chunks() if values.num_chunks else pa.array([], pa.large_binary())
     if values.null_count:
         raise ValueError(f"{values.null_count} embedding(s) are missing")
-    if values.type == pa.large_binary():
-        values = values.cast(pa.binary())
+    if values.type not in (pa.binary(), pa.large_binary()):
+        raise ValueError(f"embeddings must be binary or large_binary values, got {values.type}")
+    offset_type = np.int64 if values.type == pa.large_binary() else np.int32
     rows = len(values)
-    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)[values.offset : values.offset + rows + 1]
+    offsets = np.frombuffer(values.buffers()[1], dtype=offset_type)[values.offset : values.offset + rows + 1]
     lengths = np.diff(offsets)
     width = int(lengths[0]) if rows else (dim or 0) * 2
     if rows and (lengths != width).any():

@@ -25,6 +25,7 @@ that produce the clusters live behind the faiss seam, not here.
 
 import logging
 import math
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,8 +37,10 @@ __all__ = [
     "DEFAULT_BLOCK_ROWS",
     "DEFAULT_EPS",
     "SemDedupResult",
+    "StreamedSimilarity",
     "eps_for_keep_fraction",
     "max_similarity_to_earlier",
+    "nearest_centroid",
     "resolve_kept",
     "semdedup_cluster",
     "semdedup_order",
@@ -120,27 +123,113 @@ def max_similarity_to_earlier(
     buffer = np.empty(min(block_rows, member_count) ** 2, dtype=np.float32)
     for row_start in range(0, member_count, block_rows):
         row_end = min(row_start + block_rows, member_count)
-        rows = embeddings[row_start:row_end]
-        row_positions = np.arange(row_start, row_end)[:, None]
-        block_best = max_sim[row_start:row_end]
-        block_earlier = earlier[row_start:row_end]
-        # The last row of the block needs columns up to row_end - 2 only.
-        for column_start in range(0, row_end - 1, block_rows):
-            column_end = min(column_start + block_rows, row_end - 1)
-            similarities = buffer[: len(rows) * (column_end - column_start)].reshape(len(rows), -1)
-            np.matmul(rows, embeddings[column_start:column_end].T, out=similarities)
-            if column_end > row_start:
-                # This chunk reaches the diagonal: a row may only be compared with rows before it.
-                column_positions = np.arange(column_start, column_end)[None, :]
-                similarities[column_positions >= row_positions] = -np.inf
-            # argmax returns the first maximum, and a later chunk must be strictly better to win, so ties go
-            # to the smallest i.
-            chunk_argmax = similarities.argmax(axis=1)
-            chunk_max = similarities[np.arange(len(rows)), chunk_argmax]
-            better = chunk_max > block_best
-            block_best[better] = chunk_max[better]
-            block_earlier[better] = column_start + chunk_argmax[better]
+        _compare_row_block(embeddings, row_start, row_end, block_rows, buffer,
+                           max_sim[row_start:row_end], earlier[row_start:row_end])
     return max_sim, earlier
+
+
+def _compare_row_block(embeddings: np.ndarray, row_start: int, row_end: int, block_rows: int, buffer: np.ndarray,
+                       block_best: np.ndarray, block_earlier: np.ndarray) -> None:
+    """Update block_best/block_earlier (views of rows [row_start, row_end)) with rows [0, row_end - 1) of
+    `embeddings`, a column chunk of at most `block_rows` rows at a time. Shared by the in-memory and the streamed
+    computation, so that both run the same BLAS shapes and give the same bits."""
+    rows = embeddings[row_start:row_end]
+    row_positions = np.arange(row_start, row_end)[:, None]
+    # The last row of the block needs columns up to row_end - 2 only.
+    for column_start in range(0, row_end - 1, block_rows):
+        column_end = min(column_start + block_rows, row_end - 1)
+        similarities = buffer[: len(rows) * (column_end - column_start)].reshape(len(rows), -1)
+        np.matmul(rows, embeddings[column_start:column_end].T, out=similarities)
+        if column_end > row_start:
+            # This chunk reaches the diagonal: a row may only be compared with rows before it.
+            column_positions = np.arange(column_start, column_end)[None, :]
+            similarities[column_positions >= row_positions] = -np.inf
+        # argmax returns the first maximum, and a later chunk must be strictly better to win, so ties go
+        # to the smallest i.
+        chunk_argmax = similarities.argmax(axis=1)
+        chunk_max = similarities[np.arange(len(rows)), chunk_argmax]
+        better = chunk_max > block_best
+        block_best[better] = chunk_max[better]
+        block_earlier[better] = column_start + chunk_argmax[better]
+
+
+class StreamedSimilarity:
+    """`max_similarity_to_earlier` of one cluster (or part) whose unit rows arrive in SemDeDup order a few at a time.
+
+    The rows are appended to a float32 np.memmap in a file under `directory` (an executor's local dir), grown by
+    doubling: it holds the earlier rows every new block is compared with, so resident heap memory is
+    O(block_rows * d + block_rows^2) (the pending block's results and one product buffer) and the file, 4 * d bytes
+    a row, holds the cluster. `add` and `finish` return the results of the blocks they complete, as
+    (start, max_sim, earlier) for rows [start, start + len) of the cluster; they equal `max_similarity_to_earlier`
+    on the whole matrix bit for bit (the same blocks, so the same BLAS shapes).
+    """
+
+    _INITIAL_CAPACITY_BLOCKS = 4
+
+    def __init__(self, dimension: int, directory: str, block_rows: int = DEFAULT_BLOCK_ROWS):
+        if dimension < 1 or block_rows < 1:
+            raise ValueError(f"dimension and block_rows must be >= 1, got {dimension}, {block_rows}")
+        self.dimension, self.block_rows = dimension, block_rows
+        self._file = tempfile.NamedTemporaryFile(dir=directory, prefix="semdedup-", suffix=".f32")
+        self._embeddings = None
+        self._buffer = None
+        self._filled = 0
+        self._computed = 0
+
+    def add(self, unit_rows: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Append the next unit rows (float32, SemDeDup order); the results of each block they complete."""
+        unit_rows = _validated_unit_rows(unit_rows)
+        if unit_rows.shape[1] != self.dimension:
+            raise ValueError(f"rows have dimension {unit_rows.shape[1]}, expected {self.dimension}")
+        self._reserve(self._filled + len(unit_rows))
+        self._embeddings[self._filled : self._filled + len(unit_rows)] = unit_rows
+        self._filled += len(unit_rows)
+        return self._compute(self._filled - (self._filled - self._computed) % self.block_rows)
+
+    def finish(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """The results of the last, partial block: every row has been added."""
+        return self._compute(self._filled)
+
+    def close(self) -> None:
+        """Drop the memmap and delete its file."""
+        self._embeddings = None
+        self._file.close()
+
+    def _reserve(self, rows: int) -> None:
+        capacity = 0 if self._embeddings is None else len(self._embeddings)
+        if rows <= capacity:
+            return
+        capacity = max(rows, 2 * capacity, self._INITIAL_CAPACITY_BLOCKS * self.block_rows)
+        self._file.truncate(capacity * self.dimension * 4)
+        # A larger map of the same file: the rows written so far stay where they are.
+        self._embeddings = np.memmap(self._file.name, dtype=np.float32, mode="r+",
+                                     shape=(capacity, self.dimension))
+
+    def _compute(self, until: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Compute blocks of rows [computed, until): full blocks, and the last one partial when `until` is the
+        end of the cluster. `max_similarity_to_earlier` sees the whole cluster, so its buffer is min(block, m)^2;
+        only its first rows * columns values are used, the same shapes here."""
+        done = []
+        while self._computed < until:
+            row_start = self._computed
+            row_end = min(row_start + self.block_rows, until)
+            if self._buffer is None:
+                self._buffer = np.empty(self.block_rows**2, dtype=np.float32)
+            block_best = np.full(row_end - row_start, -np.inf, dtype=np.float32)
+            block_earlier = np.full(row_end - row_start, -1, dtype=np.int64)
+            _compare_row_block(self._embeddings, row_start, row_end, self.block_rows, self._buffer,
+                               block_best, block_earlier)
+            done.append((row_start, block_best, block_earlier))
+            self._computed = row_end
+        return done
+
+
+def nearest_centroid(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """int32 (n,): for each row of `vectors` the index of the unit centroid with the largest dot product, i.e. the
+    largest cosine (a row's norm does not change which centroid wins); ties go to the smallest index."""
+    vectors = float32_matrix(vectors, "vectors")
+    centroids = float32_matrix(centroids, "centroids", vectors.shape[1])
+    return (vectors @ centroids.T).argmax(axis=1).astype(np.int32)
 
 
 def resolve_kept(max_sim: np.ndarray, earlier: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:

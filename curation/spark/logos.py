@@ -105,8 +105,9 @@ def run_logo_bank(context: StageContext) -> StageOutput:
         "frequency": [int((representative == i).sum()) for i in entries],
         "cluster": pa.array(np.arange(len(entries), dtype=np.int32)),
         "members": [[uids[j] for j in np.flatnonzero(representative == i)] for i in entries],
-        "embedding": bank.column(EMBEDDING_COLUMN).take(pa.array(entries)) if len(entries) else pa.array([],
-                                                                                                         pa.binary()),
+        # binary on disk as before Spark handed vectors over as large_binary (session.py): the same file bytes.
+        "embedding": (bank.column(EMBEDDING_COLUMN).take(pa.array(entries)).cast(pa.binary()) if len(entries)
+                      else pa.array([], pa.binary())),
     })
     pq.write_table(table, context.artifact(Artifact.LOGO_BANK))
     _copy_bank_images(bank, entries, downloaded_images_dir(context.input_dir),

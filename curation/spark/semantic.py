@@ -5,12 +5,18 @@ Embeddings come from the nearest upstream embed stage (image embeddings, joined 
 on the driver, through the FAISS seam (GPU when present), on a uniform sample chosen by u(seed, uid) and sorted by
 uid, with a fixed seed, thread count and `max_points_per_centroid` = ceil(sample / k) so that faiss trains on the
 whole sample: the centroids depend on the rows, never on partitioning. Every row is then assigned in a
-distributed pass with the centroids broadcast. Per-cluster work (SemDeDup, choosing the kept members) is one
-`applyInArrow` group per cluster.
+distributed pass with the centroids broadcast. SemDeDup shuffles the vectors once by (cluster, part), sorts them
+into SemDeDup order and streams each part through an on-disk memmap (no worker holds a cluster's vectors); choosing
+the kept members (uids and floats only) and pruning's selection are one `applyInArrow` group per cluster or part.
+
+Vectors travel as packed float16 in large_binary values (the session enables Arrow large var types): a binary
+Arrow array has 32-bit offsets and stops at 2 GiB, about 2.1M rows at d = 512.
 """
 
 import logging
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +32,7 @@ from curation.run_folder import Artifact, artifact_path, find_upstream
 from curation.schema import UID, Reason
 from curation.spark.common import drop_where, untagged
 from curation.spark.executor import StageContext, StageOutput
+from curation.spark.session import apply_required_conf
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +53,8 @@ def with_embeddings(spark, df, stage_dir: Path):
     without one is an error (rows downstream of embed all have one)."""
     from pyspark.sql import functions as F
 
+    # Vectors must never travel in a 32-bit-offset Arrow array, whoever made the session.
+    apply_required_conf(spark)
     embed_dir = find_upstream(stage_dir, "embed")
     if embed_dir is None:
         raise ValueError(f"{stage_dir} has no embed stage upstream: run embed first")
@@ -85,15 +94,16 @@ def fit_centroids(emb_df, rows: int, options):
         # A small corpus with a small sample_size can draw no row at all; the first rows by uid stand in.
         sample = emb_df.select(UID, EMBEDDING_COLUMN).orderBy(UID).limit(options.k).toArrow()
     vectors = embedding_ops.unpack(sample.column(EMBEDDING_COLUMN))
+    # The packed copy is as large as the vectors (7.5 GiB for the 3.9e6 rows k = 1e5 needs): free it before the fit.
+    del sample
     k = min(options.k, len(vectors))
     if k < 1:
         raise ValueError("no rows to cluster")
     if k < options.k:
         logger.warning("k = %d exceeds the %d sampled rows: using k = %d", options.k, len(vectors), k)
-    result = faiss_seam.spherical_kmeans(
-        vectors, k, iterations=options.iterations, seed=options.seed,
-        max_points_per_centroid=math.ceil(len(vectors) / k), threads=options.threads, device=options.device,
-        init=options.init,
+    result = faiss_seam.fit_spherical_kmeans(
+        vectors, k, iterations=options.iterations, seed=options.seed, threads=options.threads,
+        device=options.device, init=options.init,
     )
     return result, len(vectors)
 
@@ -126,12 +136,21 @@ def assign_all(context: StageContext, emb_df, centroids: np.ndarray, device: str
 
 
 def _kmeans_record(result, sample_rows: int, options) -> dict:
-    return {
+    record = {
         "k": int(result.centroids.shape[0]), "sample_rows": sample_rows,
         "max_points_per_centroid": result.max_points_per_centroid, "iterations": result.iterations,
         "objective": result.objective[-1] if result.objective else None, "seed": result.seed,
         "threads": options.threads, "device": result.device, "init": result.init,
     }
+    if result.levels == 2:
+        # Only a two-level fit adds keys: a flat fit's record (the demo's) stays as it was.
+        record["two_level"] = {
+            "coarse_k": int(result.coarse.centroids.shape[0]), "coarse_iterations": result.coarse.iterations,
+            "coarse_objective": result.coarse.objective[-1] if result.coarse.objective else None,
+            "fit_objective": result.objective[0], "refine_passes": result.refine_passes,
+            "refine_probes": result.refine_probes,
+        }
+    return record
 
 
 def _without_rows(df, columns: dict[str, str]) -> StageOutput:
@@ -170,71 +189,237 @@ def run_cluster(context: StageContext) -> StageOutput:
 
 # ---------------------------------------------------------------------------------------------------- semdedup
 
-_SIMILARITY_SCHEMA = f"{UID} string, {CLUSTER} int, _order long, _max_sim float, _earlier string"
+PART = "_part"
+SPLIT_SAMPLE_PURPOSE = "semdedup_split_sample"
+# Rows per part the sub-k-means of an over-cap cluster is fit on: faiss's own default max_points_per_centroid.
+_SPLIT_SAMPLE_ROWS_PER_PART = 256
+_SIMILARITY_SCHEMA = f"{UID} string, {CLUSTER} int, {PART} int, _order long, _max_sim float, _earlier long"
 
 
-def _similarity_worker(block_rows: int):
-    """Per cluster: the SemDeDup order and each member's largest similarity to an earlier member (eps-free)."""
+def _large_strings(table: pa.Table) -> pa.Table:
+    """`table` with string columns as large_string: with spark.sql.execution.arrow.useLargeVarTypes (session.py)
+    applyInArrow refuses a returned string column."""
+    return table.cast(pa.schema([pa.field(f.name, pa.large_string()) if f.type == pa.string() else f
+                                 for f in table.schema]))
 
-    def run(table: pa.Table) -> pa.Table:
-        uids = table.column(UID).to_pylist()
-        order = semdedup_ops.semdedup_order(table.column(CENTROID_SIMILARITY).to_numpy(), uids)
-        vectors = embedding_ops.unpack(table.column(EMBEDDING_COLUMN))[order]
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        max_sim, earlier = semdedup_ops.max_similarity_to_earlier(vectors, block_rows)
-        ordered_uids = [uids[i] for i in order]
-        return pa.table({
-            UID: pa.array(ordered_uids, pa.string()),
-            CLUSTER: pa.array(np.full(len(order), table.column(CLUSTER)[0].as_py(), np.int32)),
-            "_order": pa.array(np.arange(len(order), dtype=np.int64)),
-            "_max_sim": pa.array(np.where(np.isfinite(max_sim), max_sim, np.nan).astype(np.float32),
-                                 from_pandas=True),
-            "_earlier": pa.array([ordered_uids[i] if i >= 0 else None for i in earlier.tolist()], pa.string()),
-        })
+
+def _split_sample_worker(seed: int, fractions: dict[int, float]):
+    """The rows of over-cap clusters drawn for their sub-k-means, u(seed, uid) < the cluster's fraction."""
+
+    def run(batches):
+        for batch in batches:
+            thresholds = np.array([fractions.get(c, 0.0) for c in batch.column(CLUSTER).to_pylist()], np.float64)
+            draws = uniform(seed, batch.column(UID), SPLIT_SAMPLE_PURPOSE)
+            yield batch.filter(pa.array(draws < thresholds))
 
     return run
 
 
+def fit_parts(emb_df, oversized: dict[int, int], cap: int, seed: int) -> dict[int, np.ndarray]:
+    """{cluster: unit centroids of its ceil(m / cap) parts} for every over-cap cluster (`oversized`: its size m).
+
+    A sub-k-means puts near-copies in one part, where SemDeDup still compares them, except for pairs that straddle
+    a part boundary: those are no longer compared, so a split only ever keeps more members than SemDeDup of the
+    whole cluster (bench/bench_semdedup_large.py measures how many). Each cluster's k-means is fit on a u(seed, uid)
+    sample of about 256 rows per part, sorted by uid, with a fixed seed and one thread: the parts
+    depend on the rows only. The driver holds the samples, sum(parts) * 256 rows, and loops over the split
+    clusters only (at most k)."""
+    from curation.gpu import faiss_seam
+
+    parts = {cluster: math.ceil(size / cap) for cluster, size in oversized.items()}
+    fractions = {cluster: min(1.0, parts[cluster] * _SPLIT_SAMPLE_ROWS_PER_PART / size)
+                 for cluster, size in oversized.items()}
+    sample = (
+        emb_df.select(UID, CLUSTER, EMBEDDING_COLUMN)
+        .mapInArrow(_split_sample_worker(seed, fractions), f"{UID} string, {CLUSTER} int, {EMBEDDING_COLUMN} binary")
+        .toArrow()
+        .sort_by([(CLUSTER, "ascending"), (UID, "ascending")])
+    )
+    clusters = sample.column(CLUSTER).to_numpy()
+    centroids = {}
+    for cluster, count in sorted(parts.items()):
+        vectors = embedding_ops.unpack(sample.column(EMBEDDING_COLUMN).filter(pa.array(clusters == cluster)))
+        count = min(count, len(vectors))
+        result = faiss_seam.spherical_kmeans(vectors, count, seed=seed, max_points_per_centroid=math.ceil(
+            len(vectors) / count), threads=1, device="cpu")
+        centroids[cluster] = result.centroids
+    return centroids
+
+
+def _part_worker(centroids_broadcast):
+    """Rows gain PART: for a split cluster the part whose centroid is most similar, else null."""
+
+    def run(batches):
+        part_centroids = centroids_broadcast.value
+        for batch in batches:
+            clusters = batch.column(CLUSTER).to_numpy(zero_copy_only=False)
+            parts = np.zeros(len(batch), dtype=np.int32)
+            split = np.isin(clusters, list(part_centroids))
+            for cluster in np.unique(clusters[split]).tolist():
+                members = np.flatnonzero(clusters == cluster)
+                vectors = embedding_ops.unpack(batch.column(EMBEDDING_COLUMN).take(pa.array(members)))
+                parts[members] = semdedup_ops.nearest_centroid(vectors, part_centroids[cluster])
+            yield pa.RecordBatch.from_arrays(
+                [*batch.columns, pa.array(parts, mask=~split)], names=[*batch.schema.names, PART]
+            )
+
+    return run
+
+
+def _streamed_similarity_worker(block_rows: int):
+    """Rows arrive sorted by (cluster, part, centroid_similarity, uid): each (cluster, part) in SemDeDup order,
+    one after another. Each part's unit vectors go to a StreamedSimilarity (an np.memmap under the executor's local
+    dir), which yields max_sim/earlier a block at a time, so a worker holds O(block_rows * d + block_rows^2) floats
+    and the part's uids, never the part's vectors."""
+
+    def run(batches):
+        directory = (os.environ.get("SPARK_LOCAL_DIRS") or tempfile.gettempdir()).split(",")[0]
+        group, stream, uids, previous = None, None, [], None
+        try:
+            for batch in batches:
+                keys = list(zip(batch.column(CLUSTER).to_pylist(), batch.column(PART).to_pylist(), strict=True))
+                similarity = batch.column(CENTROID_SIMILARITY).to_numpy(zero_copy_only=False)
+                batch_uids = batch.column(UID).to_pylist()
+                vectors = embedding_ops.unpack(batch.column(EMBEDDING_COLUMN))
+                start = 0
+                while start < len(keys):
+                    end = start + 1
+                    while end < len(keys) and keys[end] == keys[start]:
+                        end += 1
+                    if keys[start] != group:
+                        if stream is not None:
+                            yield from _similarity_batches(group, uids, stream.finish())
+                            stream.close()
+                        group, uids, previous = keys[start], [], None
+                        stream = semdedup_ops.StreamedSimilarity(vectors.shape[1], directory, block_rows)
+                    run_uids = batch_uids[start:end]
+                    _check_semdedup_order(similarity[start:end], run_uids, previous)
+                    previous = (similarity[end - 1], run_uids[-1])
+                    rows = vectors[start:end]
+                    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+                    uids.extend(run_uids)
+                    yield from _similarity_batches(group, uids, stream.add(rows))
+                    start = end
+            if stream is not None:
+                yield from _similarity_batches(group, uids, stream.finish())
+        finally:
+            if stream is not None:
+                stream.close()
+
+    return run
+
+
+def _check_semdedup_order(similarity: np.ndarray, uids: list[str], previous) -> None:
+    """Spark's sort must have produced semdedup_order: a mismatch (a float or string ordering that differs) would
+    silently change which copy of a duplicate is kept."""
+    if previous is not None:
+        similarity = np.concatenate([np.array([previous[0]], dtype=similarity.dtype), similarity])
+        uids = [previous[1], *uids]
+    if not np.array_equal(semdedup_ops.semdedup_order(similarity, uids), np.arange(len(uids))):
+        raise RuntimeError("rows did not arrive in SemDeDup order (centroid similarity, then uid)")
+
+
+def _similarity_batches(group, uids: list[str], blocks):
+    cluster, part = group
+    for start, max_sim, earlier in blocks:
+        count = len(max_sim)
+        yield pa.RecordBatch.from_arrays([
+            pa.array(uids[start : start + count], pa.large_string()),
+            pa.array(np.full(count, cluster, np.int32)),
+            pa.array(np.full(count, 0 if part is None else part, np.int32), mask=np.full(count, part is None)),
+            pa.array(np.arange(start, start + count, dtype=np.int64)),
+            pa.array(np.where(np.isfinite(max_sim), max_sim, np.nan).astype(np.float32), from_pandas=True),
+            pa.array(earlier, mask=earlier < 0),
+        ], names=[UID, CLUSTER, PART, "_order", "_max_sim", "_earlier"])
+
+
 def _resolve_worker(threshold: float):
-    """Per cluster, given the eps-free similarities: which members are kept and the kept member each drop joins."""
+    """Per (cluster, part), given the eps-free similarities: which members are kept and the kept member each drop
+    joins."""
 
     def run(table: pa.Table) -> pa.Table:
         table = table.sort_by("_order")
         uids = table.column(UID).to_pylist()
-        position = {uid: index for index, uid in enumerate(uids)}
-        earlier = np.array([position[u] if u is not None else -1 for u in table.column("_earlier").to_pylist()],
-                           dtype=np.int64)
+        earlier = table.column("_earlier").fill_null(-1).to_numpy().astype(np.int64)
         max_sim = table.column("_max_sim").to_numpy(zero_copy_only=False).astype(np.float32)
         max_sim = np.where(np.isnan(max_sim), -np.inf, max_sim).astype(np.float32)
         keep, kept_index = semdedup_ops.resolve_kept(max_sim, earlier, threshold)
-        return pa.table({
+        return _large_strings(pa.table({
             UID: table.column(UID),
             "_keep": pa.array(keep),
             "_kept_uid": pa.array([uids[i] for i in kept_index.tolist()], pa.string()),
-        })
+        }))
 
     return run
+
+
+def _split_record(similarities, oversized: dict[int, int], cap: int) -> dict:
+    """What the stage record says about split clusters: the cap, and per split cluster its size and part sizes."""
+    from pyspark.sql import functions as F
+
+    counts = (similarities.filter(F.col(PART).isNotNull()).groupBy(CLUSTER, PART).count().toArrow()
+              .sort_by([(CLUSTER, "ascending"), (PART, "ascending")]))
+    part_sizes: dict[int, list[int]] = {cluster: [] for cluster in oversized}
+    for cluster, count in zip(counts.column(CLUSTER).to_pylist(), counts.column("count").to_pylist(), strict=True):
+        part_sizes[cluster].append(count)
+    return {"max_cluster_rows": cap, "clusters": [
+        {"cluster": cluster, "size": size, "parts": len(part_sizes[cluster]), "part_sizes": part_sizes[cluster]}
+        for cluster, size in sorted(oversized.items())
+    ]}
+
+
+def semdedup_similarities(emb_df, block_rows: int, cap: int, seed: int, broadcast):
+    """(checkpointed DataFrame of uid, cluster, PART, _order, _max_sim, _earlier; {cluster: size} of the clusters
+    over `cap`, which were split) for `emb_df`'s rows (uid, cluster, centroid_similarity, packed embedding).
+
+    The vectors are shuffled once, by (cluster, part), and sorted within partitions into SemDeDup order; one pass
+    then streams each part through an on-disk memmap (`_streamed_similarity_worker`). `broadcast` ships a value to
+    the executors (StageContext.broadcast)."""
+    from pyspark.sql import functions as F
+
+    sizes = emb_df.groupBy(CLUSTER).count().filter(F.col("count") > cap).toArrow()
+    oversized = dict(zip(sizes.column(CLUSTER).to_pylist(), sizes.column("count").to_pylist(), strict=True))
+    if oversized:
+        centroids = fit_parts(emb_df, oversized, cap, seed)
+        logger.info("semdedup: %d cluster(s) over %d rows split into %d parts", len(oversized), cap,
+                    sum(len(c) for c in centroids.values()))
+        parted = emb_df.mapInArrow(_part_worker(broadcast(centroids)),
+                                   f"{UID} string, {CLUSTER} int, {CENTROID_SIMILARITY} float, "
+                                   f"{EMBEDDING_COLUMN} binary, {PART} int")
+    else:
+        parted = emb_df.withColumn(PART, F.lit(None).cast("int"))
+    similarities = (
+        parted.repartition(CLUSTER, PART).sortWithinPartitions(CLUSTER, PART, CENTROID_SIMILARITY, UID)
+        .mapInArrow(_streamed_similarity_worker(block_rows), _SIMILARITY_SCHEMA)
+        .localCheckpoint()
+    )
+    return similarities, oversized
+
+
+def resolved_decisions(similarities, eps: float):
+    """uid, _keep, _kept_uid of every row of `semdedup_similarities` at this eps."""
+    return similarities.groupBy(CLUSTER, PART).applyInArrow(
+        _resolve_worker(1.0 - eps), f"{UID} string, _keep boolean, _kept_uid string"
+    )
 
 
 def run_semdedup(context: StageContext) -> StageOutput:
     """SemDeDup inside the clusters of an upstream cluster stage: drop a member whose cosine similarity to an
     earlier member (in decreasing distance to the centroid) exceeds 1 - eps. With `target_keep_fraction`, eps is
-    chosen from every member's similarity so that this fraction is kept. Ledger: semantic_duplicate with the kept
-    uid the member resolves to, its cluster and similarity."""
+    chosen from every member's similarity so that this fraction is kept. A cluster over `max_cluster_rows` is split
+    by a sub-k-means into ceil(m / max_cluster_rows) parts, and SemDeDup runs inside each part. Ledger:
+    semantic_duplicate with the kept uid the member resolves to, its cluster (and part when split) and similarity."""
     from pyspark.sql import functions as F
 
     options = context.typed
-    target_keep_fraction, block_rows = options.target_keep_fraction, options.block_rows
+    target_keep_fraction, block_rows, cap = options.target_keep_fraction, options.block_rows, options.max_cluster_rows
     df = context.read_rows()
     if CLUSTER not in df.columns or CENTROID_SIMILARITY not in df.columns:
         raise ValueError(f"{context.input_dir} rows have no {CLUSTER}/{CENTROID_SIMILARITY}: run the cluster stage "
                          "first")
     rows_in = context.rows_in
-    similarities = (
-        with_embeddings(context.spark, df.select(UID, CLUSTER, CENTROID_SIMILARITY), context.input_dir)
-        .groupBy(CLUSTER).applyInArrow(_similarity_worker(block_rows), _SIMILARITY_SCHEMA)
-        .localCheckpoint()
-    )
+    emb_df = with_embeddings(context.spark, df.select(UID, CLUSTER, CENTROID_SIMILARITY), context.input_dir)
+    similarities, oversized = semdedup_similarities(emb_df, block_rows, cap, options.seed, context.broadcast)
     if target_keep_fraction is None:
         # A float even when the YAML gives an integer: the ledger detail writes it as one.
         eps = float(options.eps)
@@ -244,21 +429,24 @@ def run_semdedup(context: StageContext) -> StageOutput:
         values = similarities.select("_max_sim").toArrow().column(0).to_numpy(zero_copy_only=False)
         eps = semdedup_ops.eps_for_keep_fraction(np.where(np.isnan(values), -np.inf, values), target_keep_fraction)
         logger.info("semdedup: eps = %.6g keeps %.3f of the rows", eps, target_keep_fraction)
-    decisions = similarities.groupBy(CLUSTER).applyInArrow(
-        _resolve_worker(1.0 - eps), f"{UID} string, _keep boolean, _kept_uid string"
-    )
-    joined = df.join(similarities.select(UID, "_max_sim"), UID).join(decisions, UID)
+    decisions = resolved_decisions(similarities, eps)
+    joined = df.join(similarities.select(UID, PART, "_max_sim"), UID).join(decisions, UID)
     dropped = ~F.col("_keep")
-    detail = F.to_json(F.struct(F.col(CLUSTER).alias("cluster"), F.col("_kept_uid").alias("group"),
-                                F.col("_max_sim").alias("similarity"), F.lit(eps).alias("eps")))
+    # PART is null in an unsplit cluster, and to_json leaves null fields out: its detail is as before splitting.
+    detail = F.to_json(F.struct(F.col(CLUSTER).alias("cluster"), F.col(PART).alias("part"),
+                                F.col("_kept_uid").alias("group"), F.col("_max_sim").alias("similarity"),
+                                F.lit(eps).alias("eps")))
     tagged = drop_where(untagged(joined.withColumn("semdedup_max_similarity", F.col("_max_sim"))), dropped,
                         "semdedup", Reason.SEMANTIC_DUPLICATE, F.col("_kept_uid"), detail)
     data_columns = [c for c in df.columns if c != "semdedup_max_similarity"] + ["semdedup_max_similarity"]
-    return StageOutput(rows=tagged, columns=data_columns, record={"semdedup": {
+    record = {
         "eps": eps, "threshold": 1.0 - eps,
         "eps_from": "target_keep_fraction" if target_keep_fraction is not None else "eps",
         "target_keep_fraction": target_keep_fraction, "block_rows": block_rows,
-    }})
+    }
+    if oversized:
+        record["split"] = _split_record(similarities, oversized, cap)
+    return StageOutput(rows=tagged, columns=data_columns, record={"semdedup": record})
 
 
 # ---------------------------------------------------------------------------------------------------- prune

@@ -20,6 +20,12 @@ _DEFAULT_CONF = {
     "spark.driver.memory": "2g",
 }
 
+# Settings every stage relies on, so they are applied to an already-active session too. Spark's Arrow bridge has no
+# float16, so vectors travel as binary values; with 32-bit offsets one Arrow array of them (a SemDeDup cluster, a
+# k-means sample) stops at 2 GiB, about 2.1M rows at d = 512. Large var types give every string and binary
+# column int64 offsets: workers receive large_string/large_binary and applyInArrow must return those types.
+REQUIRED_CONF = {"spark.sql.execution.arrow.useLargeVarTypes": "true"}
+
 
 def prepare_environment() -> None:
     """Workers must run this interpreter (the venv's), and a local master must bind to loopback."""
@@ -38,19 +44,29 @@ def get_spark(master: str | None = None, conf: dict | None = None, app_name: str
 
     active = SparkSession.getActiveSession()
     if active is not None:
+        apply_required_conf(active)
         return active
     prepare_environment()
     builder = SparkSession.builder.appName(app_name)
     launched_by_spark_submit = "PYSPARK_GATEWAY_PORT" in os.environ
     if not launched_by_spark_submit:
         builder = builder.master(master or os.environ.get("CURATION_SPARK_MASTER", DEFAULT_MASTER))
-    defaults = dict(_DEFAULT_CONF)
+    defaults = {**_DEFAULT_CONF, **REQUIRED_CONF}
     if not launched_by_spark_submit:
         # Spark's 200 shuffle partitions cost a Python worker hand-off each; a local session has a few cores.
         defaults["spark.sql.shuffle.partitions"] = str(max(4, 2 * (os.cpu_count() or 2)))
     for key, value in {**defaults, **(conf or {})}.items():
         builder = builder.config(key, str(value))
     spark = builder.getOrCreate()
+    apply_required_conf(spark)
     spark.sparkContext.setLogLevel(os.environ.get("CURATION_SPARK_LOG_LEVEL", "ERROR"))
     logger.info("Spark %s session on %s", spark.version, spark.sparkContext.master)
     return spark
+
+
+def apply_required_conf(spark) -> None:
+    """Set REQUIRED_CONF on `spark` (runtime SQL settings: they take effect for the next query)."""
+    for key, value in REQUIRED_CONF.items():
+        if spark.conf.get(key, None) != value:
+            logger.info("setting %s=%s on the Spark session", key, value)
+            spark.conf.set(key, value)

@@ -10,14 +10,16 @@ class SemdedupStage(Stage):
     input_help = "stage folder of a cluster stage (or after it)"
     drops_depend_on = "duplicates"
     description = (
-        "SemDeDup (Abbas et al. 2023) inside each cluster (one Spark group per cluster): members in decreasing "
-        "distance to the centroid (ties by uid), member j dropped if its cosine similarity to any earlier member, kept"
-        " or not, exceeds 1 - eps; similarities computed in blocks (memory O(block_rows^2)); `target_keep_fraction` "
+        "SemDeDup (Abbas et al. 2023) inside each cluster: members in decreasing distance to the centroid (ties by "
+        "uid), member j dropped if its cosine similarity to any earlier member, kept or not, exceeds 1 - eps; one "
+        "shuffle of the vectors by cluster, sorted into that order and streamed through an on-disk memmap, "
+        "similarities in blocks (memory O(block_rows * d + block_rows^2), not O(cluster)); a cluster over "
+        "`max_cluster_rows` is split by a sub-k-means and SemDeDup runs inside each part; `target_keep_fraction` "
         "picks eps from every member's largest similarity to an earlier one; adds `semdedup_max_similarity`"
     )
     drops = (
-        "`semantic_duplicate` (related_uid: the kept member it resolves to; detail: cluster, group, similarity, "
-        "eps)"
+        "`semantic_duplicate` (related_uid: the kept member it resolves to; detail: cluster, part when "
+        "the cluster was split, group, similarity, eps)"
     )
 
     class Options(StageOptions):
@@ -36,6 +38,15 @@ class SemdedupStage(Stage):
         block_rows: int = option(
             2048, "rows per similarity block: memory is O(block_rows^2), not O(cluster^2)", at_least=1
         )
+
+        max_cluster_rows: int = option(
+            100_000,
+            "a larger cluster is split by a sub-k-means into ceil(size / this) parts and SemDeDup runs inside each "
+            "part: a part costs about this^2 * d flops",
+            at_least=2,
+        )
+        seed: int | None = option(None, "seed of the sub-k-means that splits a cluster over max_cluster_rows",
+                                  from_run=True)
 
     assumed_rate = RateAssumption(
         60_000,

@@ -198,3 +198,62 @@ def test_stages_pass_an_empty_input_through(spark, tmp_path):
     assert run_one_stage(spark, "prune", tmp_path / "semdedup", tmp_path / "prune",
                          {**kmeans, "keep_fraction": 0.5})["rows_out"] == 0
     assert "prune_cluster" in pq.read_schema(next((tmp_path / "prune").glob("*.parquet"))).names
+
+
+def _in_memory_semdedup(root: Path, block_rows: int, eps: float) -> tuple[dict[str, float], set[str]]:
+    """({uid: max_sim}, kept uids) computed as the semdedup stage did before it streamed: each whole cluster's
+    float16 vectors in SemDeDup order, normalised, through max_similarity_to_earlier."""
+    from curation.ops.semdedup import max_similarity_to_earlier, resolve_kept, semdedup_order
+
+    rows = pq.read_table(root / "cluster", columns=["uid", "cluster", "centroid_similarity"])
+    stored = pq.read_table(root / "embed" / ARTIFACTS_DIR / "embeddings", columns=["uid", "image_embedding"])
+    flat = stored.column("image_embedding").combine_chunks().flatten().to_numpy()
+    vectors = dict(zip(stored.column("uid").to_pylist(), flat.reshape(len(stored), DIM), strict=True))
+    max_sims, kept = {}, set()
+    clusters = rows.column("cluster").to_numpy()
+    for cluster in np.unique(clusters).tolist():
+        members = rows.filter(pa.array(clusters == cluster))
+        uids = members.column("uid").to_pylist()
+        order = semdedup_order(members.column("centroid_similarity").to_numpy(), uids)
+        ordered = np.array([vectors[uids[i]] for i in order]).astype(np.float32)
+        ordered /= np.linalg.norm(ordered, axis=1, keepdims=True)
+        max_sim, earlier = max_similarity_to_earlier(ordered, block_rows)
+        keep, _ = resolve_kept(max_sim, earlier, 1.0 - eps)
+        max_sims.update({uids[i]: value for i, value in zip(order.tolist(), max_sim.tolist(), strict=True)})
+        kept.update(uids[i] for i, k in zip(order.tolist(), keep.tolist(), strict=True) if k)
+    return max_sims, kept
+
+
+def test_streamed_semdedup_equals_the_whole_cluster_computation_bit_for_bit(spark, chains, tmp_path):
+    (root, _, _), _ = chains
+    record = run_one_stage(spark, "semdedup", root / "cluster", tmp_path / "semdedup", {"eps": EPS, "block_rows": 32})
+    assert "split" not in record["semdedup"]
+    expected_sims, expected_kept = _in_memory_semdedup(root, 32, EPS)
+    written = pq.read_table(tmp_path / "semdedup", columns=["uid", "semdedup_max_similarity"]).to_pydict()
+    ledger = pq.read_table(tmp_path / "semdedup" / LEDGER_DIR).to_pylist()
+    assert set(written["uid"]) == expected_kept
+    for uid, value in zip(written["uid"], written["semdedup_max_similarity"], strict=True):
+        expected = expected_sims[uid]
+        assert (value is None and expected == -math.inf) or np.float32(value) == np.float32(expected), uid
+    for row in ledger:
+        assert np.float32(json.loads(row["detail"])["similarity"]) == np.float32(expected_sims[row["uid"]])
+        assert "part" not in json.loads(row["detail"])
+
+
+def test_a_cluster_over_the_cap_is_split_by_a_sub_kmeans_and_the_split_recorded(spark, chains, tmp_path):
+    (root, _, _), _ = chains
+    sizes = pq.read_table(root / "cluster" / ARTIFACTS_DIR / "cluster_sizes.parquet").to_pydict()
+    cap = 100
+    record = run_one_stage(spark, "semdedup", root / "cluster", tmp_path / "semdedup",
+                           {"eps": EPS, "max_cluster_rows": cap, "seed": 5})
+    split = record["semdedup"]["split"]
+    oversized = {c: s for c, s in zip(sizes["cluster"], sizes["size"], strict=True) if s > cap}
+    assert split["max_cluster_rows"] == cap
+    assert [(c["cluster"], c["size"]) for c in split["clusters"]] == sorted(oversized.items())
+    for entry in split["clusters"]:
+        assert entry["parts"] == len(entry["part_sizes"]) == math.ceil(entry["size"] / cap)
+        assert sum(entry["part_sizes"]) == entry["size"]
+    details = [json.loads(row["detail"]) for row in pq.read_table(tmp_path / "semdedup" / LEDGER_DIR).to_pylist()]
+    assert details and all(("part" in d) == (d["cluster"] in oversized) for d in details)
+    # The planted near-copies (cosine > 0.999) fall in one part: the split keeps exactly what the unsplit run keeps.
+    assert _kept(tmp_path / "semdedup") == _kept(root / "semdedup")

@@ -3,14 +3,18 @@
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from curation.ops.embeddings import pack, unpack
 from curation.ops.semdedup import (
     DEFAULT_EPS,
+    StreamedSimilarity,
     eps_for_keep_fraction,
     max_similarity_to_earlier,
+    nearest_centroid,
     resolve_kept,
     semdedup_cluster,
     semdedup_order,
@@ -365,3 +369,51 @@ def test_other_functions_reject_bad_input():
         eps_for_keep_fraction(np.array([-np.inf, 0.5, 1.0], dtype=np.float32), 1.0)
     with pytest.raises(ValueError, match="uids has 2 values for 3"):
         semdedup_order(np.zeros(3, dtype=np.float32), ["a", "b"])
+
+
+def test_pack_makes_large_binary_and_unpack_reads_it_and_binary():
+    matrix = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float16)
+    packed = pack(matrix)
+    assert packed.type == pa.large_binary()
+    assert np.array_equal(unpack(packed), matrix.astype(np.float32))
+    assert np.array_equal(unpack(packed.slice(2, 2), 3), matrix[2:4].astype(np.float32))
+    as_binary = packed.cast(pa.binary())
+    assert np.array_equal(unpack(as_binary.slice(1)), matrix[1:].astype(np.float32))
+    assert np.array_equal(unpack(pa.chunked_array([packed.slice(0, 2), packed.slice(2)])), matrix.astype(np.float32))
+    assert unpack(pa.chunked_array([], pa.large_binary()), 3).shape == (0, 3)
+    with pytest.raises(ValueError, match="dimensions"):
+        unpack(packed, 4)
+    with pytest.raises(ValueError, match="binary"):
+        unpack(pa.array(["a"]))
+
+
+def test_pack_offsets_are_64_bit_so_an_array_may_pass_2_gib():
+    # int32 offsets stop at 2 GiB (2.1M rows at d = 512); a real array that size is too large for a unit test.
+    offsets = np.frombuffer(pack(np.zeros((3, 512), np.float16)).buffers()[1], dtype=np.int64)
+    assert offsets.tolist() == [0, 1024, 2048, 3072]
+
+
+@pytest.mark.parametrize(("members", "block_rows", "chunks"),
+                         [(1, 4, [1]), (2, 4, [1, 1]), (37, 8, [5, 3, 20, 9]), (64, 16, [16, 48]), (70, 2048, [70]),
+                          (300, 64, [1, 127, 1, 171])])
+def test_streamed_similarity_equals_the_in_memory_computation_bit_for_bit(tmp_path, members, block_rows, chunks):
+    embeddings = random_with_near_copies(members, 24, seed=members)
+    expected_sim, expected_earlier = max_similarity_to_earlier(embeddings, block_rows)
+    stream = StreamedSimilarity(24, str(tmp_path), block_rows)
+    results, start = [], 0
+    for size in chunks:
+        results += stream.add(embeddings[start : start + size])
+        start += size
+    results += stream.finish()
+    stream.close()
+    assert list(tmp_path.iterdir()) == []
+    assert [r[0] for r in results] == list(range(0, members, block_rows))
+    streamed_sim = np.concatenate([r[1] for r in results])
+    assert streamed_sim.tobytes() == expected_sim.tobytes()
+    assert np.array_equal(np.concatenate([r[2] for r in results]), expected_earlier)
+
+
+def test_nearest_centroid_ties_go_to_the_smallest_index():
+    centroids = np.array([[1, 0], [0, 1], [1, 0]], np.float32)
+    vectors = np.array([[2, 0.5], [0.1, 3], [1, 1]], np.float32)
+    assert nearest_centroid(vectors, centroids).tolist() == [0, 1, 0]
