@@ -65,6 +65,8 @@ bench: $(STAMP)
 	$(VENV_PYTHON) bench/bench_image_dedup.py --out bench/results/image_dedup.json
 	$(VENV_PYTHON) bench/bench_embed.py batch
 	$(VENV_PYTHON) bench/bench_semdedup.py --out bench/results/semdedup.json
+	$(VENV_PYTHON) bench/bench_semdedup_large.py --out bench/results/semdedup_large.json
+	$(VENV_PYTHON) bench/bench_kmeans.py --out bench/results/kmeans.json
 	$(VENV_PYTHON) bench/bench_slant.py --out bench/results/slant.json
 	$(VENV_PYTHON) bench/bench_nsfw.py --out bench/results/nsfw.json
 
