@@ -153,7 +153,8 @@ def test_counting_per_partition_would_decide_differently(spark, scored_stage, ru
               .select("uid", "caption", "clip_score", "_p").toArrow())
     ledger = _ledger(runs[1])
     per_partition = pc.value_counts(pc.binary_join_element_wise(
-        layout["caption"], layout["_p"].cast(pa.string()), "\x00")).to_pylist()
+        # toArrow gives large_string (the session sets useLargeVarTypes); the join's kernels want one string type.
+        layout["caption"].cast(pa.string()), layout["_p"].cast(pa.string()), "\x00")).to_pylist()
     most_in_one_partition = max(c["counts"] for c in per_partition if c["values"].startswith(BOILERPLATE + "\x00"))
     assert most_in_one_partition <= OPTIONS["max_caption_repeats"] < 40
     boilerplate_uids = {u for u, c in zip(layout["uid"].to_pylist(), layout["caption"].to_pylist(), strict=True)
