@@ -23,6 +23,7 @@ from pathlib import Path
 from curation.io import StageWriter, fingerprint_files, list_files, remove_leftovers
 from curation.run_folder import read_stage_record, resolve_data_dir
 from curation.spark.common import StageRun, write_tagged
+from curation.spark.session import apply_required_conf
 from curation.stage import RowFilterStage, Stage
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,8 @@ def execute(spark, stage, options: dict, config: dict, input_location, output_di
 
     `config` is what the record stores (`Stage.hashed_config`); `raw_ingest` = (ingest stage, its options) when
     `input_location` is raw shards for a stage that reads a stage folder."""
+    # Whoever made the session (spark-submit, a notebook, a test), every stage runs with the settings it relies on.
+    apply_required_conf(spark)
     run = StageRun(stage.name, stage.version, config)
     with StageWriter(output_dir) as writer:
         context = StageContext(spark, stage, options, config, input_location, writer, partitions, run_config,

@@ -32,7 +32,6 @@ from curation.run_folder import Artifact, artifact_path, find_upstream
 from curation.schema import UID, Reason
 from curation.spark.common import drop_where, untagged
 from curation.spark.executor import StageContext, StageOutput
-from curation.spark.session import apply_required_conf
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +52,6 @@ def with_embeddings(spark, df, stage_dir: Path):
     without one is an error (rows downstream of embed all have one)."""
     from pyspark.sql import functions as F
 
-    # Vectors must never travel in a 32-bit-offset Arrow array, whoever made the session.
-    apply_required_conf(spark)
     embed_dir = find_upstream(stage_dir, "embed")
     if embed_dir is None:
         raise ValueError(f"{stage_dir} has no embed stage upstream: run embed first")
