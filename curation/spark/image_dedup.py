@@ -105,7 +105,10 @@ def near_duplicate_hash_groups(rows, max_distance: int) -> HashGroups:
     from pyspark.sql import functions as F
 
     distinct = rows.groupBy("image_phash").agg(F.count("*").alias("rows")).localCheckpoint()
-    plan = plan_tables(distinct.count(), max_distance)
+    # One pass over the distinct hashes gives the plan's count and the pairs of rows with identical hashes.
+    summary = distinct.agg(F.count("*").alias("hashes"),
+                           F.sum(F.expr("rows * (rows - 1) div 2")).alias("identical_pairs")).first()
+    plan = plan_tables(summary["hashes"], max_distance)
     logger.info("dedup_image: %d distinct hashes, %d tables of %d-bit keys, %.3g chance candidates per hash",
                 plan.distinct_count, plan.table_count, plan.key_bits, plan.expected_candidates)
     keys = distinct.mapInArrow(_table_key_worker(plan), "table int, key long, hash long, rows long")
@@ -125,8 +128,7 @@ def near_duplicate_hash_groups(rows, max_distance: int) -> HashGroups:
     smallest = members.groupBy("_component").agg(F.min(UID).alias("group"))
     groups = members.join(smallest, "_component").select(UID, "group")
     linked_pairs = links.agg(F.sum("row_pairs")).first()[0] or 0
-    identical_pairs = distinct.agg(F.sum(F.expr("rows * (rows - 1) div 2"))).first()[0] or 0
-    return HashGroups(groups, int(linked_pairs + identical_pairs))
+    return HashGroups(groups, int(linked_pairs + (summary["identical_pairs"] or 0)))
 
 
 def run_dedup_image(context: StageContext) -> StageOutput:
